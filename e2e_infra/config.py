@@ -1,0 +1,696 @@
+"""Configuration, read once into frozen dataclasses.
+
+Sources, lowest precedence first:
+
+1. ``[tool.e2e_infra]`` in the root ``pyproject.toml`` (another file with ``E2E_CONFIG``);
+2. ``.env`` then ``.env.e2e`` beside it (python-dotenv; only ``E2E_*`` keys are ours);
+3. the process environment.
+
+:func:`load_config` is the only place that reads the environment. Unknown keys and bad values raise
+:class:`~e2e_infra.errors.ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dotenv import dotenv_values
+
+from .conninfo import ConnInfo
+from .errors import ConfigError, InvalidNameError
+
+__all__ = [
+    "NAME_PATTERN",
+    "Config",
+    "DatabaseConfig",
+    "PortRange",
+    "PostgresConfig",
+    "ProjectConfig",
+    "ServerConfig",
+    "find_config_file",
+    "load_config",
+    "validate_name",
+]
+
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_ENV_FILES = (".env", ".env.e2e")
+_T = TypeVar("_T")
+
+
+def validate_name(value: object, kind: str = "project") -> str:
+    """Return ``value`` if it is a valid name (``[a-z][a-z0-9_]{0,39}``), else raise."""
+    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+        shown = repr(value) if not isinstance(value, str) else repr(value[:60])
+        raise InvalidNameError(
+            f"invalid {kind} name {shown}: use 1-40 characters, a lowercase letter first, "
+            "then lowercase letters, digits or '_' (e.g. auth_tests)",
+            kind=kind,
+            value=value,
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class PortRange:
+    low: int
+    high: int
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "port_range", path: str | None = None) -> PortRange:
+        match = re.fullmatch(r"\s*(\d{1,5})\s*[-:]\s*(\d{1,5})\s*", str(text))
+        if not match:
+            raise ConfigError(
+                f"{key} = {text!r} in {path or 'the environment'} is not a range like '3100-5500'",
+                key=key,
+                path=path,
+            )
+        low, high = int(match[1]), int(match[2])
+        if not 1 <= low <= high <= 65535:
+            raise ConfigError(
+                f"{key} = {text!r} in {path or 'the environment'}: need 1 <= low <= high <= 65535",
+                key=key,
+                path=path,
+            )
+        return cls(low, high)
+
+    def __len__(self) -> int:
+        return self.high - self.low + 1
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.low <= port <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}"
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """The embedded local cluster, used when no admin URL is set."""
+
+    bin_dir: Path | None = None
+    data_dir: Path | None = None  # None: chosen by postgres.py (state folder, or /tmp when root)
+    user: str | None = None  # the unprivileged user to run as when started by root
+    tmpfs: bool = False  # put the data folder on /dev/shm
+    startup_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    admin_url: ConnInfo | None = None
+    name_base: str = "e2e_db"
+    migrations_dir: Path | None = None
+    migrate_command: str | None = None
+    migrate_inputs: tuple[str, ...] = ()  # globs hashed into the fingerprint with a command
+    seeds_dir: Path | None = None  # one sub-folder of .sql files per profile
+    seed_commands: Mapping[str, str] = field(default_factory=dict)  # profile -> command
+    default_seed: str = "default"
+    keep_templates: int = 2
+    max_databases: int = 64
+    keep_hours: float = 24.0
+    clone_strategy: str = "auto"  # auto | file_copy | wal_log
+    clone_timeout: float = 30.0
+    spares: int = 0  # warm spare clones kept per template
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    command: str
+    cwd: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+    port: str | None = None  # the named port this server listens on
+    health: str = ""  # http(s)://... | tcp://host:port | "" (TCP connect on its port)
+    startup_timeout: float = 60.0
+    stop_timeout: float = 10.0
+    depends_on: tuple[str, ...] = ()
+    needs_database: bool = False
+    restarts: int = 2  # restarts on a fresh port when a foreign process took its port
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    name: str
+    command: str
+    cwd: Path
+    servers: tuple[str, ...] = ()
+    database: bool = True
+    seed: str = "default"
+    env: Mapping[str, str] = field(default_factory=dict)
+    paths: tuple[str, ...] = ()
+    timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    source: Path | None
+    state_dir: Path
+    results_dir: Path
+    port_range: PortRange = PortRange(3100, 5500)
+    port_names: tuple[str, ...] = ("backend", "frontend")
+    allow_ephemeral_overlap: bool = False
+    lease_ttl: float | None = None  # seconds; None = off (owner proof only)
+    lock_timeout: float = 30.0
+    host_id: str = field(default_factory=socket.gethostname)
+    keep_on_failure: bool = False
+    database: DatabaseConfig = DatabaseConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    servers: Mapping[str, ServerConfig] = field(default_factory=dict)
+    projects: Mapping[str, ProjectConfig] = field(default_factory=dict)
+
+    def project(self, name: str) -> ProjectConfig:
+        validate_name(name, "project")
+        try:
+            return self.projects[name]
+        except KeyError:
+            known = ", ".join(sorted(self.projects)) or "none"
+            raise ConfigError(
+                f"unknown project {name!r}: configured projects are {known} "
+                f"(add [tool.e2e_infra.projects.{name}] to {self.source or 'pyproject.toml'})",
+                key=f"projects.{name}",
+                path=str(self.source) if self.source else None,
+            ) from None
+
+    def project_dir(self, project: str) -> Path:
+        return self.results_dir / project
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+# Top-level keys: name -> (environment variable, parser kind)
+_TOP_ENV = {
+    "state_dir": "E2E_STATE_DIR",
+    "results_dir": "E2E_RESULTS_DIR",
+    "port_range": "E2E_PORT_RANGE",
+    "port_names": "E2E_PORT_NAMES",
+    "allow_ephemeral_overlap": "E2E_ALLOW_EPHEMERAL_OVERLAP",
+    "lease_ttl": "E2E_LEASE_TTL",
+    "lock_timeout": "E2E_LOCK_TIMEOUT",
+    "host_id": "E2E_HOST_ID",
+    "keep_on_failure": "E2E_KEEP_ON_FAILURE",
+}
+_DB_ENV = {
+    "admin_url": "E2E_ADMIN_DATABASE_URL",
+    "name_base": "E2E_DB_NAME_BASE",
+    "migrations_dir": "E2E_MIGRATIONS_DIR",
+    "migrate_command": "E2E_MIGRATE_COMMAND",
+    "migrate_inputs": "E2E_MIGRATE_INPUTS",
+    "seeds_dir": "E2E_SEEDS_DIR",
+    "seed_commands": None,
+    "default_seed": "E2E_DEFAULT_SEED",
+    "keep_templates": "E2E_KEEP_TEMPLATES",
+    "max_databases": "E2E_MAX_DATABASES",
+    "keep_hours": "E2E_KEEP_HOURS",
+    "clone_strategy": "E2E_CLONE_STRATEGY",
+    "clone_timeout": "E2E_CLONE_TIMEOUT",
+    "spares": "E2E_DB_SPARES",
+}
+_PG_ENV = {
+    "bin_dir": "E2E_PG_BIN_DIR",
+    "data_dir": "E2E_PG_DATA_DIR",
+    "user": "E2E_PG_USER",
+    "tmpfs": "E2E_PG_TMPFS",
+    "startup_timeout": "E2E_PG_STARTUP_TIMEOUT",
+}
+_SERVER_KEYS = {
+    "command",
+    "cwd",
+    "env",
+    "port",
+    "health",
+    "startup_timeout",
+    "stop_timeout",
+    "depends_on",
+    "needs_database",
+    "restarts",
+}
+_PROJECT_KEYS = {"command", "cwd", "servers", "database", "seed", "env", "paths", "timeout"}
+_OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID"}
+
+#: Every environment variable the tool reads, for documentation and the unknown-key check.
+ENVIRONMENT_VARIABLES = frozenset(
+    [v for v in (*_TOP_ENV.values(), *_DB_ENV.values(), *_PG_ENV.values()) if v] + [*_OTHER_ENV]
+)
+
+
+class _Reader:
+    """Typed access to one table, with errors that name the key and the file."""
+
+    def __init__(
+        self,
+        table: Mapping[str, Any],
+        prefix: str,
+        path: str,
+        env: Mapping[str, str],
+        env_names: Mapping[str, str | None],
+        env_source: Mapping[str, str],
+    ) -> None:
+        self.table = table
+        self.prefix = prefix
+        self.path = path
+        self.env = env
+        self.env_names = env_names
+        self.env_source = env_source
+
+    def _where(self, key: str) -> tuple[str, str]:
+        var = self.env_names.get(key)
+        if var and var in self.env:
+            return var, self.env_source.get(var, "the environment")
+        return f"{self.prefix}{key}", self.path
+
+    def raw(self, key: str) -> tuple[Any, bool]:
+        """(value, from_env): the environment wins over the file."""
+        var = self.env_names.get(key)
+        if var and var in self.env:
+            return self.env[var], True
+        return self.table.get(key), False
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        name, where = self._where(key)
+        return ConfigError(f"{name} in {where}: {problem}", key=name, path=where)
+
+    def get(self, key: str, default: _T, parse: Callable[[Any, bool], _T]) -> _T:
+        value, from_env = self.raw(key)
+        if value is None or (from_env and value == "" and not isinstance(default, str)):
+            return default
+        try:
+            return parse(value, from_env)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise self.error(key, str(exc)) from None
+
+
+def _as_str(value: Any, _env: bool) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    if any(ord(ch) < 32 and ch not in "\t" for ch in value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+def _as_opt_str(value: Any, env: bool) -> str | None:
+    text = _as_str(value, env).strip()
+    return text or None
+
+
+def _as_bool(value: Any, env: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if env and isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+    raise TypeError(f"expected true or false, got {value!r}")
+
+
+def _as_number(minimum: float, integer: bool = False) -> Callable[[Any, bool], Any]:
+    def parse(value: Any, env: bool) -> float | int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"expected a number, got {value!r}")
+        if isinstance(value, str):
+            if not env:
+                raise TypeError(f"expected a number, got the string {value!r}")
+            try:
+                value = int(value) if integer else float(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if integer and (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        if value != value or value < minimum or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a number >= {minimum:g}, got {value!r}")
+        return int(value) if integer else float(value)
+
+    return parse
+
+
+def _as_list(value: Any, env: bool) -> tuple[str, ...]:
+    if env and isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _as_names(kind: str) -> Callable[[Any, bool], tuple[str, ...]]:
+    def parse(value: Any, env: bool) -> tuple[str, ...]:
+        names = _as_list(value, env)
+        for name in names:
+            if NAME_PATTERN.fullmatch(name) is None:
+                raise ValueError(f"invalid {kind} name {name!r} (use [a-z][a-z0-9_]{{0,39}})")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate {kind} names in {list(names)}")
+        return names
+
+    return parse
+
+
+def _as_env_table(value: Any, _env: bool) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError(f'expected a table of NAME = "value", got {value!r}')
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"invalid environment variable name {key!r}")
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise TypeError(f"value of {key} must be a string or number")
+        out[key] = str(item)
+    return out
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], prefix: str, path: str) -> None:
+    for key in table:
+        if key not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ConfigError(
+                f"unknown key {prefix}{key} in {path} (known keys: {known})",
+                key=f"{prefix}{key}",
+                path=path,
+            )
+
+
+def find_config_file(start: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """``E2E_CONFIG`` if set, else the nearest ``pyproject.toml`` with ``[tool.e2e_infra]``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("E2E_CONFIG"):
+        path = Path(environ["E2E_CONFIG"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"E2E_CONFIG points at {path}, which is not a file; fix or unset E2E_CONFIG",
+                key="E2E_CONFIG",
+            )
+        return path.resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file():
+            try:
+                text = candidate.read_text(encoding="utf-8")
+            except OSError:
+                continue
+            if "[tool.e2e_infra" in text:
+                return candidate
+    raise ConfigError(
+        f"no pyproject.toml with a [tool.e2e_infra] section in {here} or above; "
+        "run from the monorepo root or set E2E_CONFIG",
+        key="E2E_CONFIG",
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", path=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
+    tool = data.get("tool", {})
+    section = tool.get("e2e_infra", {}) if isinstance(tool, dict) else {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"[tool.e2e_infra] in {path} must be a table", path=str(path))
+    return section
+
+
+def _read_env_files(
+    root: Path, environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Merge .env, .env.e2e and the environment; return (values, where each came from)."""
+    merged: dict[str, str] = {}
+    source: dict[str, str] = {}
+    for name in _ENV_FILES:
+        path = root / name
+        if not path.is_file():
+            continue
+        for key, value in dotenv_values(path).items():
+            if not key.startswith("E2E_"):
+                continue  # the application's own variables are not ours to judge
+            if key not in ENVIRONMENT_VARIABLES:
+                raise ConfigError(
+                    f"unknown setting {key} in {path} (see .env.example for the known ones)",
+                    key=key,
+                    path=str(path),
+                )
+            merged[key] = value or ""
+            source[key] = str(path)
+    for key, value in environ.items():
+        if key.startswith("E2E_") and key in ENVIRONMENT_VARIABLES:
+            merged[key] = value
+            source[key] = "the environment"
+    return merged, source
+
+
+def _resolve(root: Path, text: str) -> Path:
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read the configuration once. ``environ`` defaults to ``os.environ``."""
+    environ = dict(os.environ if environ is None else environ)
+    source = path.resolve() if path else find_config_file(environ=environ)
+    root = source.parent
+    spath = str(source)
+    section = _read_toml(source)
+    env, env_source = _read_env_files(root, environ)
+
+    _check_keys(section, {*_TOP_ENV, "database", "postgres", "servers", "projects"}, "", spath)
+    top = _Reader(section, "", spath, env, _TOP_ENV, env_source)
+
+    def table(name: str) -> dict[str, Any]:
+        value = section.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"[tool.e2e_infra.{name}] in {spath} must be a table", key=name, path=spath
+            )
+        return value
+
+    db_table = table("database")
+    _check_keys(db_table, set(_DB_ENV), "database.", spath)
+    db = _Reader(db_table, "database.", spath, env, _DB_ENV, env_source)
+    pg_table = table("postgres")
+    _check_keys(pg_table, set(_PG_ENV), "postgres.", spath)
+    pg = _Reader(pg_table, "postgres.", spath, env, _PG_ENV, env_source)
+
+    port_range = top.get(
+        "port_range",
+        PortRange(3100, 5500),
+        lambda v, e: PortRange.parse(
+            _as_str(v, e), key=top._where("port_range")[0], path=top._where("port_range")[1]
+        ),
+    )
+    default_ports: tuple[str, ...] = ("backend", "frontend")
+    port_names = top.get("port_names", default_ports, _as_names("port"))
+    if not port_names:
+        raise top.error("port_names", "needs at least one port name")
+    ttl = top.get("lease_ttl", 0.0, _as_number(0))
+
+    admin_text = db.get("admin_url", None, _as_opt_str)
+    admin_url = None
+    if admin_text:
+        where = db._where("admin_url")[0]
+        admin_url = ConnInfo.parse(admin_text, source=where)
+
+    seed_commands_raw = db_table.get("seed_commands", {})
+    if not isinstance(seed_commands_raw, dict) or not all(
+        isinstance(v, str) for v in seed_commands_raw.values()
+    ):
+        raise db.error("seed_commands", 'expected a table of profile = "command"')
+    for profile in seed_commands_raw:
+        if NAME_PATTERN.fullmatch(profile) is None:
+            raise db.error("seed_commands", f"invalid seed profile name {profile!r}")
+
+    strategy = db.get("clone_strategy", "auto", _as_str).strip().lower()
+    if strategy not in {"auto", "file_copy", "wal_log"}:
+        raise db.error("clone_strategy", f"expected auto, file_copy or wal_log, got {strategy!r}")
+    name_base = db.get("name_base", "e2e_db", _as_str)
+    if re.fullmatch(r"[a-z][a-z0-9_]{0,19}", name_base) is None:
+        raise db.error("name_base", f"{name_base!r} must match [a-z][a-z0-9_]{{0,19}}")
+    default_seed = db.get("default_seed", "default", _as_str)
+    if NAME_PATTERN.fullmatch(default_seed) is None:
+        raise db.error("default_seed", f"invalid seed profile name {default_seed!r}")
+
+    def opt_path(reader: _Reader, key: str) -> Path | None:
+        text = reader.get(key, None, _as_opt_str)
+        return _resolve(root, text) if text else None
+
+    database = DatabaseConfig(
+        admin_url=admin_url,
+        name_base=name_base,
+        migrations_dir=opt_path(db, "migrations_dir"),
+        migrate_command=db.get("migrate_command", None, _as_opt_str),
+        migrate_inputs=db.get("migrate_inputs", (), _as_list),
+        seeds_dir=opt_path(db, "seeds_dir"),
+        seed_commands=dict(seed_commands_raw),
+        default_seed=default_seed,
+        keep_templates=db.get("keep_templates", 2, _as_number(1, integer=True)),
+        max_databases=db.get("max_databases", 64, _as_number(1, integer=True)),
+        keep_hours=db.get("keep_hours", 24.0, _as_number(0)),
+        clone_strategy=strategy,
+        clone_timeout=db.get("clone_timeout", 30.0, _as_number(0.1)),
+        spares=db.get("spares", 0, _as_number(0, integer=True)),
+    )
+    postgres = PostgresConfig(
+        bin_dir=opt_path(pg, "bin_dir"),
+        data_dir=opt_path(pg, "data_dir"),
+        user=pg.get("user", None, _as_opt_str),
+        tmpfs=pg.get("tmpfs", False, _as_bool),
+        startup_timeout=pg.get("startup_timeout", 30.0, _as_number(1)),
+    )
+
+    servers = _read_servers(table("servers"), root, spath, port_names)
+    projects = _read_projects(table("projects"), root, spath, servers, default_seed)
+
+    host_id = top.get("host_id", socket.gethostname(), _as_str).strip() or socket.gethostname()
+    return Config(
+        root=root,
+        source=source,
+        state_dir=_resolve(root, top.get("state_dir", "test-results/.e2e", _as_str)),
+        results_dir=_resolve(root, top.get("results_dir", "test-results", _as_str)),
+        port_range=port_range,
+        port_names=port_names,
+        allow_ephemeral_overlap=top.get("allow_ephemeral_overlap", False, _as_bool),
+        lease_ttl=ttl or None,
+        lock_timeout=top.get("lock_timeout", 30.0, _as_number(0.1)),
+        host_id=host_id,
+        keep_on_failure=top.get("keep_on_failure", False, _as_bool),
+        database=database,
+        postgres=postgres,
+        servers=servers,
+        projects=projects,
+    )
+
+
+def _check_command(reader: _Reader, key: str, command: str) -> str:
+    try:
+        if not shlex.split(command):
+            raise reader.error(key, "the command is empty")
+    except ValueError as exc:
+        raise reader.error(key, f"cannot split the command: {exc}") from None
+    return command
+
+
+def _read_servers(
+    tables: Mapping[str, Any], root: Path, path: str, port_names: tuple[str, ...]
+) -> dict[str, ServerConfig]:
+    servers: dict[str, ServerConfig] = {}
+    for name, table in tables.items():
+        prefix = f"servers.{name}."
+        if NAME_PATTERN.fullmatch(name) is None:
+            raise ConfigError(f"invalid server name {name!r} in {path}", key=prefix, path=path)
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"[tool.e2e_infra.servers.{name}] in {path} must be a table", key=prefix, path=path
+            )
+        _check_keys(table, _SERVER_KEYS, prefix, path)
+        r = _Reader(table, prefix, path, {}, {}, {})
+        command = r.get("command", "", _as_str)
+        if not command:
+            raise r.error("command", "is required")
+        port = r.get("port", None, _as_opt_str)
+        if port is not None and port not in port_names:
+            raise r.error("port", f"{port!r} is not one of port_names {list(port_names)}")
+        servers[name] = ServerConfig(
+            name=name,
+            command=_check_command(r, "command", command),
+            cwd=_resolve(root, r.get("cwd", ".", _as_str)),
+            env=r.get("env", {}, _as_env_table),
+            port=port,
+            health=r.get("health", "", _as_str),
+            startup_timeout=r.get("startup_timeout", 60.0, _as_number(0.1)),
+            stop_timeout=r.get("stop_timeout", 10.0, _as_number(0)),
+            depends_on=r.get("depends_on", (), _as_names("server")),
+            needs_database=r.get("needs_database", False, _as_bool),
+            restarts=r.get("restarts", 2, _as_number(0, integer=True)),
+        )
+    for server in servers.values():
+        for dep in server.depends_on:
+            if dep not in servers:
+                raise ConfigError(
+                    f"servers.{server.name}.depends_on in {path}: unknown server {dep!r}",
+                    key=f"servers.{server.name}.depends_on",
+                    path=path,
+                )
+    _check_acyclic(servers, path)
+    return servers
+
+
+def _check_acyclic(servers: Mapping[str, ServerConfig], path: str) -> None:
+    state: dict[str, int] = {}
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = " -> ".join((*trail, name))
+            raise ConfigError(
+                f"servers depend on each other in a cycle in {path}: {cycle}",
+                key="servers",
+                path=path,
+            )
+        state[name] = 1
+        for dep in servers[name].depends_on:
+            visit(dep, (*trail, name))
+        state[name] = 2
+
+    for name in servers:
+        visit(name, ())
+
+
+def _read_projects(
+    tables: Mapping[str, Any],
+    root: Path,
+    path: str,
+    servers: Mapping[str, ServerConfig],
+    default_seed: str,
+) -> dict[str, ProjectConfig]:
+    projects: dict[str, ProjectConfig] = {}
+    for name, table in tables.items():
+        prefix = f"projects.{name}."
+        if NAME_PATTERN.fullmatch(name) is None:
+            raise ConfigError(
+                f"invalid project name {name!r} in {path}: use [a-z][a-z0-9_]{{0,39}}",
+                key=prefix,
+                path=path,
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"[tool.e2e_infra.projects.{name}] in {path} must be a table", key=prefix, path=path
+            )
+        _check_keys(table, _PROJECT_KEYS, prefix, path)
+        r = _Reader(table, prefix, path, {}, {}, {})
+        command = r.get("command", "", _as_str)
+        if not command:
+            raise r.error("command", "is required")
+        server_names = r.get("servers", tuple(servers), _as_names("server"))
+        for server in server_names:
+            if server not in servers:
+                raise r.error("servers", f"unknown server {server!r} (known: {sorted(servers)})")
+        seed = r.get("seed", default_seed, _as_str)
+        if NAME_PATTERN.fullmatch(seed) is None:
+            raise r.error("seed", f"invalid seed profile name {seed!r}")
+        projects[name] = ProjectConfig(
+            name=name,
+            command=_check_command(r, "command", command),
+            cwd=_resolve(root, r.get("cwd", ".", _as_str)),
+            servers=server_names,
+            database=r.get("database", True, _as_bool),
+            seed=seed,
+            env=r.get("env", {}, _as_env_table),
+            paths=r.get("paths", (), _as_list),
+            timeout=r.get("timeout", 1800.0, _as_number(1)),
+        )
+    return projects
