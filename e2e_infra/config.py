@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENV_FILES = (".env", ".env.e2e")
 _T = TypeVar("_T")
 
@@ -161,6 +162,8 @@ class Config:
     lock_timeout: float = 30.0
     host_id: str = field(default_factory=socket.gethostname)
     keep_on_failure: bool = False
+    run_id: str | None = None  # E2E_RUN_ID: groups the leases of one run
+    owner_pid: int | None = None  # E2E_OWNER_PID: who owns leases taken by short-lived commands
     database: DatabaseConfig = DatabaseConfig()
     postgres: PostgresConfig = PostgresConfig()
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
@@ -555,6 +558,22 @@ def load_config(
     projects = _read_projects(table("projects"), root, spath, servers, default_seed)
 
     host_id = top.get("host_id", socket.gethostname(), _as_str).strip() or socket.gethostname()
+    run_id = env.get("E2E_RUN_ID", "").strip() or None
+    if run_id is not None and _RUN_ID_PATTERN.fullmatch(run_id) is None:
+        raise ConfigError(
+            f"E2E_RUN_ID in {env_source['E2E_RUN_ID']}: {run_id[:70]!r} must be 1-64 letters, "
+            "digits, '.', '_' or '-'",
+            key="E2E_RUN_ID",
+            path=env_source["E2E_RUN_ID"],
+        )
+    owner_text = env.get("E2E_OWNER_PID", "").strip()
+    if owner_text and (not owner_text.isdigit() or int(owner_text) <= 0):
+        raise ConfigError(
+            f"E2E_OWNER_PID in {env_source['E2E_OWNER_PID']}: {owner_text[:20]!r} is not a "
+            "process id; set it to the pid of the process that uses the leases, or unset it",
+            key="E2E_OWNER_PID",
+            path=env_source["E2E_OWNER_PID"],
+        )
     return Config(
         root=root,
         source=source,
@@ -567,6 +586,8 @@ def load_config(
         lock_timeout=top.get("lock_timeout", 30.0, _as_number(0.1)),
         host_id=host_id,
         keep_on_failure=top.get("keep_on_failure", False, _as_bool),
+        run_id=run_id,
+        owner_pid=int(owner_text) if owner_text else None,
         database=database,
         postgres=postgres,
         servers=servers,

@@ -106,7 +106,8 @@ class ConnInfo:
             query = dict(self.params)
         url = f"postgresql://{netloc}/{quote(self.dbname, safe='')}"
         if query:
-            url += "?" + urlencode(query)
+            # quote, not urlencode's default quote_plus: libpq reads "+" as a plus, not a space.
+            url += "?" + urlencode(query, quote_via=quote)
         return url
 
     @property

@@ -23,6 +23,7 @@ what to do next, so the command-line adapters can print ``str(exc)`` on one line
     |   +-- MigrationError              a migration or seed failed; names the file
     |   +-- SeedProfileNotFoundError
     |   +-- DatabaseLimitError          the cap on live databases is reached
+    |   +-- DatabaseNotFoundError       exit 2: no live database for that project
     |   +-- CloneError                  the template stayed busy; names the blocking sessions
     +-- ServerError
     |   +-- ServerExitedError           the server process died before it was healthy
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "DatabaseError",
     "DatabaseLimitError",
+    "DatabaseNotFoundError",
     "DeadlineExceeded",
     "E2EInfraError",
     "Interrupted",
@@ -69,8 +71,9 @@ class E2EInfraError(Exception):
     exit_code = 1
 
     def one_line(self) -> str:
-        """The message folded onto one line, for the command line."""
-        return " ".join(str(self).split())
+        """The first line of the message (details such as a log tail follow on later lines)."""
+        first = str(self).strip().splitlines()[0] if str(self).strip() else type(self).__name__
+        return " ".join(first.split())
 
 
 class UsageError(E2EInfraError):
@@ -182,6 +185,14 @@ class DatabaseLimitError(DatabaseError):
     def __init__(self, message: str, *, limit: int) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class DatabaseNotFoundError(DatabaseError):
+    exit_code = 2
+
+    def __init__(self, message: str, *, project: str) -> None:
+        super().__init__(message)
+        self.project = project
 
 
 class CloneError(DatabaseError):

@@ -1,0 +1,205 @@
+"""How fast is handing out a database? Raw clone vs the tool's allocate vs migrate-and-seed.
+
+    python bench/db_handout.py [--rounds 15] [--concurrent 8]
+
+Starts its own embedded cluster in a temporary state folder (stopped and removed at the end), or
+uses the server of E2E_ADMIN_DATABASE_URL. The schema and seed are the demo's (the repository's
+``[tool.e2e_infra.database]``). Prints medians side by side, with the ratios the issue targets:
+allocate at most 1.5x the raw clone, and at least 6x faster than migrate-and-seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from e2e_infra.config import Config, load_config  # noqa: E402
+from e2e_infra.conninfo import ConnInfo  # noqa: E402
+from e2e_infra.databases import DatabaseAllocator  # noqa: E402
+from e2e_infra.leases import Owner, Registry  # noqa: E402
+from e2e_infra.migrations import migration_runner, seed_runner  # noqa: E402
+from e2e_infra.ports import PortAllocator  # noqa: E402
+from e2e_infra.postgres import LocalCluster  # noqa: E402
+
+SEED = "default"
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+@contextlib.contextmanager
+def server(config: Config) -> Iterator[tuple[ConnInfo, ConnInfo, str]]:
+    """(admin, client, description): the configured admin URL, or a fresh embedded cluster."""
+    if config.database.admin_url is not None:
+        url = config.database.admin_url
+        yield url, url, f"server {url.masked}"
+        return
+    registry = Registry(config.state_dir, host=config.host_id)
+    cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
+    try:
+        admin = cluster.ensure_running()
+        yield admin, cluster.tcp_conninfo(), f"embedded cluster {cluster.data_dir}"
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--concurrent", type=int, default=8)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-") as tmp:
+        base_config = load_config(REPO / "pyproject.toml")
+        config = dataclasses.replace(
+            base_config,
+            state_dir=Path(tmp) / "state",
+            results_dir=Path(tmp) / "results",
+            database=dataclasses.replace(base_config.database, name_base="bench", keep_templates=1),
+        )
+        with server(config) as (admin, client, where):
+            return run(config, admin, client, where, args.rounds, args.concurrent)
+
+
+def run(
+    config: Config, admin: ConnInfo, client: ConnInfo, where: str, rounds: int, concurrent: int
+) -> int:
+    registry = Registry(config.state_dir, host=config.host_id)
+    allocator = DatabaseAllocator(config, registry, admin, client=client)
+    owner = Owner.current()
+    started = time.perf_counter()
+    template = allocator.ensure_template(SEED)
+    build = time.perf_counter() - started
+    conn = psycopg.connect(admin.conninfo(application_name="e2e-infra bench"), autocommit=True)
+    fsync = str(conn.execute("SHOW fsync").fetchone()[0])  # type: ignore[index]
+    strategy = allocator._strategy(fsync, conn.info.server_version // 10000) or "default"
+    major = conn.info.server_version // 10000
+    stats = conn.execute(
+        sql.SQL("SELECT pg_database_size({})").format(sql.Literal(template))
+    ).fetchone()
+    size_mb = (stats[0] if stats else 0) / 1e6
+
+    def drop(name: str) -> None:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+    # Warm-up: the first clone pays for cold caches.
+    conn.execute(
+        sql.SQL("CREATE DATABASE bench_warm TEMPLATE {} STRATEGY {}").format(
+            sql.Identifier(template), sql.SQL(strategy)
+        )
+    )
+    drop("bench_warm")
+    raw, alloc, release, fresh = [], [], [], []
+    migrations, seeds = migration_runner(config), seed_runner(config, SEED)
+    for i in range(rounds):
+        name = f"bench_raw_{i}"
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY {}").format(
+            sql.Identifier(name), sql.Identifier(template), sql.SQL(strategy)
+        )
+        raw.append(timed(lambda statement=statement: conn.execute(statement)))
+        drop(name)
+
+        holder: list[str] = []
+        alloc.append(
+            timed(lambda: holder.append(allocator.allocate("bench", owner, seed=SEED).name))
+        )
+        release.append(timed(lambda: allocator.release(name=holder[0])))
+
+        scratch = f"bench_fresh_{i}"
+
+        def migrate_and_seed(scratch: str = scratch) -> None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+            target = client.with_dbname(scratch)
+            migrations.apply(target)
+            seeds.apply(target)
+
+        fresh.append(timed(migrate_and_seed))
+        drop(scratch)
+
+    # N at once (threads, each with its own allocator and registry handle) vs N one after another.
+    def one(index: int, out: list[float], barrier: threading.Barrier) -> None:
+        mine = DatabaseAllocator(
+            config, Registry(config.state_dir, host=config.host_id), admin, client=client
+        )
+        barrier.wait(timeout=60)
+        mine.allocate(f"conc{index}", owner, seed=SEED)
+        out.append(time.perf_counter())
+
+    barrier = threading.Barrier(concurrent + 1)
+    ends: list[float] = []
+    threads = [threading.Thread(target=one, args=(i, ends, barrier)) for i in range(concurrent)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(timeout=60)
+    begin = time.perf_counter()
+    for thread in threads:
+        thread.join(timeout=120)
+    parallel = max(ends) - begin if len(ends) == concurrent else float("nan")
+    allocator.release_all()
+    sequential = 0.0
+    for i in range(concurrent):
+        sequential += timed(lambda i=i: allocator.allocate(f"seq{i}", owner, seed=SEED))
+    allocator.release_all()
+    allocator.cleanup()
+    conn.close()
+
+    raw_ms, alloc_ms, rel_ms, fresh_ms = map(median_ms, (raw, alloc, release, fresh))
+    print(f"e2e-infra database handout -- {where}")
+    print(
+        f"PostgreSQL {major}, fsync={fsync}, clone strategy {strategy}; template {template} "
+        f"({size_mb:.1f} MB, built once in {build * 1000:.0f} ms); medians of {rounds} rounds\n"
+    )
+    rows = [
+        ("raw CREATE DATABASE ... TEMPLATE", raw_ms, "1.00x raw"),
+        ("e2e-infra allocate", alloc_ms, f"{alloc_ms / raw_ms:.2f}x raw (target <= 1.5x)"),
+        ("e2e-infra release", rel_ms, ""),
+        (
+            "create + migrate + seed",
+            fresh_ms,
+            f"{fresh_ms / alloc_ms:.1f}x allocate (target >= 6x)",
+        ),
+        (f"{concurrent} allocations at once (wall)", parallel * 1000, ""),
+        (
+            f"{concurrent} allocations one by one",
+            sequential * 1000,
+            f"{sequential / parallel:.1f}x the concurrent wall time",
+        ),
+    ]
+    width = max(len(label) for label, _, _ in rows)
+    print(f"{'operation'.ljust(width)}  {'ms':>8}  ratio")
+    for label, ms, ratio in rows:
+        print(f"{label.ljust(width)}  {ms:8.1f}  {ratio}")
+    ok = alloc_ms <= 1.5 * raw_ms and fresh_ms >= 6 * alloc_ms
+    print(f"\ntargets {'met' if ok else 'NOT met'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("E2E_PORT_RANGE", "15510-15519")
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Migrations and seeds: two runners behind one small interface.
+
+A :class:`Runner` knows what shapes the data it produces (:meth:`Runner.inputs`, hashed into the
+template fingerprint) and how to apply itself to one database (:meth:`Runner.apply`).
+
+* :class:`SqlDirectoryRunner` applies the ``*.sql`` files of one folder in name order, each in its
+  own transaction, and records them with a checksum in ``e2e_infra_migrations``; a file that was
+  edited after it was applied is an error naming it.
+* :class:`CommandRunner` runs an external command (``alembic upgrade head``, ``prisma migrate
+  deploy``...) with ``DATABASE_URL`` pointing at the target; its command string, the files it names
+  and the files matched by ``migrate_inputs`` are its inputs.
+
+Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<profile>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import psycopg
+from psycopg import sql
+
+from .config import NAME_PATTERN, Config, validate_name
+from .conninfo import ConnInfo, mask_secrets
+from .errors import ConfigError, MigrationError, SeedProfileNotFoundError, ServerUnreachableError
+
+__all__ = [
+    "MIGRATIONS_TABLE",
+    "CommandRunner",
+    "Runner",
+    "SqlDirectoryRunner",
+    "connect",
+    "migration_runner",
+    "seed_profiles",
+    "seed_runner",
+]
+
+MIGRATIONS_TABLE = "e2e_infra_migrations"
+CONNECT_TIMEOUT = 10  # seconds, libpq's own deadline for one connection attempt
+_OUTPUT_TAIL = 2000  # characters of a failed command's output kept in the error
+
+
+def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """Open a connection named ``e2e-infra <purpose>`` (so a leak can be named), or raise
+    :class:`ServerUnreachableError` with the masked URL and the fix."""
+    try:
+        return psycopg.connect(
+            info.conninfo(
+                application_name=f"e2e-infra {purpose} {os.getpid()}"[:63],
+                connect_timeout=CONNECT_TIMEOUT,
+            ),
+            autocommit=autocommit,
+        )
+    except psycopg.OperationalError as exc:
+        secrets = (info.password,) if info.password else ()
+        reason = " ".join(mask_secrets(str(exc), secrets).split())
+        raise ServerUnreachableError(
+            f"cannot connect to PostgreSQL at {info.masked} ({reason}); start the local cluster "
+            "with `invoke pg.start`, or fix E2E_ADMIN_DATABASE_URL",
+            url=info.masked,
+        ) from None
+
+
+class Runner(Protocol):
+    """Something that shapes a database: a migration set or a seed profile."""
+
+    description: str
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        """(name, content) pairs that shape the data, for the fingerprint."""
+        ...
+
+    def apply(self, target: ConnInfo) -> None:
+        """Apply to ``target``; raise MigrationError naming the file and the server's message."""
+        ...
+
+
+def _server_message(exc: psycopg.Error, secrets: tuple[str, ...]) -> str:
+    diag = exc.diag
+    text = diag.message_primary or str(exc)
+    if diag.sqlstate:
+        text += f" [SQLSTATE {diag.sqlstate}]"
+    if diag.statement_position and diag.message_primary:
+        text += f" at character {diag.statement_position}"
+    return " ".join(mask_secrets(text, secrets).split())
+
+
+class SqlDirectoryRunner:
+    """The ``*.sql`` files of one folder, applied in name order, one transaction each."""
+
+    def __init__(
+        self, directory: Path, *, record_prefix: str = "", what: str = "migration"
+    ) -> None:
+        self.directory = Path(directory)
+        self.record_prefix = record_prefix  # seeds record as "seed:<profile>/<file>"
+        self.what = what
+        self.description = f"{what} files in {self.directory}"
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            raise ConfigError(
+                f"the {self.what} folder {self.directory} does not exist; create it or fix "
+                f"database.{'migrations_dir' if self.what == 'migration' else 'seeds_dir'}",
+                key="database.migrations_dir" if self.what == "migration" else "database.seeds_dir",
+            )
+        return sorted(p for p in self.directory.iterdir() if p.suffix == ".sql" and p.is_file())
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return [(self.record_prefix + path.name, path.read_bytes()) for path in self.files()]
+
+    def apply(self, target: ConnInfo) -> None:
+        files = [(self.record_prefix + p.name, p, p.read_bytes()) for p in self.files()]
+        secrets = (target.password,) if target.password else ()
+        table = sql.Identifier(MIGRATIONS_TABLE)
+        with connect(target, purpose=self.what, autocommit=False) as conn:
+            with conn.transaction():
+                # Serialises concurrent appliers of the same database; ends with the transaction.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (MIGRATIONS_TABLE,))
+                conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, checksum text NOT "
+                        "NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                    ).format(table)
+                )
+                rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(table))
+                applied = dict(rows.fetchall())
+            for name, path, content in files:
+                checksum = hashlib.sha256(content).hexdigest()
+                if name in applied:
+                    if applied[name] != checksum:
+                        raise MigrationError(
+                            f"{self.what} {path} was edited after it was applied to database "
+                            f"{target.dbname!r} (checksum differs); restore the file and add a "
+                            "new one for the change, or release the database and allocate again",
+                            file=str(path),
+                            dbname=target.dbname,
+                        )
+                    continue
+                try:
+                    text = content.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise MigrationError(
+                        f"{self.what} {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "save it as UTF-8",
+                        file=str(path),
+                        dbname=target.dbname,
+                    ) from None
+                try:
+                    with conn.transaction():
+                        conn.execute(text.encode("utf-8"))
+                        conn.execute(
+                            sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(
+                                table
+                            ),
+                            (name, checksum),
+                        )
+                except psycopg.Error as exc:
+                    if isinstance(exc, psycopg.OperationalError) and conn.closed:
+                        raise ServerUnreachableError(
+                            f"lost the connection to PostgreSQL at {target.masked} while "
+                            f"applying {path}; check the server and retry",
+                            url=target.masked,
+                        ) from None
+                    raise MigrationError(
+                        f"{self.what} {path} failed on database {target.dbname!r}: "
+                        f"{_server_message(exc, secrets)}; fix the file and retry",
+                        file=str(path),
+                        dbname=target.dbname,
+                    ) from None
+
+
+def _expand(command: str) -> list[str]:
+    return [sys.executable if part == "{python}" else part for part in shlex.split(command)]
+
+
+class CommandRunner:
+    """An external command run with ``DATABASE_URL`` pointing at the target."""
+
+    def __init__(
+        self,
+        command: str,
+        *,
+        cwd: Path,
+        input_globs: Sequence[str] = (),
+        timeout: float = 600.0,
+        what: str = "migrate command",
+    ) -> None:
+        self.command = command
+        self.cwd = Path(cwd)
+        self.input_globs = tuple(input_globs)
+        self.timeout = timeout
+        self.what = what
+        self.description = f"{what} `{command}`"
+
+    def _input_files(self) -> list[Path]:
+        found: set[Path] = set()
+        for part in shlex.split(self.command):
+            path = self.cwd / part
+            if part not in {"{python}", "."} and path.is_file():
+                found.add(path)  # a script the command names shapes the data too
+        for pattern in self.input_globs:
+            found.update(p for p in self.cwd.glob(pattern) if p.is_file())
+        return sorted(found)
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        out = [("command", self.command.encode("utf-8"))]
+        for path in self._input_files():
+            out.append((path.relative_to(self.cwd).as_posix(), path.read_bytes()))
+        return out
+
+    def apply(self, target: ConnInfo) -> None:
+        secrets = (target.password,) if target.password else ()
+        env = {**os.environ, "DATABASE_URL": target.url}
+        try:
+            proc = subprocess.Popen(
+                _expand(self.command),
+                cwd=self.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # so a timeout can stop the whole process group
+            )
+        except OSError as exc:
+            raise MigrationError(
+                f"cannot run the {self.what} `{self.command}`: {exc.strerror}; fix the command",
+                file=self.command,
+                dbname=target.dbname,
+            ) from None
+        try:
+            output, _ = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            tail = mask_secrets(output.decode("utf-8", "replace")[-_OUTPUT_TAIL:], secrets)
+            raise MigrationError(
+                f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
+                f"database {target.dbname!r}; output: {' '.join(tail.split())}",
+                file=self.command,
+                dbname=target.dbname,
+            ) from None
+        finally:
+            if proc.poll() is None:  # an exception other than the timeout: never leave a child
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.returncode != 0:
+            tail = mask_secrets(output.decode("utf-8", "replace")[-_OUTPUT_TAIL:], secrets)
+            raise MigrationError(
+                f"the {self.what} `{self.command}` failed with exit code {proc.returncode} on "
+                f"database {target.dbname!r}: {' '.join(tail.split()) or '(no output)'}",
+                file=self.command,
+                dbname=target.dbname,
+            )
+
+
+def migration_runner(config: Config) -> Runner:
+    """The configured migration runner: ``migrations_dir`` or ``migrate_command``."""
+    db = config.database
+    if db.migrate_command:
+        return CommandRunner(db.migrate_command, cwd=config.root, input_globs=db.migrate_inputs)
+    if db.migrations_dir is not None:
+        return SqlDirectoryRunner(db.migrations_dir)
+    raise ConfigError(
+        f"no migrations configured: set database.migrations_dir or database.migrate_command in "
+        f"{config.source or 'pyproject.toml'}",
+        key="database.migrations_dir",
+        path=str(config.source) if config.source else None,
+    )
+
+
+def seed_profiles(config: Config) -> list[str]:
+    """Every seed profile: sub-folders of ``seeds_dir`` and keys of ``seed_commands``."""
+    names = set(config.database.seed_commands)
+    seeds_dir = config.database.seeds_dir
+    if seeds_dir is not None and seeds_dir.is_dir():
+        names.update(
+            p.name for p in seeds_dir.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)
+        )
+    return sorted(names)
+
+
+def seed_runner(config: Config, profile: str) -> Runner:
+    """The runner of seed ``profile``; SeedProfileNotFoundError names the available ones."""
+    validate_name(profile, "seed profile")
+    db = config.database
+    if profile in db.seed_commands:
+        return CommandRunner(db.seed_commands[profile], cwd=config.root, what="seed command")
+    if db.seeds_dir is not None and (db.seeds_dir / profile).is_dir():
+        return SqlDirectoryRunner(
+            db.seeds_dir / profile, record_prefix=f"seed:{profile}/", what="seed"
+        )
+    available = seed_profiles(config)
+    where = f"{db.seeds_dir}/{profile}/*.sql" if db.seeds_dir else "database.seeds_dir"
+    raise SeedProfileNotFoundError(
+        f"seed profile {profile!r} does not exist (available: {', '.join(available) or 'none'}); "
+        f"pick one of those, or add {where} or database.seed_commands.{profile}",
+        profile=profile,
+        available=available,
+    )

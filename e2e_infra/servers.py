@@ -1,0 +1,675 @@
+"""Server processes: spawn in their own process group, wait until healthy, stop by escalation.
+
+One :class:`ServerProcess` is one start of one configured server for one project:
+
+* :meth:`~ServerProcess.start` spawns it as a session and process-group leader (so the group id
+  is its pid), stdin closed, stdout + stderr appended to ``test-results/<project>/<server>.log``,
+  and returns the :class:`ProcessRecord` (pid, pgid, start time) that goes into the server lease;
+* :meth:`~ServerProcess.wait_healthy` polls the health check and fails fast, with the masked last
+  lines of the log, if the process exits first;
+* :meth:`~ServerProcess.stop` sends SIGTERM to the whole group, waits, sends SIGKILL, reaps, and
+  also ends stragglers a server left in its group; calling it twice is fine;
+* :meth:`~ServerProcess.port_conflict` tells, after an exit, whether a foreign process took the
+  port, so the session can restart the server on a fresh one.
+
+:func:`kill_group_if_ours` ends the group of a record left behind by a crashed run, only on proof
+that the processes are still the ones that record describes (pid + start time). Templates are
+filled by :func:`render` / :func:`render_command`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import string
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import psutil
+
+from .clock import Clock, SystemClock, wait_until
+from .conninfo import mask_secrets
+from .errors import (
+    ConfigError,
+    DeadlineExceeded,
+    PortError,
+    ServerError,
+    ServerExitedError,
+    ServerStartTimeoutError,
+)
+from .health import HealthCheck, wait_healthy
+
+__all__ = [
+    "ProcessRecord",
+    "ServerProcess",
+    "bind_listen_socket",
+    "kill_group_if_ours",
+    "log_tail",
+    "render",
+    "render_command",
+]
+
+log = logging.getLogger("e2e_infra")
+
+TAIL_LINES = 20
+_TAIL_BYTES = 64 * 1024  # the tail is read from at most this many bytes at the end of the log
+_START_TIME_TOLERANCE = 0.05  # seconds; as in leases.py (psutil's start times have tick precision)
+_KILL_WAIT = 5.0  # after SIGKILL: only a process stuck in the kernel takes longer
+_ADDR_IN_USE = re.compile(r"EADDRINUSE|address (?:already )?in use", re.IGNORECASE)
+
+
+# --- templates ------------------------------------------------------------------------------------
+
+
+class _Namespace:
+    """A mapping seen through attributes, for ``{ports.frontend}``."""
+
+    def __init__(self, prefix: str, values: Mapping[str, object]) -> None:
+        self._prefix = prefix
+        self._values = values
+
+    def __getattr__(self, name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return _wrap(f"{self._prefix}.{name}", self._values[name])
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __format__(self, spec: str) -> str:
+        raise ValueError(f"{{{self._prefix}}} needs a key, like {{{self._prefix}.<name>}}")
+
+
+def _wrap(prefix: str, value: object) -> object:
+    return _Namespace(prefix, value) if isinstance(value, Mapping) else value
+
+
+def _known(values: Mapping[str, object], prefix: str = "") -> list[str]:
+    names: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            names.extend(_known(value, f"{prefix}{key}."))
+        elif isinstance(value, SimpleNamespace):
+            names.extend(f"{prefix}{key}.{attr}" for attr in vars(value))
+        else:
+            names.append(f"{prefix}{key}")
+    return sorted(names)
+
+
+class _Formatter(string.Formatter):
+    def __init__(self, values: Mapping[str, object], template: str, key: str | None) -> None:
+        self.values = values
+        self.template = template
+        self.key = key
+
+    def _error(self, problem: str) -> ConfigError:
+        where = f"{self.key} = " if self.key else ""
+        return ConfigError(f"{where}{mask_secrets(self.template)!r}: {problem}", key=self.key)
+
+    def get_field(self, field_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        try:
+            return super().get_field(field_name, args, kwargs)
+        except (KeyError, AttributeError, IndexError):
+            known = ", ".join(f"{{{name}}}" for name in _known(self.values)) or "none"
+            raise self._error(
+                f"unknown placeholder {{{field_name}}} (known: {known}; "
+                "write {{ and }} for literal braces)"
+            ) from None
+
+    def get_value(self, key: int | str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        if isinstance(key, int):
+            raise KeyError(key)
+        return _wrap(key, self.values[key])
+
+
+def render(template: str, values: Mapping[str, object], *, key: str | None = None) -> str:
+    """Fill ``{name}`` and ``{group.name}`` placeholders of ``template`` from ``values``.
+
+    A nested mapping (or a SimpleNamespace) serves dotted names: ``{"ports": {"frontend": 3101}}``
+    fills ``{ports.frontend}``. An unknown placeholder raises ConfigError naming it and the known
+    ones; ``key`` (e.g. ``servers.backend.command``) says where the template came from.
+    """
+    formatter = _Formatter(values, template, key)
+    try:
+        return formatter.vformat(template, (), {})
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        hint = (
+            " (write {{ and }} for literal braces)"
+            if "'{'" in str(exc) or "'}'" in str(exc)
+            else ""
+        )
+        raise formatter._error(f"{exc}{hint}") from None
+
+
+def render_command(
+    command: str, values: Mapping[str, object], *, key: str | None = None
+) -> list[str]:
+    """Split ``command`` like a shell (no shell runs), then fill each word.
+
+    Splitting first means a value with spaces or quotes (a URL, a path) stays one argument.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        where = f"{key} = " if key else "command "
+        raise ConfigError(
+            f"{where}{mask_secrets(command)!r}: {exc} (check the quoting)", key=key
+        ) from None
+    if not words:
+        raise ConfigError(f"{key or 'the command'} is empty; give the command to run", key=key)
+    return [render(word, values, key=key) for word in words]
+
+
+# --- logs -----------------------------------------------------------------------------------------
+
+
+def _read_end(path: Path, since: int = 0, limit: int = _TAIL_BYTES) -> str:
+    """``path`` from byte ``since`` on, at most its last ``limit`` bytes, in whole lines."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            start = max(since, size - limit, 0)
+            handle.seek(start)
+            data = handle.read()
+    except OSError:
+        return ""
+    if start > since:
+        # Cut mid-line: drop the partial first line, it could hold half a secret.
+        data = data.partition(b"\n")[2]
+    return data.decode("utf-8", errors="replace")
+
+
+def log_tail(
+    path: Path, lines: int = TAIL_LINES, secrets: Sequence[str] = (), *, since: int = 0
+) -> str:
+    """The last ``lines`` lines of the log at ``path`` (from byte ``since`` on), secrets masked.
+
+    Masks the literal ``secrets`` and every URL password / ``password=`` pair; a missing log gives
+    an empty string.
+    """
+    text = _read_end(Path(path), since)
+    tail = text.splitlines()[-lines:] if lines > 0 else []
+    return mask_secrets("\n".join(tail), tuple(secrets))
+
+
+# --- process groups -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """What identifies a started server for a later cleanup: goes into the server lease data."""
+
+    pid: int
+    pgid: int
+    start_time: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "pgid": self.pgid, "start_time": self.start_time}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProcessRecord:
+        pid, pgid, start = data["pid"], data["pgid"], data["start_time"]
+        for name, value in (("pid", pid), ("pgid", pgid)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 1:
+                raise ValueError(f"bad process record {name} {value!r}")
+        if isinstance(start, bool) or not isinstance(start, (int, float)):
+            raise ValueError(f"bad process record start_time {start!r}")
+        return cls(pid=pid, pgid=pgid, start_time=float(start))
+
+
+def _start_time(pid: int) -> float | None:
+    """psutil's start time of ``pid``, zombies included (None when there is no such process)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _group_members(pgid: int, since: float) -> list[psutil.Process]:
+    """Live (non-zombie) processes in group ``pgid`` started at or after ``since``; never us."""
+    members = []
+    me = os.getpid()
+    for pid in psutil.pids():
+        if pid == me:
+            continue
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.create_time() < since - _START_TIME_TOLERANCE:
+                continue
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        members.append(proc)
+    return members
+
+
+def _signal_members(members: Sequence[psutil.Process], signum: int) -> None:
+    for proc in members:
+        # psutil re-checks the start time before sending: a reused pid is left alone.
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            proc.send_signal(signum)
+
+
+def _all_gone(members: Sequence[psutil.Process]) -> bool:
+    for proc in members:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return True
+
+
+def kill_group_if_ours(
+    record: ProcessRecord, *, grace: float = 5.0, clock: Clock | None = None
+) -> bool:
+    """End the process group of ``record`` if, and only if, its processes are provably ours.
+
+    Ours means: the leader (``record.pid``) runs with the recorded start time, or, when the leader
+    is gone, processes in group ``record.pgid`` that started at or after the leader (a forked
+    worker that outlived it). A pid reused by an unrelated process is never touched. SIGTERM,
+    ``grace`` seconds, then SIGKILL. Returns True if something was signalled.
+    """
+    leader_start = _start_time(record.pid)
+    if leader_start is not None and abs(leader_start - record.start_time) > _START_TIME_TOLERANCE:
+        # The pid belongs to another process now. Linux does not reuse a pid while it is a live
+        # group's id, so the recorded group is empty; whatever shares the number is not ours.
+        return False
+    members = _group_members(record.pgid, record.start_time)
+    if not members:
+        return False
+    log.info(
+        "ending leftover server process group %d (%s)",
+        record.pgid,
+        ", ".join(str(proc.pid) for proc in members),
+    )
+    _signal_members(members, signal.SIGTERM)
+    try:
+        wait_until(
+            lambda: _all_gone(members),
+            timeout=grace,
+            what=f"process group {record.pgid} to exit",
+            clock=clock,
+        )
+    except DeadlineExceeded:
+        _signal_members(members, signal.SIGKILL)
+        with contextlib.suppress(DeadlineExceeded):
+            wait_until(
+                lambda: _all_gone(members),
+                timeout=_KILL_WAIT,
+                what=f"process group {record.pgid} to die",
+                clock=clock,
+            )
+    return True
+
+
+def bind_listen_socket(port: int, host: str = "127.0.0.1", backlog: int = 128) -> socket.socket:
+    """A listening TCP socket on ``host:port`` that a child can inherit (``pass_fds``).
+
+    Handing over a bound socket is the only fully race-free way to give a server its port: nobody
+    can take the port between the choice and the server's own bind.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        raise PortError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+            "another process holds it, choose another port"
+        ) from None
+    return sock
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind ``host:port`` now (TIME_WAIT leftovers do not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _group_listens(record: ProcessRecord, port: int) -> bool | None:
+    """Whether a process of the group listens on ``port``; None when that cannot be seen."""
+    seen = False
+    for proc in _group_members(record.pgid, record.start_time):
+        try:
+            connections = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        seen = True
+        if any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections
+        ):
+            return True
+    return False if seen else None
+
+
+class _OwnedCheck:
+    """A check that passes only when the server's own process group holds ``port``.
+
+    Without it a foreign server already listening on the port would make ours look healthy in the
+    moment before ours fails to bind.
+    """
+
+    def __init__(self, inner: HealthCheck, record: ProcessRecord, port: int) -> None:
+        self.inner = inner
+        self.record = record
+        self.port = port
+        self.last_error = ""
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    def probe(self) -> bool:
+        if not self.inner.probe():
+            self.last_error = str(getattr(self.inner, "last_error", "") or "")
+            return False
+        if _group_listens(self.record, self.port) is False:
+            self.last_error = (
+                f"port {self.port} answers, but no process of the server listens on it "
+                "(another process holds the port)"
+            )
+            return False
+        self.last_error = ""
+        return True
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "exited"
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class ServerProcess:
+    """One start of one server: spawn, wait healthy, stop. Not restartable: make a new one."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        log_path: Path,
+        health: HealthCheck,
+        startup_timeout: float = 60.0,
+        stop_timeout: float = 10.0,
+        pass_fds: Sequence[int] = (),
+        clock: Clock | None = None,
+        secrets: Sequence[str] = (),
+        port: int | None = None,
+    ) -> None:
+        """``env`` is the child's whole environment (merge ``os.environ`` before, if wanted).
+
+        ``secrets`` are masked in every tail and error. ``port``, the port the server listens on,
+        is optional but recommended: health then also requires that a process of the server's
+        group listens on it (a foreign listener is not mistaken for ours), and
+        :meth:`port_conflict` also probes whether the port is still taken after an exit.
+        """
+        if not argv:
+            raise ConfigError(f"server {name} has an empty command", key=f"servers.{name}.command")
+        self.name = name
+        self.argv: tuple[str, ...] = tuple(argv)
+        self.cwd = Path(cwd)
+        self.env = dict(env)
+        self.log_path = Path(log_path)
+        self.health = health
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.pass_fds = tuple(pass_fds)
+        self.clock: Clock = clock or SystemClock()
+        self.secrets = tuple(s for s in secrets if s)
+        self.port = port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._record: ProcessRecord | None = None
+        self._log_offset = 0
+        self._stopped = False
+        self._terminated_at: float | None = None
+
+    def __repr__(self) -> str:
+        state = "not started" if self._record is None else f"pid {self._record.pid}"
+        return f"<ServerProcess {self.name} {state}>"
+
+    @property
+    def record(self) -> ProcessRecord | None:
+        return self._record
+
+    @property
+    def running(self) -> bool:
+        """True while the leader process runs (this reaps it once it has exited)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def _mask(self, text: str) -> str:
+        return mask_secrets(text, self.secrets)
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        """The masked last lines this start wrote to the log."""
+        return log_tail(self.log_path, lines, self.secrets, since=self._log_offset)
+
+    def start(self) -> ProcessRecord:
+        """Spawn the server in a new session and process group; return its record."""
+        if self._proc is not None:
+            raise ServerError(
+                f"server {self.name} was already started; create a new ServerProcess to restart",
+                server=self.name,
+            )
+        shown = self._mask(shlex.join(self.argv))
+        if not self.cwd.is_dir():
+            raise ServerError(
+                f"cannot start server {self.name}: its working directory {self.cwd} does not "
+                f"exist; fix servers.{self.name}.cwd",
+                server=self.name,
+            )
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log_file.write(f"--- e2e-infra {stamp}: starting {self.name}: {shown}\n".encode())
+            log_file.flush()
+            self._log_offset = log_file.tell()
+            try:
+                proc = subprocess.Popen(
+                    self.argv,
+                    cwd=self.cwd,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    pass_fds=self.pass_fds,
+                )
+            except OSError as exc:
+                raise ServerError(
+                    f"cannot start server {self.name}: {self._mask(self.argv[0])!r}: "
+                    f"{exc.strerror or exc} (in {self.cwd}); fix servers.{self.name}.command",
+                    server=self.name,
+                ) from None
+        self._proc = proc
+        # The child is not reaped yet, so its pid (and its start time) is still its own.
+        start = _start_time(proc.pid)
+        self._record = ProcessRecord(
+            pid=proc.pid, pgid=proc.pid, start_time=start if start is not None else time.time()
+        )
+        log.debug("started server %s (pid %d): %s", self.name, proc.pid, shown)
+        return self._record
+
+    def wait_healthy(self) -> float:
+        """Wait until the health check passes; return the seconds it took.
+
+        Raises ServerExitedError as soon as the process exits, ServerStartTimeoutError after
+        ``startup_timeout``; both carry the masked log tail. The process is left for :meth:`stop`.
+        """
+        if self._proc is None:
+            raise ServerError(f"server {self.name} was not started", server=self.name)
+        description = self._mask(self.health.description)
+        check: HealthCheck = self.health
+        if self.port is not None and self._record is not None:
+            check = _OwnedCheck(self.health, self._record, self.port)
+        try:
+            return wait_healthy(
+                check,
+                timeout=self.startup_timeout,
+                alive=lambda: self.running,
+                clock=self.clock,
+                what=f"server {self.name}",
+            )
+        except ServerExitedError:
+            returncode = self._proc.poll()  # it has exited: this only reads (and reaps)
+            tail = self.tail()
+            conflict = self.port_conflict()
+            cause = (
+                "its port is taken by another process (address already in use); "
+                "free the port or restart it on another port"
+                if conflict
+                else "fix the error in its log"
+            )
+            message = (
+                f"server {self.name} {_describe_exit(returncode)} before it became healthy "
+                f"({description}); {cause}; full log: {self.log_path}"
+            )
+            raise ServerExitedError(
+                self._with_tail(message, tail),
+                server=self.name,
+                returncode=returncode,
+                log_tail=tail,
+            ) from None
+        except DeadlineExceeded:
+            tail = self.tail()
+            last = self._mask(str(getattr(check, "last_error", "") or ""))
+            message = (
+                f"server {self.name} did not become healthy within {self.startup_timeout:g}s "
+                f"({description}{f'; last probe: {last}' if last else ''}); check that it "
+                f"listens where the health check looks, or raise servers.{self.name}."
+                f"startup_timeout; full log: {self.log_path}"
+            )
+            raise ServerStartTimeoutError(
+                self._with_tail(message, tail),
+                server=self.name,
+                timeout=self.startup_timeout,
+                log_tail=tail,
+            ) from None
+
+    def _with_tail(self, message: str, tail: str) -> str:
+        if not tail:
+            return f"{message} (the log is empty)"
+        count = len(tail.splitlines())
+        return f"{message}\n--- last {count} log lines ---\n{tail}"
+
+    def port_conflict(self) -> bool:
+        """After an exit: did the server die because a foreign process holds its port?
+
+        True when its log (this start's part) mentions EADDRINUSE / "address already in use", or
+        when ``port`` was given (and no socket was handed over) and it is still not bindable.
+        """
+        if self._proc is None or self.running:
+            return False
+        if _ADDR_IN_USE.search(_read_end(self.log_path, self._log_offset)):
+            return True
+        return self.port is not None and not self.pass_fds and not _port_free(self.port)
+
+    def _signal_group(self, signum: int, record: ProcessRecord) -> None:
+        assert self._proc is not None
+        if self._proc.returncode is None:
+            # The leader is not reaped, so the group id is still ours: signal the whole group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(record.pgid, signum)
+        else:
+            _signal_members(_group_members(record.pgid, record.start_time), signum)
+
+    def _group_done(self, record: ProcessRecord) -> Callable[[], bool]:
+        assert self._proc is not None
+        proc = self._proc
+        return lambda: (
+            proc.poll() is not None and not _group_members(record.pgid, record.start_time)
+        )
+
+    def terminate(self) -> None:
+        """Send SIGTERM to the group and return at once; :meth:`stop` then waits.
+
+        Lets a caller stop several servers in parallel: terminate all, then stop each. The grace
+        period of :meth:`stop` counts from the first SIGTERM.
+        """
+        if self._proc is None or self._record is None or self._stopped:
+            return
+        if self._terminated_at is None:
+            self._terminated_at = self.clock.monotonic()
+        self._signal_group(signal.SIGTERM, self._record)
+
+    def stop(self) -> int | None:
+        """SIGTERM the group, wait ``stop_timeout``, SIGKILL the group, reap; idempotent.
+
+        Returns the leader's return code (None if it was never started or could not be reaped).
+        """
+        proc, record = self._proc, self._record
+        if proc is None or record is None:
+            return None
+        if self._stopped:
+            return proc.returncode
+        done = self._group_done(record)
+        self.terminate()
+        assert self._terminated_at is not None
+        grace = self.stop_timeout - (self.clock.monotonic() - self._terminated_at)
+        try:
+            wait_until(
+                done,
+                timeout=max(grace, 0.0),
+                what=f"server {self.name} (pid {record.pid}) to stop",
+                clock=self.clock,
+            )
+        except DeadlineExceeded:
+            log.info(
+                "server %s did not stop within %gs of SIGTERM; sending SIGKILL",
+                self.name,
+                self.stop_timeout,
+            )
+            self._signal_group(signal.SIGKILL, record)
+            try:
+                proc.wait(timeout=_KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                log.warning("server %s (pid %d) survived SIGKILL", self.name, record.pid)
+                return None
+            try:
+                wait_until(
+                    done,
+                    timeout=_KILL_WAIT,
+                    what=f"the process group of server {self.name} to die",
+                    clock=self.clock,
+                )
+            except DeadlineExceeded:
+                log.warning("processes of server %s survived SIGKILL", self.name)
+        self._stopped = True
+        return proc.returncode

@@ -1,0 +1,748 @@
+"""The lifecycle of one project: acquire -> migrate/seed -> start -> test -> release.
+
+:class:`ProjectSession` is a context manager. Entering it leases the project's ports, clones its
+database from the fingerprinted template, starts its servers in dependency order and waits until
+each is healthy; it yields a :class:`ProjectEnv` with the environment for the suite. Leaving it
+stops the servers, drops (or keeps) the database and releases the ports, in reverse order, also on
+an exception, SIGINT or SIGTERM, and writes ``<results>/<project>/run.json`` with the duration of
+every phase.
+
+A SIGKILL cannot be caught, so every session also starts a *guardian*: a small detached process
+(:mod:`e2e_infra.guardian`) that waits for the session's process to end and, if it died holding
+leases, reclaims them. The next run and ``invoke e2e.cleanup`` reclaim the same leftovers by proof
+of death too (:func:`reclaim`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .clock import Clock, SystemClock
+from .config import Config, ProjectConfig, ServerConfig
+from .conninfo import mask_secrets
+from .errors import (
+    ConfigError,
+    E2EInfraError,
+    Interrupted,
+    ServerExitedError,
+    SuiteFailedError,
+)
+from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id
+from .ports import PortAllocator, port_is_free
+
+__all__ = [
+    "PHASES",
+    "ProjectEnv",
+    "ProjectSession",
+    "RunResult",
+    "make_registry",
+    "reclaim",
+    "run_project",
+    "server_order",
+]
+
+log = logging.getLogger("e2e_infra")
+
+PHASES = ("ports", "database", "servers", "health", "suite", "teardown")
+SERVER_KIND = "server"
+PhaseCallback = Callable[[str, str], None]  # (project, phase)
+
+
+def make_registry(config: Config) -> Registry:
+    return Registry(
+        config.state_dir,
+        host=config.host_id,
+        lock_timeout=config.lock_timeout,
+        ttl=config.lease_ttl,
+    )
+
+
+def server_order(config: Config, names: Sequence[str]) -> list[list[str]]:
+    """The selected servers in start levels: each level only depends on earlier ones.
+
+    A ``depends_on`` entry that the project does not run is ignored (it is not started).
+    """
+    selected = list(dict.fromkeys(names))
+    remaining = {name: set(config.servers[name].depends_on) & set(selected) for name in selected}
+    levels: list[list[str]] = []
+    done: set[str] = set()
+    while remaining:  # at least one server leaves per round: config rejects cycles
+        level = [name for name, deps in remaining.items() if deps <= done]
+        if not level:
+            raise ConfigError(f"servers {sorted(remaining)} depend on each other in a cycle")
+        levels.append(level)
+        done.update(level)
+        for name in level:
+            del remaining[name]
+    return levels
+
+
+@dataclass(frozen=True)
+class ProjectEnv:
+    """What the suite gets: where things are, as values and as environment variables."""
+
+    project: str
+    run_id: str
+    results_dir: Path
+    ports: Mapping[str, int]
+    database: str | None
+    env: Mapping[str, str]
+
+
+@dataclass
+class RunResult:
+    """The record of one run, as written to ``run.json``."""
+
+    project: str
+    run_id: str
+    started_at: float
+    result: str = "running"  # passed | failed | error | interrupted
+    returncode: int | None = None
+    duration: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    database: str | None = None
+    seed: str | None = None
+    logs: dict[str, str] = field(default_factory=dict)
+    junit: str | None = None
+    error: str | None = None
+    log_tail: str | None = None
+    kept_database: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.result == "passed"
+
+    @property
+    def slowest_phase(self) -> str | None:
+        return max(self.phases, key=lambda k: self.phases[k]) if self.phases else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "project": self.project,
+            "run_id": self.run_id,
+            "started_at": self.started_at,
+            "result": self.result,
+            "returncode": self.returncode,
+            "duration": round(self.duration, 4),
+            "phases": {k: round(v, 4) for k, v in self.phases.items()},
+            "ports": self.ports,
+            "database": self.database,
+            "seed": self.seed,
+            "logs": self.logs,
+            "junit": self.junit,
+            "error": self.error,
+            "log_tail": self.log_tail,
+            "kept_database": self.kept_database,
+        }
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into Interrupted in the main thread, for the ``with`` body."""
+    if sys.platform == "win32" or not _in_main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: types.FrameType | None) -> None:
+        raise Interrupted(
+            f"interrupted by {signal.Signals(signum).name}; released what the run held",
+            signum=signum,
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while tearing down, so a second Ctrl-C cannot leave leftovers."""
+    if sys.platform == "win32" or not _in_main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class ProjectSession:
+    """Acquire everything one project needs; release it all on exit."""
+
+    def __init__(
+        self,
+        config: Config,
+        project: str,
+        *,
+        run_id: str | None = None,
+        registry: Registry | None = None,
+        clock: Clock | None = None,
+        keep_on_failure: bool | None = None,
+        on_phase: PhaseCallback | None = None,
+        guardian: bool = True,
+        teardown_grace: float | None = None,
+    ) -> None:
+        self.config = config
+        self.project: ProjectConfig = config.project(project)
+        self.run_id = run_id or new_run_id()
+        self.registry = registry or make_registry(config)
+        self.clock = clock or SystemClock()
+        self.keep_on_failure = (
+            config.keep_on_failure if keep_on_failure is None else keep_on_failure
+        )
+        self.on_phase = on_phase
+        self.use_guardian = guardian
+        self.teardown_grace = teardown_grace
+        self.owner = Owner.current(host=config.host_id, run_id=self.run_id)
+        self.ports = PortAllocator.from_config(config, self.registry)
+        self.result = RunResult(project=project, run_id=self.run_id, started_at=time.time())
+        self.results_dir = config.project_dir(project)
+        self.failed = False
+        self._servers: list[tuple[Any, Lease]] = []  # (ServerProcess, lease), start order
+        self._database: Any = None  # AllocatedDatabase
+        self._allocator: Any = None  # DatabaseAllocator
+        self._guardian: subprocess.Popen[bytes] | None = None
+        self._secrets: tuple[str, ...] = ()
+        self._phase_start = 0.0
+        self._started = self.clock.monotonic()
+        self.env: ProjectEnv | None = None
+
+    # --- phases -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.on_phase:
+            self.on_phase(self.project.name, name)
+        start = self.clock.monotonic()
+        try:
+            yield
+        finally:
+            self.result.phases[name] = self.result.phases.get(name, 0.0) + (
+                self.clock.monotonic() - start
+            )
+
+    def __enter__(self) -> ProjectEnv:
+        self._signals = _signals_raise()
+        self._signals.__enter__()
+        try:
+            self.env = self._acquire()
+        except BaseException as exc:
+            self.failed = True
+            self._note_error(exc)
+            self._release()
+            self._signals.__exit__(None, None, None)
+            raise
+        return self.env
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.failed = True
+            self._note_error(exc)
+        try:
+            self._release()
+        finally:
+            self._signals.__exit__(None, None, None)
+
+    def _note_error(self, exc: BaseException) -> None:
+        if isinstance(exc, Interrupted | KeyboardInterrupt):
+            self.result.result = "interrupted"
+            self.result.error = "interrupted"
+        elif isinstance(exc, SuiteFailedError):
+            self.result.result = "failed"
+        else:
+            self.result.result = "error"
+            message = exc.one_line() if isinstance(exc, E2EInfraError) else repr(exc)
+            self.result.error = mask_secrets(message, self._secrets)
+            tail = getattr(exc, "log_tail", "")
+            if tail:
+                self.result.log_tail = mask_secrets(str(tail), self._secrets)
+
+    # --- acquire ----------------------------------------------------------------------------------
+
+    def _acquire(self) -> ProjectEnv:
+        project = self.project
+        for name in project.servers:
+            server = self.config.servers[name]
+            if server.needs_database and not project.database:
+                raise ConfigError(
+                    f"project {project.name} runs server {name}, which needs a database; set "
+                    f"database = true for the project or drop {name} from its servers",
+                    key=f"projects.{project.name}.servers",
+                )
+        self._start_guardian()
+        with self.phase("ports"):
+            ports = self.ports.allocate(project.name, self.config.port_names, self.owner)
+            self.result.ports = dict(ports)
+            self._choose_results_dir()
+        database_url = ""
+        if project.database:
+            with self.phase("database"):
+                from .databases import database_allocator
+
+                self._allocator = database_allocator(self.config, self.registry, self.ports)
+                self._database = self._allocator.allocate(
+                    project.name, self.owner, seed=project.seed
+                )
+                database_url = self._database.url.url
+                if self._database.url.password:
+                    self._secrets = (self._database.url.password,)
+                self.result.database = self._database.name
+                self.result.seed = self._database.seed
+        values = self._values(ports, database_url)
+        for level in server_order(self.config, project.servers):
+            for name in level:
+                self._start_server(self.config.servers[name], values, ports)
+        env = self._suite_env(ports, database_url)
+        return ProjectEnv(
+            project=project.name,
+            run_id=self.run_id,
+            results_dir=self.results_dir,
+            ports=dict(ports),
+            database=self.result.database,
+            env=env,
+        )
+
+    def _choose_results_dir(self) -> None:
+        """``<results>/<project>``, or a per-run folder when the same project already runs."""
+        others = [
+            lease
+            for lease in self.registry.snapshot()
+            if lease.project == self.project.name
+            and lease.kind == "port"
+            and lease.owner.run_id != self.run_id
+        ]
+        if others:
+            self.results_dir = self.results_dir / "runs" / self.run_id
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        if not others:
+            for stale in ("run.json", "junit.xml", *(f"{s}.log" for s in self.config.servers)):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.results_dir / stale).unlink()
+
+    def _values(self, ports: Mapping[str, int], database_url: str) -> dict[str, object]:
+        return {
+            "python": sys.executable,
+            "ports": types.SimpleNamespace(**ports),
+            "database_url": database_url,
+            "results_dir": str(self.results_dir),
+            "project": self.project.name,
+            "root": str(self.config.root),
+            "run_id": self.run_id,
+        }
+
+    def _base_env(self, ports: Mapping[str, int], database_url: str) -> dict[str, str]:
+        env = dict(os.environ)
+        for name, port in ports.items():
+            env[f"{name.upper()}_PORT"] = str(port)
+            env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{port}"
+        if database_url:
+            env["DATABASE_URL"] = database_url
+        else:
+            env.pop("DATABASE_URL", None)
+        env["E2E_PROJECT"] = self.project.name
+        env["E2E_RUN_ID"] = self.run_id
+        env["E2E_RESULTS_DIR"] = str(self.results_dir)
+        return env
+
+    def _suite_env(self, ports: Mapping[str, int], database_url: str) -> dict[str, str]:
+        from .servers import render
+
+        env = self._base_env(ports, database_url)
+        values = self._values(ports, database_url)
+        env.update({k: render(v, values) for k, v in self.project.env.items()})
+        return env
+
+    def _start_server(
+        self, server: ServerConfig, values: dict[str, object], ports: dict[str, int]
+    ) -> None:
+        from .health import parse_health
+        from .servers import ServerProcess, render, render_command
+
+        attempts = server.restarts + 1
+        for attempt in range(1, attempts + 1):
+            port = ports.get(server.port) if server.port else None
+            server_values = {**values, "port": port if port is not None else ""}
+            env = self._base_env(ports, str(values["database_url"]))
+            if port is not None:
+                env["PORT"] = str(port)
+            env.update({k: render(v, server_values) for k, v in server.env.items()})
+            process = ServerProcess(
+                server.name,
+                render_command(server.command, server_values),
+                cwd=server.cwd,
+                env=env,
+                log_path=self.results_dir / f"{server.name}.log",
+                health=parse_health(render(server.health, server_values), port=port),
+                startup_timeout=server.startup_timeout,
+                stop_timeout=server.stop_timeout,
+                clock=self.clock,
+                secrets=self._secrets,
+                port=port,
+            )
+            self.result.logs[server.name] = str(process.log_path)
+            with self.phase("servers"):
+                record = process.start()
+                lease = Lease(
+                    kind=SERVER_KIND,
+                    resource=f"{self.project.name}/{server.name}/{record.pid}",
+                    project=self.project.name,
+                    owner=self.owner,
+                    data={
+                        "name": server.name,
+                        "pid": record.pid,
+                        "pgid": record.pgid,
+                        "start_time": record.start_time,
+                        "port": port,
+                        "log": str(process.log_path),
+                    },
+                )
+                with self.registry.transaction() as txn:
+                    txn.add(lease)
+                self._servers.append((process, lease))
+            try:
+                with self.phase("health"):
+                    process.wait_healthy()
+                return
+            except ServerExitedError:
+                taken = port is not None and (process.port_conflict() or not port_is_free(port))
+                self._stop_server(process, lease)
+                self._servers.remove((process, lease))
+                if not taken or attempt == attempts or server.port is None:
+                    raise
+                new_port = self.ports.reallocate(self.project.name, server.port, self.owner)
+                log.warning(
+                    "%s: server %s could not use port %s (taken by another process); "
+                    "restarting it on port %s (attempt %d of %d)",
+                    self.project.name,
+                    server.name,
+                    port,
+                    new_port,
+                    attempt + 1,
+                    attempts,
+                )
+                ports[server.port] = new_port
+                self.result.ports[server.port] = new_port
+                values["ports"] = types.SimpleNamespace(**ports)
+
+    # --- the suite --------------------------------------------------------------------------------
+
+    def run_suite(self, posargs: Sequence[str] = ()) -> int:
+        """Run the project's suite with the session's environment; return its exit code."""
+        from .servers import render_command
+
+        if self.env is None:
+            raise RuntimeError("run_suite() needs an entered ProjectSession")
+        values = self._values(self.env.ports, self.env.env.get("DATABASE_URL", ""))
+        argv = [*render_command(self.project.command, values), *posargs]
+        junit = self.results_dir / "junit.xml"
+        with self.phase("suite"):
+            # Same process group as this process: nox's interrupt reaches the suite too.
+            proc = subprocess.Popen(argv, cwd=self.project.cwd, env=dict(self.env.env))
+            try:
+                returncode = proc.wait(timeout=self.project.timeout)
+            except subprocess.TimeoutExpired:
+                _terminate(proc, grace=5.0)
+                self.failed = True
+                self.result.result = "failed"
+                self.result.returncode = proc.returncode
+                raise SuiteFailedError(
+                    f"the suite of {self.project.name} ran longer than its timeout "
+                    f"({self.project.timeout:g}s) and was stopped; raise "
+                    f"projects.{self.project.name}.timeout if it needs more",
+                    project=self.project.name,
+                    returncode=proc.returncode if proc.returncode is not None else -1,
+                ) from None
+            except BaseException:
+                _terminate(proc, grace=2.0)
+                raise
+        self.result.returncode = returncode
+        self.result.junit = str(junit) if junit.exists() else None
+        if returncode == 0:
+            self.result.result = "passed"
+        else:
+            self.failed = True
+            self.result.result = "failed"
+        return returncode
+
+    # --- release ----------------------------------------------------------------------------------
+
+    def _stop_server(self, process: Any, lease: Lease) -> None:
+        if self.teardown_grace is not None:
+            process.stop_timeout = min(process.stop_timeout, self.teardown_grace)
+        process.stop()
+        with self.registry.transaction() as txn:
+            txn.remove(lease)
+
+    def _release(self) -> None:
+        errors: list[str] = []
+        with _signals_deferred(), self.phase("teardown"):
+            # Servers first, the dependents before what they depend on: SIGTERM all, then wait.
+            for process, _lease in reversed(self._servers):
+                with contextlib.suppress(Exception):
+                    process.terminate()
+            for process, lease in reversed(self._servers):
+                try:
+                    self._stop_server(process, lease)
+                except Exception as exc:  # keep releasing the rest
+                    errors.append(f"server {process.name}: {exc}")
+            self._servers.clear()
+            if self._database is not None and self._allocator is not None:
+                keep = self.failed and self.keep_on_failure
+                try:
+                    self._allocator.release(name=self._database.name, keep=keep)
+                    self.result.kept_database = keep
+                    if keep:
+                        log.warning(
+                            "%s: kept database %s for debugging (get its URL with `invoke db.url "
+                            "--project %s`; `invoke db.cleanup` drops it after it expires)",
+                            self.project.name,
+                            self._database.name,
+                            self.project.name,
+                        )
+                except Exception as exc:
+                    errors.append(f"database {self._database.name}: {exc}")
+            try:
+                self.ports.release(self.project.name, run_id=self.run_id)
+            except Exception as exc:
+                errors.append(f"ports: {exc}")
+            self._stop_guardian()
+        self.result.duration = self.clock.monotonic() - self._started
+        if errors:
+            self.result.error = mask_secrets("; ".join(errors), self._secrets)
+            if self.result.result in ("passed", "running"):
+                self.result.result = "error"
+        elif self.result.result == "running":
+            self.result.result = "passed" if not self.failed else "error"
+        self._write_record()
+        if errors:
+            log.error(
+                "%s: could not release everything (%s); run `invoke e2e.cleanup`",
+                self.project.name,
+                self.result.error,
+            )
+
+    def _write_record(self) -> None:
+        with contextlib.suppress(OSError):
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+            path = self.results_dir / "run.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.result.to_json(), indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+
+    # --- the guardian -----------------------------------------------------------------------------
+
+    def _start_guardian(self) -> None:
+        if not self.use_guardian:
+            return
+        ensure_private_dir(self.config.state_dir)
+        env = dict(os.environ)
+        if self.config.source is not None:
+            env["E2E_CONFIG"] = str(self.config.source)
+        log_path = self.config.state_dir / "guardian.log"
+        with open(log_path, "ab") as log_file:
+            # Its own session: an interrupt aimed at our process group does not reach it.
+            self._guardian = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "e2e_infra.guardian",
+                    "--pid",
+                    str(self.owner.pid),
+                    "--start-time",
+                    repr(self.owner.start_time),
+                    "--run-id",
+                    self.run_id,
+                    "--project",
+                    self.project.name,
+                    "--timeout",
+                    str(self.project.timeout + 3600),
+                ],
+                cwd=self.config.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,
+            )
+
+    def _stop_guardian(self) -> None:
+        if self._guardian is not None:
+            _terminate(self._guardian, grace=2.0)
+            self._guardian = None
+
+
+def _terminate(proc: subprocess.Popen[Any], *, grace: float) -> None:
+    """SIGTERM, wait ``grace``, SIGKILL, reap."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def run_project(
+    config: Config,
+    project: str,
+    posargs: Sequence[str] = (),
+    *,
+    on_phase: PhaseCallback | None = None,
+    keep_on_failure: bool | None = None,
+) -> RunResult:
+    """Run one project end to end; return its result (it never raises for a failing suite)."""
+    session = ProjectSession(config, project, on_phase=on_phase, keep_on_failure=keep_on_failure)
+    try:
+        with session:
+            session.run_suite(posargs)
+    except SuiteFailedError:
+        pass
+    return session.result
+
+
+# --- reclaiming what dead owners left -------------------------------------------------------------
+
+
+@dataclass
+class ReclaimReport:
+    servers: list[tuple[str, str]] = field(default_factory=list)  # (what, reason)
+    databases: list[tuple[str, str]] = field(default_factory=list)
+    ports: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.servers or self.databases or self.ports)
+
+    def to_json(self) -> dict[str, Any]:
+        def rows(items: list[tuple[str, str]]) -> list[dict[str, str]]:
+            return [{"resource": what, "reason": why} for what, why in items]
+
+        return {
+            "servers": rows(self.servers),
+            "databases": rows(self.databases),
+            "ports": rows(self.ports),
+            "errors": self.errors,
+        }
+
+
+def reclaim(
+    config: Config,
+    *,
+    registry: Registry | None = None,
+    run_id: str | None = None,
+    databases: bool = True,
+) -> ReclaimReport:
+    """Reclaim everything whose owner is provably gone (only ``run_id``'s, when given).
+
+    Orphan server process groups are killed only if they are still ours (pid + start time);
+    marked databases without a live lease are dropped (never unmarked ones); stale port leases are
+    released. The local PostgreSQL cluster is not started just to clean up.
+    """
+    from .servers import ProcessRecord, kill_group_if_ours
+
+    registry = registry or make_registry(config)
+    report = ReclaimReport()
+    with registry.transaction() as txn:
+        stale_servers = [
+            (lease, why)
+            for lease, why in txn.stale(SERVER_KIND)
+            if run_id is None or lease.owner.run_id == run_id
+        ]
+    for lease, why in stale_servers:
+        data = lease.data
+        try:
+            record = ProcessRecord(
+                pid=int(data["pid"]), pgid=int(data["pgid"]), start_time=float(data["start_time"])
+            )
+            killed = kill_group_if_ours(record, grace=2.0)
+        except (KeyError, TypeError, ValueError) as exc:
+            report.errors.append(f"server lease {lease.id} is malformed: {exc}")
+            killed = False
+        with registry.transaction() as txn:
+            txn.remove(lease)
+        state = "killed its process group" if killed else "its processes were already gone"
+        report.servers.append((f"{lease.project}/{data.get('name', '?')}", f"{why}; {state}"))
+    ports = PortAllocator.from_config(config, registry)
+    if databases:
+        _reclaim_databases(config, registry, ports, report, run_id)
+    for lease, why in ports.reclaim_stale():
+        if run_id is None or lease.owner.run_id == run_id:
+            report.ports.append((f"{lease.resource} ({lease.project})", why))
+    return report
+
+
+def _reclaim_databases(
+    config: Config,
+    registry: Registry,
+    ports: PortAllocator,
+    report: ReclaimReport,
+    run_id: str | None,
+) -> None:
+    from .databases import database_allocator
+
+    leases = registry.snapshot()
+    db_leases = [lease for lease in leases if lease.kind == "database"]
+    if config.database.admin_url is None and not _local_cluster_running(config, registry, ports):
+        if db_leases:
+            report.errors.append(
+                "the local PostgreSQL cluster is not running, so its databases were not checked; "
+                "run `invoke pg.start` then `invoke db.cleanup`"
+            )
+        return
+    try:
+        allocator = database_allocator(config, registry, ports)
+        if run_id is None:
+            report.databases.extend(allocator.cleanup())
+        else:
+            with registry.transaction() as txn:
+                mine = [
+                    lease for lease, _why in txn.stale("database") if lease.owner.run_id == run_id
+                ]
+            for lease in mine:
+                for name in allocator.release(name=lease.resource):
+                    report.databases.append((name, f"owner of run {run_id} is gone"))
+    except E2EInfraError as exc:
+        report.errors.append(exc.one_line())
+
+
+def _local_cluster_running(config: Config, registry: Registry, ports: PortAllocator) -> bool:
+    from .postgres import LocalCluster
+
+    try:
+        return LocalCluster(config, registry, ports).status().running
+    except E2EInfraError:
+        return False

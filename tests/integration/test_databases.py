@@ -1,0 +1,294 @@
+"""DatabaseAllocator against the real session cluster: templates, clones, markers, sweeping."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import PgCluster, make_config, make_registry
+from psycopg import sql
+
+from e2e_infra.databases import DatabaseAllocator, fingerprint, parse_marker, template_name
+from e2e_infra.errors import (
+    CloneError,
+    DatabaseLimitError,
+    MigrationError,
+    ServerUnreachableError,
+)
+from e2e_infra.leases import Owner
+from e2e_infra.migrations import migration_runner, seed_runner
+from e2e_infra.testing import FakeClock
+
+pytestmark = pytest.mark.integration
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "db"
+DEMO = Path(__file__).resolve().parents[2] / "demo"
+
+Factory = Callable[..., DatabaseAllocator]
+
+
+def dead_owner() -> Owner:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = Owner.of_pid(proc.pid, run_id="dead-run")
+    proc.wait()
+    return owner
+
+
+def databases(pg: PgCluster, prefix: str) -> dict[str, dict[str, Any] | None]:
+    """Every database whose name starts with ``prefix``, with its parsed marker."""
+    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+            "WHERE starts_with(datname, %s)",
+            (prefix,),
+        ).fetchall()
+    return {name: parse_marker(comment) for name, comment in rows}
+
+
+def admin_execute(pg: PgCluster, query: sql.Composable | str, *params: Any) -> None:
+    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
+        conn.execute(query if not isinstance(query, str) else query.encode(), params or None)
+
+
+@pytest.fixture
+def make_allocator(pg_cluster: PgCluster, tmp_path: Path) -> Iterator[Factory]:
+    """Allocators with a fresh name base each, so tests sharing the cluster never meet; every
+    database of those bases is dropped afterwards, marked or not."""
+    bases: list[str] = []
+
+    def factory(*, clock: FakeClock | None = None, **overrides: Any) -> DatabaseAllocator:
+        base = overrides.pop("name_base", None) or f"t{uuid.uuid4().hex[:10]}"
+        bases.append(base)
+        overrides.setdefault("migrations_dir", FIXTURES / "migrations")
+        overrides.setdefault("seeds_dir", FIXTURES / "seeds")
+        config = make_config(tmp_path / base, name_base=base, **overrides)
+        return DatabaseAllocator(
+            config, make_registry(config), pg_cluster.admin, client=pg_cluster.tcp, clock=clock
+        )
+
+    yield factory
+    with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as conn:
+        for base in bases:
+            names = conn.execute(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (base + "_",)
+            ).fetchall()
+            for (name,) in names:
+                ident = sql.Identifier(name)
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
+def test_allocated_database_has_the_demo_schema_and_seed_and_a_marker(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    allocator = make_allocator(migrations_dir=DEMO / "migrations", seeds_dir=DEMO / "seeds")
+    me = Owner.current()
+    got = allocator.allocate("auth_tests", me, seed="auth_only")
+    assert got.name == f"{allocator.base}_auth_tests"
+    assert got.url.host == "127.0.0.1" and got.url.password  # the TCP URL servers get
+    with psycopg.connect(got.url.conninfo()) as conn:
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone()
+        users = conn.execute("SELECT count(*) FROM users").fetchone()
+    assert tables is not None and tables[0] >= 20
+    assert users is not None and users[0] == 3
+    found = databases(pg_cluster, allocator.base + "_")
+    marker = found[got.name]
+    assert marker is not None
+    assert (marker["kind"], marker["lease"], marker["pid"], marker["run"]) == (
+        "database",
+        got.lease.id,
+        me.pid,
+        me.run_id,
+    )
+    assert found[got.template] is not None and found[got.template]["kind"] == "template"
+    with psycopg.connect(pg_cluster.admin.conninfo()) as conn:
+        row = conn.execute(
+            "SELECT datistemplate, datallowconn FROM pg_database WHERE datname = %s",
+            (got.template,),
+        ).fetchone()
+    assert row == (True, False)
+    assert allocator.release("auth_tests") == [got.name]
+    assert got.name not in databases(pg_cluster, allocator.base + "_")
+    assert allocator.release("auth_tests") == []  # idempotent
+    assert allocator.registry.snapshot() == ()
+
+
+def test_concurrent_runs_of_one_project_never_share_a_database(make_allocator: Factory) -> None:
+    allocator = make_allocator()
+    first = allocator.allocate("inventory", Owner.current(run_id="run-1"))
+    second = allocator.allocate("inventory", Owner.current(run_id="run-2"))
+    assert first.name == f"{allocator.base}_inventory"
+    assert second.name.startswith(first.name + "_") and second.name != first.name
+    with psycopg.connect(first.url.conninfo(), autocommit=True) as conn:
+        conn.execute("INSERT INTO accounts (name) VALUES ('only-in-first')")
+    with psycopg.connect(second.url.conninfo()) as conn:
+        row = conn.execute("SELECT count(*) FROM accounts WHERE name = 'only-in-first'").fetchone()
+    assert row == (0,)
+    assert sorted(allocator.release("inventory")) == sorted([first.name, second.name])
+
+
+def test_editing_a_migration_builds_a_new_template_and_old_ones_are_dropped(
+    make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    migrations = tmp_path / "migrations"
+    shutil.copytree(FIXTURES / "migrations", migrations)
+    allocator = make_allocator(migrations_dir=migrations, keep_templates=2)
+    owner = Owner.current()
+    templates = []
+    for version in range(3):
+        if version:
+            with (migrations / "0002_notes.sql").open("a") as handle:
+                handle.write(f"\nALTER TABLE notes ADD COLUMN extra_{version} int;\n")
+        got = allocator.allocate("quality", owner)
+        templates.append(got.template)
+        with psycopg.connect(got.url.conninfo()) as conn:
+            cols = conn.execute(
+                "SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes' "
+                "AND column_name LIKE 'extra_%%'"
+            ).fetchone()
+        assert cols == (version,)  # the clone has this version's schema
+        allocator.release("quality")
+    assert len(set(templates)) == 3
+    left = {n for n, m in databases(pg_cluster, allocator.base + "_").items() if m}
+    assert left == {templates[1], templates[2]}  # the oldest beyond keep_templates was dropped
+
+
+def test_a_failing_migration_names_the_file_and_leaves_nothing_behind(
+    make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    migrations = tmp_path / "migrations"
+    shutil.copytree(FIXTURES / "migrations", migrations)
+    (migrations / "0003_broken.sql").write_text("CREATE TABLE fine (id int);\nCREATE TABLE (;\n")
+    allocator = make_allocator(migrations_dir=migrations)
+    with pytest.raises(MigrationError) as info:
+        allocator.allocate("quality", Owner.current())
+    message = info.value.one_line()
+    assert "0003_broken.sql" in message and "syntax error" in message
+    assert info.value.file.endswith("0003_broken.sql")
+    assert databases(pg_cluster, allocator.base + "_") == {}  # no template, no half-built one
+    assert allocator.registry.snapshot() == ()
+
+
+def test_leftover_of_a_dead_builder_is_dropped_by_the_next_builder(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    allocator = make_allocator()
+    config = allocator.config
+    with psycopg.connect(pg_cluster.admin.conninfo()) as conn:
+        major = conn.info.server_version // 10000
+    fp = fingerprint(migration_runner(config), seed_runner(config, "default"), "default", major)
+    dead = dead_owner()
+    leftover = f"{allocator.base}_build_{fp[:12]}_{dead.pid}"
+    marker = {
+        "tool": "e2e-infra",
+        "base": allocator.base,
+        "kind": "building",
+        "fingerprint": fp,
+        "host": dead.host,
+        "pid": dead.pid,
+        "start": dead.start_time,
+    }
+    admin_execute(pg_cluster, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(leftover)))
+    admin_execute(
+        pg_cluster,
+        sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+            sql.Identifier(leftover), sql.Literal("e2e-infra " + json.dumps(marker))
+        ),
+    )
+    got = allocator.allocate("dashboard", Owner.current())
+    assert got.template == template_name(allocator.base, "default", fp)
+    assert leftover not in databases(pg_cluster, allocator.base + "_")
+
+
+def test_cleanup_drops_dead_owners_and_expired_keeps_but_never_unmarked_databases(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    clock = FakeClock(start=0.0, wall=time.time())
+    allocator = make_allocator(clock=clock, keep_hours=1.0)
+    live = allocator.allocate("live", Owner.current())
+    orphan = allocator.allocate("orphan", dead_owner())
+    kept = allocator.allocate("kept", Owner.current())
+    assert allocator.release("kept", keep=True) == [kept.name]
+    stranger = f"{allocator.base}_stranger"  # matches the pattern, carries no marker
+    admin_execute(pg_cluster, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(stranger)))
+
+    dropped = dict(allocator.cleanup())
+    assert list(dropped) == [orphan.name]
+    assert "gone" in dropped[orphan.name]
+    present = databases(pg_cluster, allocator.base + "_")
+    assert {live.name, kept.name, stranger} <= set(present)
+    assert present[kept.name] is not None and present[kept.name]["kind"] == "kept"
+    assert allocator.find("kept").name == kept.name  # a kept database still has its URL
+
+    clock.advance(3601)
+    assert [name for name, _ in allocator.cleanup()] == [kept.name]
+    present = databases(pg_cluster, allocator.base + "_")
+    assert live.name in present and stranger in present and kept.name not in present
+    assert [lease.resource for lease in allocator.registry.snapshot()] == [live.name]
+
+
+def test_an_unmarked_database_with_the_projects_name_is_left_alone(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    allocator = make_allocator()
+    squatter = f"{allocator.base}_work_orders"
+    admin_execute(pg_cluster, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(squatter)))
+    got = allocator.allocate("work_orders", Owner.current())
+    assert got.name != squatter and got.name.startswith(squatter + "_")
+    assert databases(pg_cluster, squatter)[squatter] is None  # still there, still unmarked
+    assert allocator.release("work_orders") == [got.name]
+
+
+def test_the_database_cap_is_a_clear_error(make_allocator: Factory) -> None:
+    allocator = make_allocator(max_databases=2)
+    allocator.allocate("one", Owner.current())
+    allocator.allocate("two", Owner.current())
+    with pytest.raises(DatabaseLimitError, match="max_databases = 2"):
+        allocator.allocate("three", Owner.current())
+    assert {lease.project for lease in allocator.registry.snapshot()} == {"one", "two"}
+
+
+def test_cloning_a_busy_template_gives_up_naming_the_blocking_session(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    allocator = make_allocator(clone_timeout=0.5)
+    source = f"{allocator.base}_busy_source"
+    admin_execute(pg_cluster, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
+    holder = pg_cluster.admin.with_dbname(source).conninfo(application_name="leaky-debugger")
+    with (
+        psycopg.connect(holder) as _leak,
+        psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as conn,
+        pytest.raises(CloneError) as info,
+    ):
+        # The server itself waits about 5 s before it reports 55006.
+        allocator._create(conn, f"{allocator.base}_clone", source, "FILE_COPY")
+    message = info.value.one_line()
+    assert "leaky-debugger" in message and source in message
+    assert info.value.blockers and "leaky-debugger" in info.value.blockers[0]
+
+
+def test_an_unreachable_server_names_the_masked_url_and_the_fix(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    allocator = make_allocator()
+    nowhere = pg_cluster.tcp.__class__(
+        host="127.0.0.1", port=15598, user="postgres", password="topsecret-pw"
+    )
+    broken = DatabaseAllocator(allocator.config, allocator.registry, nowhere)
+    with pytest.raises(ServerUnreachableError) as info:
+        broken.allocate("auth_tests", Owner.current())
+    message = info.value.one_line()
+    assert "postgresql://postgres:***@127.0.0.1:15598/postgres" in message
+    assert "topsecret-pw" not in message and "invoke pg.start" in message
+    assert allocator.registry.snapshot() == ()

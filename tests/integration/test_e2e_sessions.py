@@ -1,0 +1,337 @@
+"""The main job end to end: nox runs the demo's projects, each isolated, and nothing is left.
+
+Every test here drives the real thing from the outside: ``nox`` (or ``invoke``) as a subprocess
+with ``E2E_CONFIG`` pointing at a copy of the repository's configuration whose state and results
+live in a temporary folder, the embedded PostgreSQL cluster, the demo's real servers and suites.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+
+import e2e_infra
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT_RANGE = "17000-17999"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def _dump_tables(prefix: str, table: dict[str, Any], out: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or k == "env"}
+    nested = {k: v for k, v in table.items() if isinstance(v, dict) and k != "env"}
+    out.append(f"[{prefix}]")
+    out.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+    out.append("")
+    for key, value in nested.items():
+        _dump_tables(f"{prefix}.{key}", value, out)
+
+
+def write_config(
+    folder: Path,
+    *,
+    extra_servers: dict[str, Any] | None = None,
+    extra_projects: dict[str, Any] | None = None,
+) -> Path:
+    """A copy of the repository's [tool.e2e_infra] with state and results under ``folder``."""
+    section = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["e2e_infra"]
+    section = json.loads(json.dumps(section))  # deep copy
+    section["state_dir"] = str(folder / "state")
+    section["results_dir"] = str(folder / "results")
+    section["port_range"] = PORT_RANGE
+    database = section.setdefault("database", {})
+    for key in ("migrations_dir", "seeds_dir"):
+        if key in database:
+            database[key] = str(ROOT / database[key])
+    for server in section.get("servers", {}).values():
+        server["cwd"] = str(ROOT)
+        server["startup_timeout"] = 30
+    for project in section.get("projects", {}).values():
+        project["cwd"] = str(ROOT)
+    section.setdefault("servers", {}).update(extra_servers or {})
+    section.setdefault("projects", {}).update(extra_projects or {})
+    lines: list[str] = []
+    _dump_tables("tool.e2e_infra", section, lines)
+    path = folder / "pyproject.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def clean_env(config_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2E_")}
+    env["E2E_CONFIG"] = str(config_path)
+    return env
+
+
+def nox(config_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args],
+        cwd=ROOT,
+        env=clean_env(config_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class Leftovers:
+    """What a finished run might have left behind: leases, processes, databases."""
+
+    def __init__(self, config: e2e_infra.Config) -> None:
+        self.config = config
+
+    def leases(self) -> list[e2e_infra.Lease]:
+        registry = e2e_infra.make_registry(self.config)
+        return [lease for lease in registry.snapshot() if lease.project != "postgres"]
+
+    def processes(self) -> list[psutil.Process]:
+        marker = str(self.config.results_dir)
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get("E2E_RESULTS_DIR", "").startswith(marker):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def databases(self) -> list[str]:
+        registry = e2e_infra.make_registry(self.config)
+        ports = e2e_infra.PortAllocator.from_config(self.config, registry)
+        cluster = e2e_infra.LocalCluster(self.config, registry, ports)
+        if not cluster.status().running:
+            return []
+        with psycopg.connect(cluster.admin_conninfo().conninfo(), autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT datname FROM pg_database WHERE NOT datistemplate AND datname LIKE %s",
+                (self.config.database.name_base + "\\_%",),
+            ).fetchall()
+        return [row[0] for row in rows if "_tpl_" not in row[0]]
+
+    def assert_none(self) -> None:
+        assert self.leases() == []
+        assert self.processes() == []
+        assert self.databases() == []
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("e2e")
+    config_path = write_config(
+        folder,
+        extra_servers={
+            "never_healthy": {
+                "command": '{python} -c \'import time; print("starting up", flush=True); '
+                "time.sleep(60)'",
+                "port": "backend",
+                "health": "http://127.0.0.1:{port}/health",
+                "startup_timeout": 2,
+                "stop_timeout": 2,
+            }
+        },
+        extra_projects={
+            "failing": {"command": "{python} -c 'import sys; sys.exit(3)'", "servers": ["backend"]},
+            "slow": {
+                "command": "{python} -c 'import time; time.sleep(120)'",
+                "servers": ["backend", "frontend"],
+            },
+            "unhealthy": {
+                "command": "{python} -c 'pass'",
+                "database": False,
+                "servers": ["never_healthy"],
+            },
+        },
+    )
+    yield config_path
+    config = e2e_infra.load_config(config_path, environ={})
+    registry = e2e_infra.make_registry(config)
+    cluster = e2e_infra.LocalCluster(
+        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
+    )
+    cluster.stop()
+
+
+@pytest.fixture
+def config(workspace: Path) -> e2e_infra.Config:
+    return e2e_infra.load_config(workspace, environ={})
+
+
+def run_json(config: e2e_infra.Config, project: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((config.results_dir / project / "run.json").read_text())
+    return data
+
+
+def test_one_project_passes_through_nox_and_leaves_nothing(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    proc = nox(workspace, "-s", "e2e-auth_tests")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = run_json(config, "auth_tests")
+    assert record["result"] == "passed"
+    assert record["seed"] == "auth_only"
+    assert set(record["phases"]) >= {"ports", "database", "servers", "health", "suite", "teardown"}
+    assert (config.results_dir / "auth_tests" / "junit.xml").is_file()
+    Leftovers(config).assert_none()
+
+
+def test_posargs_reach_the_suite(workspace: Path, config: e2e_infra.Config) -> None:
+    proc = nox(workspace, "-s", "e2e-auth_tests", "--", "-k", "no_test_matches_this_name")
+    # pytest exits 5 when -k deselects everything: the posargs reached it.
+    assert proc.returncode != 0
+    assert run_json(config, "auth_tests")["returncode"] == 5
+    Leftovers(config).assert_none()
+
+
+def test_every_demo_project_passes_in_parallel(workspace: Path, config: e2e_infra.Config) -> None:
+    demo = ["auth_tests", "work_orders", "inventory", "quality", "dashboard", "static_pages"]
+    proc = nox(workspace, "-j", "auto", *[arg for p in demo for arg in ("-s", f"e2e-{p}")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    databases = set()
+    for project in demo:
+        record = run_json(config, project)
+        assert record["result"] == "passed", record
+        if project != "static_pages":
+            databases.add(record["database"])
+    assert len(databases) == 5  # each project had its own database
+    merged = config.results_dir / "junit.xml"
+    assert merged.is_file() and merged.read_text().count("<testsuite ") == len(demo)
+    assert "e2e run summary" in proc.stderr
+    Leftovers(config).assert_none()
+
+
+def test_same_project_twice_at_once_gets_two_databases_and_port_sets(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    argv = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "e2e-work_orders"]
+    procs = [
+        subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=clean_env(workspace),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    records = [
+        json.loads(path.read_text())
+        for path in [
+            config.results_dir / "work_orders" / "run.json",
+            *(config.results_dir / "work_orders").glob("runs/*/run.json"),
+        ]
+    ]
+    latest = sorted(records, key=lambda r: r["started_at"])[-2:]
+    assert latest[0]["database"] != latest[1]["database"]
+    assert set(latest[0]["ports"].values()).isdisjoint(latest[1]["ports"].values())
+    Leftovers(config).assert_none()
+
+
+def test_a_failing_suite_fails_the_run_and_still_releases(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    proc = nox(workspace, "-s", "e2e-failing")
+    assert proc.returncode != 0
+    record = run_json(config, "failing")
+    assert record["result"] == "failed" and record["returncode"] == 3
+    Leftovers(config).assert_none()
+
+
+def test_a_server_that_never_gets_healthy_fails_with_its_log_tail(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    started = time.monotonic()
+    proc = nox(workspace, "-s", "e2e-unhealthy")
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 60
+    record = run_json(config, "unhealthy")
+    assert record["result"] == "error"
+    assert "never_healthy" in record["error"]
+    assert "starting up" in record["log_tail"]
+    Leftovers(config).assert_none()
+
+
+def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "nox",
+        "-f",
+        str(ROOT / "noxfile.py"),
+        "-j",
+        "auto",
+        "-s",
+        "e2e-slow",
+        "-s",
+        "e2e-static_pages",
+        "-s",
+        "e2e-failing",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        env=clean_env(workspace),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    leftovers = Leftovers(config)
+    try:
+        e2e_infra.wait_until(
+            lambda: (
+                any(
+                    lease.kind == "server" and lease.project == "slow"
+                    for lease in leftovers.leases()
+                )
+                and any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes())
+            ),
+            timeout=120,
+            what="the slow project's suite to start",
+        )
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        proc.communicate(timeout=30)
+
+        def released() -> bool:
+            return (
+                not leftovers.leases() and not leftovers.processes() and not (leftovers.databases())
+            )
+
+        e2e_infra.wait_until(released, timeout=10, what="everything to be released")
+        assert time.monotonic() - interrupted < 10
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,131 @@
+"""The migration runners against a real database of the session cluster."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from conftest import PgCluster, make_config, make_registry
+from psycopg import sql
+
+from e2e_infra.conninfo import ConnInfo
+from e2e_infra.databases import DatabaseAllocator
+from e2e_infra.errors import MigrationError
+from e2e_infra.leases import Owner
+from e2e_infra.migrations import CommandRunner, SqlDirectoryRunner
+
+pytestmark = pytest.mark.integration
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "db"
+
+
+@pytest.fixture
+def scratch(pg_cluster: PgCluster) -> Iterator[ConnInfo]:
+    """An empty database on the session cluster (TCP, with password), dropped afterwards."""
+    name = f"m{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield pg_cluster.tcp.with_dbname(name)
+    finally:
+        with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def rows(target: ConnInfo, query: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(target.conninfo()) as conn:
+        return conn.execute(query.encode()).fetchall()
+
+
+def test_sql_files_apply_in_order_once_and_are_recorded_with_checksums(
+    scratch: ConnInfo, tmp_path: Path
+) -> None:
+    folder = tmp_path / "migrations"
+    shutil.copytree(FIXTURES / "migrations", folder)
+    runner = SqlDirectoryRunner(folder)
+    runner.apply(scratch)
+    runner.apply(scratch)  # nothing pending: a no-op, not "table already exists"
+    recorded = rows(scratch, "SELECT name, length(checksum) FROM e2e_infra_migrations ORDER BY 1")
+    assert recorded == [("0001_accounts.sql", 64), ("0002_notes.sql", 64)]
+    (folder / "0003_tags.sql").write_text("CREATE TABLE tags (name text PRIMARY KEY);")
+    runner.apply(scratch)
+    assert rows(scratch, "SELECT count(*) FROM tags") == [(0,)]
+
+
+def test_an_edited_applied_file_is_an_error_naming_it(scratch: ConnInfo, tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    shutil.copytree(FIXTURES / "migrations", folder)
+    SqlDirectoryRunner(folder).apply(scratch)
+    with (folder / "0001_accounts.sql").open("a") as handle:
+        handle.write("\n-- sneaky edit\n")
+    with pytest.raises(MigrationError, match=r"0001_accounts\.sql was edited after it was applied"):
+        SqlDirectoryRunner(folder).apply(scratch)
+
+
+def test_a_failing_file_is_rolled_back_alone_and_named_with_the_server_message(
+    scratch: ConnInfo, tmp_path: Path
+) -> None:
+    folder = tmp_path / "migrations"
+    shutil.copytree(FIXTURES / "migrations", folder)
+    (folder / "0003_bad.sql").write_text(
+        "CREATE TABLE half (id int);\nINSERT INTO no_such_table VALUES (1);\n"
+    )
+    with pytest.raises(MigrationError) as info:
+        SqlDirectoryRunner(folder).apply(scratch)
+    assert info.value.file.endswith("0003_bad.sql")
+    assert 'relation "no_such_table" does not exist' in str(info.value)
+    assert scratch.password is not None and scratch.password not in str(info.value)
+    names = rows(scratch, "SELECT name FROM e2e_infra_migrations ORDER BY 1")
+    assert names == [("0001_accounts.sql",), ("0002_notes.sql",)]
+    assert rows(scratch, "SELECT to_regclass('half') IS NULL") == [(True,)]
+
+
+def test_a_migrate_command_gets_the_target_as_database_url(
+    scratch: ConnInfo, tmp_path: Path
+) -> None:
+    (tmp_path / "migrate.py").write_text(
+        "import os, psycopg\n"
+        "with psycopg.connect(os.environ['DATABASE_URL']) as conn:\n"
+        "    conn.execute('CREATE TABLE from_command (id int)')\n"
+    )
+    runner = CommandRunner("{python} migrate.py", cwd=tmp_path)
+    assert [name for name, _ in runner.inputs()] == ["command", "migrate.py"]
+    runner.apply(scratch)
+    assert rows(scratch, "SELECT count(*) FROM from_command") == [(0,)]
+
+
+def test_db_migrate_and_seed_apply_to_the_projects_live_database(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    folder = tmp_path / "migrations"
+    shutil.copytree(FIXTURES / "migrations", folder)
+    base = f"t{uuid.uuid4().hex[:10]}"
+    config = make_config(
+        tmp_path, name_base=base, migrations_dir=folder, seeds_dir=FIXTURES / "seeds"
+    )
+    allocator = DatabaseAllocator(
+        config, make_registry(config), pg_cluster.admin, client=pg_cluster.tcp
+    )
+    got = allocator.allocate("quality", Owner.current(), seed="empty")
+    try:
+        assert rows(got.url, "SELECT count(*) FROM accounts") == [(0,)]
+        (folder / "0003_tags.sql").write_text("CREATE TABLE tags (name text PRIMARY KEY);")
+        allocator.migrate("quality")
+        assert rows(got.url, "SELECT count(*) FROM tags") == [(0,)]
+        allocator.seed("quality", "default")
+        assert rows(got.url, "SELECT count(*) FROM accounts") == [(3,)]
+        allocator.seed("quality", "default")  # recorded: not applied twice
+        assert rows(got.url, "SELECT count(*) FROM accounts") == [(3,)]
+    finally:
+        allocator.release_all()
+        with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as conn:
+            for (name,) in conn.execute(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (base,)
+            ).fetchall():
+                ident = sql.Identifier(name)
+                conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(ident))
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident))

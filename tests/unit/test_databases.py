@@ -1,0 +1,260 @@
+"""Unit tests of e2e_infra.databases that need no server: names, fingerprints, markers,
+name reservation, the database cap and the sweep decisions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from e2e_infra.config import Config, DatabaseConfig
+from e2e_infra.conninfo import ConnInfo
+from e2e_infra.databases import (
+    DatabaseAllocator,
+    _Marked,
+    database_name,
+    fingerprint,
+    parse_marker,
+    template_name,
+    validate_dbname,
+)
+from e2e_infra.errors import DatabaseLimitError, InvalidNameError, UsageError
+from e2e_infra.leases import Lease, Owner, Registry
+from e2e_infra.migrations import CommandRunner, SqlDirectoryRunner
+from e2e_infra.testing import FakeClock
+
+# Nothing listens here (our team's range): any accidental connection fails instead of hanging.
+NOWHERE = ConnInfo(host="127.0.0.1", port=15599, user="postgres", password="pw")
+
+
+class FakeRunner:
+    description = "fake"
+
+    def __init__(self, *items: tuple[str, bytes]) -> None:
+        self.items = list(items)
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return self.items
+
+    def apply(self, target: ConnInfo) -> None:  # pragma: no cover - never applied here
+        raise AssertionError("not expected")
+
+
+def dead_owner() -> Owner:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    owner = Owner.of_pid(proc.pid, run_id="dead-run")
+    proc.wait()
+    return owner
+
+
+def make_allocator(
+    tmp_path: Path, clock: FakeClock | None = None, **database: object
+) -> DatabaseAllocator:
+    config = Config(
+        root=tmp_path,
+        source=None,
+        state_dir=tmp_path / "state",
+        results_dir=tmp_path / "results",
+        database=DatabaseConfig(**database),  # type: ignore[arg-type]
+    )
+    return DatabaseAllocator(config, Registry(config.state_dir), NOWHERE, clock=clock)
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "Upper", "1abc", "a-b", 'x"; DROP DATABASE y; --', "a" * 64, "é"]
+)
+def test_database_names_outside_the_safe_pattern_are_rejected(bad: str) -> None:
+    with pytest.raises(InvalidNameError):
+        validate_dbname(bad)
+
+
+@given(
+    base=st.from_regex(r"[a-z][a-z0-9_]{0,19}", fullmatch=True),
+    seed=st.from_regex(r"[a-z][a-z0-9_]{0,39}", fullmatch=True),
+    project=st.from_regex(r"[a-z][a-z0-9_]{0,39}", fullmatch=True),
+)
+def test_generated_names_always_fit_63_bytes_and_keep_the_fingerprint(
+    base: str, seed: str, project: str
+) -> None:
+    fp = "ab12" * 16
+    tpl = template_name(base, seed, fp)
+    assert len(tpl) <= 63 and tpl.endswith("_" + fp[:12]) and tpl.startswith(f"{base}_tpl_")
+    plain = database_name(base, project)
+    suffixed = database_name(base, project, "c0ffee")
+    assert plain == f"{base}_{project}"
+    assert len(suffixed) <= 63 and suffixed.endswith("_c0ffee") and suffixed != plain
+
+
+# --- fingerprint ----------------------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_and_changes_with_everything_that_shapes_the_data() -> None:
+    mig = FakeRunner(("0001.sql", b"CREATE TABLE a ()"), ("0002.sql", b"CREATE TABLE b ()"))
+    seed = FakeRunner(("seed:default/0001.sql", b"INSERT ..."))
+    base = fingerprint(mig, seed, "default", 15)
+    assert base == fingerprint(mig, seed, "default", 15)
+    assert len(base) == 64
+    variants = [
+        fingerprint(
+            FakeRunner(("0001.sql", b"CREATE TABLE a (x int)"), mig.items[1]), seed, "default", 15
+        ),
+        fingerprint(FakeRunner(("0001b.sql", mig.items[0][1]), mig.items[1]), seed, "default", 15),
+        fingerprint(FakeRunner(mig.items[0]), seed, "default", 15),
+        fingerprint(mig, FakeRunner(), "default", 15),
+        fingerprint(mig, seed, "auth_only", 15),
+        fingerprint(mig, seed, "default", 16),
+        # Same bytes moved between migrations and seeds must not collide.
+        fingerprint(FakeRunner(*mig.items, *seed.items), FakeRunner(), "default", 15),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_fingerprint_covers_the_kind_of_runner_not_only_its_files(tmp_path: Path) -> None:
+    (tmp_path / "0001.sql").write_text("CREATE TABLE a ()")
+    sql_runner = SqlDirectoryRunner(tmp_path)
+    command = CommandRunner("x", cwd=tmp_path)
+    command.inputs = sql_runner.inputs  # type: ignore[method-assign]  # same files, other code
+    seed = FakeRunner()
+    assert fingerprint(sql_runner, seed, "d", 15) != fingerprint(command, seed, "d", 15)
+
+
+# --- markers --------------------------------------------------------------------------------------
+
+
+def test_only_e2e_infra_markers_are_recognised() -> None:
+    assert parse_marker('e2e-infra {"tool": "e2e-infra", "kind": "database"}') == {
+        "tool": "e2e-infra",
+        "kind": "database",
+    }
+    assert parse_marker(None) is None
+    assert parse_marker("production database, do not touch") is None
+    assert parse_marker("e2e-infra not json") is None
+    assert parse_marker('e2e-infra {"tool": "someone-else"}') is None
+    assert parse_marker('e2e-infra ["tool"]') is None
+
+
+# --- strategy -------------------------------------------------------------------------------------
+
+
+def test_auto_clone_strategy_follows_fsync_and_explicit_choice_wins(tmp_path: Path) -> None:
+    auto = make_allocator(tmp_path)
+    assert auto._strategy("off", 15) == "FILE_COPY"
+    assert auto._strategy("on", 15) == "WAL_LOG"
+    assert auto._strategy("off", 14) is None  # no STRATEGY clause before 15
+    forced = make_allocator(tmp_path, clone_strategy="wal_log")
+    assert forced._strategy("off", 15) == "WAL_LOG"
+
+
+# --- reservation and the cap ----------------------------------------------------------------------
+
+
+def test_second_live_lease_of_a_project_gets_a_suffixed_name(tmp_path: Path) -> None:
+    allocator = make_allocator(tmp_path)
+    me = Owner.current(run_id="run-a")
+    first = allocator._reserve("auth_tests", me, "tpl", "default", marked=0)
+    second = allocator._reserve("auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=1)
+    assert first.resource == "e2e_db_auth_tests"
+    assert second.resource.startswith("e2e_db_auth_tests_") and second.resource != first.resource
+    third = allocator._reserve("auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=2)
+    assert third.resource not in {first.resource, second.resource}
+
+
+def test_a_dead_owners_lease_gives_its_name_back(tmp_path: Path) -> None:
+    allocator = make_allocator(tmp_path)
+    stale = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
+    fresh = allocator._reserve("auth_tests", Owner.current(), "tpl", "default", marked=1)
+    assert fresh.resource == stale.resource == "e2e_db_auth_tests"
+    leases = allocator.registry.snapshot()
+    assert [lease.id for lease in leases] == [fresh.id]
+
+
+def test_a_kept_database_keeps_its_name_until_it_expires(tmp_path: Path) -> None:
+    clock = FakeClock()
+    allocator = make_allocator(tmp_path, clock=clock)
+    kept = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
+    with allocator.registry.transaction() as txn:
+        txn.update(kept.with_data(keep_until=clock.time() + 60))
+    during = allocator._reserve("auth_tests", Owner.current(run_id="r1"), "t", "d", marked=1)
+    assert during.resource != kept.resource
+    clock.advance(61)
+    after = allocator._reserve("auth_tests", Owner.current(run_id="r2"), "t", "d", marked=2)
+    assert after.resource == kept.resource
+
+
+def test_the_cap_on_live_databases_is_a_clear_error(tmp_path: Path) -> None:
+    allocator = make_allocator(tmp_path, max_databases=2)
+    allocator._reserve("one", Owner.current(), "tpl", "default", marked=0)
+    with pytest.raises(DatabaseLimitError, match=r"max_databases = 2.*db.cleanup") as info:
+        allocator._reserve("two", Owner.current(), "tpl", "default", marked=2)  # server count
+    assert info.value.limit == 2
+    allocator._reserve("two", Owner.current(), "tpl", "default", marked=1)
+    with pytest.raises(DatabaseLimitError):
+        allocator._reserve("three", Owner.current(), "tpl", "default", marked=0)  # leases count
+
+
+# --- release without a server ---------------------------------------------------------------------
+
+
+def test_release_needs_a_selector(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        make_allocator(tmp_path).release()
+
+
+def test_release_of_nothing_is_a_no_op_that_needs_no_server(tmp_path: Path) -> None:
+    allocator = make_allocator(tmp_path)
+    assert allocator.release("auth_tests") == []
+    assert allocator.release(run_id="nope") == []
+    assert allocator.release_all() == []
+
+
+def test_release_rejects_a_malformed_name_before_anything_else(tmp_path: Path) -> None:
+    with pytest.raises(InvalidNameError):
+        make_allocator(tmp_path).release(name="x; DROP DATABASE postgres")
+
+
+# --- what cleanup may drop ------------------------------------------------------------------------
+
+
+def marked(kind: str, owner: Owner, lease_id: str = "nolease", **extra: object) -> _Marked:
+    marker = {
+        "tool": "e2e-infra",
+        "base": "e2e_db",
+        "kind": kind,
+        "lease": lease_id,
+        "host": owner.host,
+        "pid": owner.pid,
+        "start": owner.start_time,
+        **extra,
+    }
+    return _Marked("e2e_db_x", marker, is_template=False)
+
+
+def test_sweep_drops_only_on_proof_of_death_or_expiry(tmp_path: Path) -> None:
+    clock = FakeClock()
+    allocator = make_allocator(tmp_path, clock=clock)
+    alive, dead = Owner.current(), dead_owner()
+    now = clock.time()
+    live_lease = Lease(kind="database", resource="e2e_db_x", project="x", owner=alive)
+    stale_lease = replace(live_lease, owner=dead)
+    other_host = replace(dead, host="elsewhere")
+    with allocator.registry.transaction() as txn:
+        why = allocator._why_drop
+        assert why(txn, marked("database", alive, live_lease.id), live_lease, now) is None
+        assert "stale" in (why(txn, marked("database", dead), stale_lease, now) or "")
+        assert "no lease" in (why(txn, marked("database", dead), None, now) or "")
+        assert why(txn, marked("database", alive), None, now) is None  # another state folder
+        assert why(txn, marked("database", other_host), None, now) is None  # cannot prove
+        kept = marked("kept", dead, keep_until=now + 10)
+        assert why(txn, kept, None, now) is None
+        assert "expired" in (why(txn, kept, None, now + 11) or "")
+        assert "builder is gone" in (why(txn, marked("building", dead), None, now) or "")
+        assert why(txn, marked("building", alive), None, now) is None
+        assert why(txn, marked("template", dead), None, now) is None  # pruned by age instead

@@ -1,0 +1,149 @@
+"""Unit tests of e2e_infra.migrations: runner inputs, commands, seed profiles. No database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+from e2e_infra.config import Config, DatabaseConfig
+from e2e_infra.conninfo import ConnInfo
+from e2e_infra.errors import (
+    ConfigError,
+    InvalidNameError,
+    MigrationError,
+    SeedProfileNotFoundError,
+)
+from e2e_infra.migrations import (
+    CommandRunner,
+    SqlDirectoryRunner,
+    migration_runner,
+    seed_profiles,
+    seed_runner,
+)
+
+SECRET = "s3cr3t-pw"
+TARGET = ConnInfo(host="127.0.0.1", port=15599, user="app", dbname="e2e_db_x", password=SECRET)
+
+
+def make_config(tmp_path: Path, **database: object) -> Config:
+    return Config(
+        root=tmp_path,
+        source=None,
+        state_dir=tmp_path / "state",
+        results_dir=tmp_path / "results",
+        database=DatabaseConfig(**database),  # type: ignore[arg-type]
+    )
+
+
+def test_sql_directory_inputs_are_sql_files_in_name_order(tmp_path: Path) -> None:
+    (tmp_path / "0002_b.sql").write_text("B")
+    (tmp_path / "0001_a.sql").write_text("A")
+    (tmp_path / "notes.txt").write_text("not a migration")
+    (tmp_path / "0003_dir.sql").mkdir()
+    runner = SqlDirectoryRunner(tmp_path, record_prefix="seed:x/")
+    assert runner.inputs() == [("seed:x/0001_a.sql", b"A"), ("seed:x/0002_b.sql", b"B")]
+
+
+def test_sql_directory_that_does_not_exist_names_the_folder_and_the_key(tmp_path: Path) -> None:
+    runner = SqlDirectoryRunner(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"missing does not exist.*migrations_dir"):
+        runner.inputs()
+
+
+def test_command_inputs_hash_the_command_the_files_it_names_and_the_globs(tmp_path: Path) -> None:
+    (tmp_path / "migrate.py").write_text("print('hi')")
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "versions" / "a1.py").write_text("rev a1")
+    (tmp_path / "versions" / "b2.py").write_text("rev b2")
+    runner = CommandRunner(
+        "{python} migrate.py --all", cwd=tmp_path, input_globs=("versions/*.py",)
+    )
+    assert runner.inputs() == [
+        ("command", b"{python} migrate.py --all"),
+        ("migrate.py", b"print('hi')"),
+        ("versions/a1.py", b"rev a1"),
+        ("versions/b2.py", b"rev b2"),
+    ]
+
+
+def test_command_gets_database_url_of_the_target_and_runs_in_cwd(tmp_path: Path) -> None:
+    script = "import os, pathlib; pathlib.Path('seen').write_text(os.environ['DATABASE_URL'])"
+    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path)
+    runner.apply(TARGET)
+    assert (tmp_path / "seen").read_text() == TARGET.url
+
+
+def test_failing_command_names_the_command_and_masks_the_password(tmp_path: Path) -> None:
+    script = "import os, sys; print('cannot use', os.environ['DATABASE_URL']); sys.exit(3)"
+    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path)
+    with pytest.raises(MigrationError) as info:
+        runner.apply(TARGET)
+    message = str(info.value)
+    assert "exit code 3" in message
+    assert "cannot use postgresql://app:***@127.0.0.1:15599/e2e_db_x" in message
+    assert SECRET not in message
+    assert info.value.file.startswith("{python} -c")
+
+
+def test_command_that_overruns_its_timeout_is_killed_with_its_children(tmp_path: Path) -> None:
+    # The command starts a grandchild and both sleep: the whole process group must be stopped.
+    script = (
+        "import subprocess, sys, time, pathlib; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "pathlib.Path('child.pid').write_text(str(p.pid)); time.sleep(60)"
+    )
+    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, timeout=1.0)
+    with pytest.raises(MigrationError, match=r"did not finish within 1s"):
+        runner.apply(TARGET)
+    grandchild = psutil.Process(int((tmp_path / "child.pid").read_text()))
+    # It was SIGKILLed; once init reaps it, it is gone (a zombie until then).
+    psutil.wait_procs([grandchild], timeout=5)
+    assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+
+
+def test_missing_command_is_a_migration_error_naming_it(tmp_path: Path) -> None:
+    runner = CommandRunner("no-such-migrator-xyz up", cwd=tmp_path)
+    with pytest.raises(MigrationError, match="no-such-migrator-xyz up"):
+        runner.apply(TARGET)
+
+
+def test_migration_runner_prefers_the_command_and_needs_one_of_them(tmp_path: Path) -> None:
+    both = make_config(tmp_path, migrations_dir=tmp_path, migrate_command="alembic upgrade head")
+    assert isinstance(migration_runner(both), CommandRunner)
+    only_dir = make_config(tmp_path, migrations_dir=tmp_path)
+    assert isinstance(migration_runner(only_dir), SqlDirectoryRunner)
+    with pytest.raises(ConfigError, match=r"migrations_dir or database\.migrate_command"):
+        migration_runner(make_config(tmp_path))
+
+
+def test_seed_profiles_are_folders_and_commands(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds"
+    for name in ("default", "auth_only", "Not-Valid"):
+        (seeds / name).mkdir(parents=True)
+    (seeds / "stray.sql").write_text("")
+    config = make_config(tmp_path, seeds_dir=seeds, seed_commands={"big": "{python} big.py"})
+    assert seed_profiles(config) == ["auth_only", "big", "default"]
+    assert isinstance(seed_runner(config, "big"), CommandRunner)
+    runner = seed_runner(config, "auth_only")
+    assert isinstance(runner, SqlDirectoryRunner)
+    assert runner.record_prefix == "seed:auth_only/"
+
+
+def test_missing_seed_profile_names_the_available_ones(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds"
+    (seeds / "default").mkdir(parents=True)
+    (seeds / "auth_only").mkdir()
+    config = make_config(tmp_path, seeds_dir=seeds)
+    with pytest.raises(SeedProfileNotFoundError) as info:
+        seed_runner(config, "nightly")
+    assert info.value.available == ["auth_only", "default"]
+    assert "available: auth_only, default" in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_seed_profile_name_is_validated_before_touching_the_filesystem(tmp_path: Path) -> None:
+    config = make_config(tmp_path, seeds_dir=tmp_path)
+    with pytest.raises(InvalidNameError):
+        seed_runner(config, "../etc")
