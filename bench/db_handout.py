@@ -127,9 +127,9 @@ def run(
 
         holder: list[str] = []
         alloc.append(
-            timed(lambda: holder.append(allocator.allocate("bench", owner, seed=SEED).name))
+            timed(lambda h=holder: h.append(allocator.allocate("bench", owner, seed=SEED).name))
         )
-        release.append(timed(lambda: allocator.release(name=holder[0])))
+        release.append(timed(lambda h=holder: allocator.release(name=h[0])))
 
         scratch = f"bench_fresh_{i}"
 

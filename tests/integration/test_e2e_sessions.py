@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
+from conftest import running_cluster
 
 import e2e_infra
 
@@ -169,13 +170,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             },
         },
     )
-    yield config_path
     config = e2e_infra.load_config(config_path, environ={})
-    registry = e2e_infra.make_registry(config)
-    cluster = e2e_infra.LocalCluster(
-        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
-    )
-    cluster.stop()
+    # Started here once for the module; stopped and its folders removed at the end.
+    with running_cluster(config):
+        yield config_path
 
 
 @pytest.fixture
@@ -211,7 +209,7 @@ def test_posargs_reach_the_suite(workspace: Path, config: e2e_infra.Config) -> N
 
 def test_every_demo_project_passes_in_parallel(workspace: Path, config: e2e_infra.Config) -> None:
     demo = ["auth_tests", "work_orders", "inventory", "quality", "dashboard", "static_pages"]
-    proc = nox(workspace, "-j", "auto", *[arg for p in demo for arg in ("-s", f"e2e-{p}")])
+    proc = nox(workspace, "-j", "auto", "-s", *[f"e2e-{p}" for p in demo])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     databases = set()
     for project in demo:
@@ -293,9 +291,7 @@ def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
         "auto",
         "-s",
         "e2e-slow",
-        "-s",
         "e2e-static_pages",
-        "-s",
         "e2e-failing",
     ]
     proc = subprocess.Popen(
