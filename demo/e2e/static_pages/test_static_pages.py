@@ -14,7 +14,9 @@ PAGES = {
 
 def test_project_has_no_database():
     # e2e-infra runs this project with `database = false`: it gets no DATABASE_URL.
-    assert "DATABASE_URL" not in os.environ
+    assert "DATABASE_URL" not in os.environ, (
+        "static_pages is configured with database = false, yet DATABASE_URL is set"
+    )
 
 
 @pytest.mark.parametrize("path", sorted(PAGES))
