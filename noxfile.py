@@ -44,7 +44,10 @@ CONFIG = _load()
 def _e2e_session(project: str) -> None:
     def session_func(session: nox.Session) -> None:
         assert CONFIG is not None
-        result = e2e_infra.run_project(CONFIG, project, session.posargs)
+        # status.json at each phase: `invoke e2e.all` shows it live while nox -j runs.
+        status = e2e_infra.StatusWriter(CONFIG)
+        result = e2e_infra.run_project(CONFIG, project, session.posargs, on_phase=status)
+        status.finish(project, result.result)
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items())
         session.log(f"{project}: {result.result} in {result.duration:.2f}s ({phases})")
         if result.log_tail:
@@ -86,6 +89,8 @@ def _summary_at_exit() -> None:
     runs = e2e_infra.collect_runs(CONFIG, since=STARTED)
     if runs:
         e2e_infra.print_summary(CONFIG, runs)
+        report = e2e_infra.write_html_report(CONFIG, runs)
+        print(f"report: {report}", file=sys.stderr)
 
 
 # The main nox process prints the summary; parallel workers (each runs one session) do not.

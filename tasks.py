@@ -17,13 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 import e2e_infra
 
@@ -134,6 +132,11 @@ def _age(seconds: float) -> str:
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    # rich is imported where it prints, not with the module: `invoke --list` does not need it.
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(*columns, box=box.SIMPLE_HEAD)
     for row in rows:
         table.add_row(*row)
@@ -548,7 +551,57 @@ db = Collection(
 
 def _nox_argv(config: e2e_infra.Config, *extra: str) -> list[str]:
     noxfile = config.root / "noxfile.py"
+    if not noxfile.is_file():  # a config outside this checkout (E2E_CONFIG): our own noxfile
+        noxfile = Path(__file__).resolve().parent / "noxfile.py"
     return [sys.executable, "-m", "nox", "-f", str(noxfile), *extra]
+
+
+def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> int:
+    """Run ``projects`` in parallel through nox with a live status; summary, JUnit, report.html.
+
+    The status line per project comes from the ``status.json`` files the nox sessions write. On a
+    terminal (and CI unset) nox's own output goes to ``<results>/nox.log`` so the live table stays
+    readable; elsewhere it passes through, between plain status lines.
+    """
+    if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
+        raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
+    started = time.time()
+    argv = _nox_argv(config, "-j", jobs, "-s", *(f"e2e-{p}" for p in projects))
+    env = {**os.environ, "E2E_SUMMARY": "0"}
+    live = e2e_infra.use_live_display(sys.stderr)
+    log_path = config.results_dir / "nox.log"
+    if live:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                argv, cwd=config.root, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+    else:
+        proc = subprocess.Popen(argv, cwd=config.root, env=env)
+    try:
+        e2e_infra.follow_run(
+            config, projects, started, lambda: proc.poll() is not None, live=live, file=sys.stderr
+        )
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached nox too: let it release everything before we exit.
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=10)
+        raise
+    code = proc.wait()
+    runs = e2e_infra.collect_runs(config, since=started)
+    e2e_infra.print_summary(config, runs)
+    report = e2e_infra.write_html_report(config, runs)
+    print(f"report: {report}", file=sys.stderr)
+    if live and code != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        print(
+            "\n".join(["last lines of nox's output:", *tail, f"(all of it: {log_path})"]),
+            file=sys.stderr,
+        )
+    return code
 
 
 @task(
@@ -576,26 +629,26 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
     help={
         "jobs": "how many projects at once: a number or auto (one per core); default auto",
         "projects": "comma-separated projects to run instead of all",
+        "shard": "run only shard i of N (e.g. 2/3), projects spread by their last durations "
+        "(see e2e.matrix)",
     },
 )
 @cli
-def e2e_all(c: Context, jobs: str = "auto", projects: str = "") -> None:
-    """Run every E2E project in parallel through nox (-j), then print one summary table."""
+def e2e_all(c: Context, jobs: str = "auto", projects: str = "", shard: str = "") -> None:
+    """Run every E2E project in parallel through nox (-j), with a live status; then a summary."""
     config = load()
-    if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
-        raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
     selected = [p.strip() for p in projects.split(",") if p.strip()]
     for name in selected:
         config.project(name)
-    started = time.time()
-    if selected:
-        argv = _nox_argv(config, "-j", jobs, "-s", *(f"e2e-{p}" for p in selected))
-    else:
-        argv = _nox_argv(config, "-j", jobs, "-t", "e2e")
-    env = {**os.environ, "E2E_SUMMARY": "0"}
-    code = subprocess.call(argv, cwd=config.root, env=env)
-    runs = e2e_infra.collect_runs(config, since=started)
-    e2e_infra.print_summary(config, runs)
+    chosen = selected or list(config.projects)
+    if shard:
+        index, total = e2e_infra.parse_shard(shard)
+        chosen = list(e2e_infra.shard_projects(config, index, total, chosen))
+        print(f"shard {index}/{total}: {', '.join(chosen) or 'no projects'}", file=sys.stderr)
+    if not chosen:
+        print("no projects to run", file=sys.stderr)
+        return
+    code = _run_projects(config, chosen, jobs)
     if code != 0:
         raise Exit(f"error: nox exited with {code}", code=code)
 
@@ -665,11 +718,183 @@ def e2e_cleanup(c: Context, json_: bool = False) -> None:
         raise Exit(code=1)
 
 
-e2e = Collection("e2e", e2e_run, e2e_all, e2e_list, e2e_cleanup)
+@task(
+    name="affected",
+    help={
+        "base": "compare from this revision (default: the merge-base of --head with the "
+        "remote's default branch; none: every project)",
+        "head": "compare up to this revision (default HEAD)",
+        "json": "print the affected projects and why as one JSON document; run nothing",
+        "dry-run": "show the affected projects and why; run nothing",
+        "jobs": "how many projects at once: a number or auto; default auto",
+        "pre-push": "read git's pre-push lines ('<local ref> <sha> <remote ref> <sha>') on stdin",
+        "remote": "the remote pushed to (its default branch is the base of a new branch)",
+    },
+)
+@cli
+def e2e_affected(
+    c: Context,
+    base: str = "",
+    head: str = "",
+    json_: bool = False,
+    dry_run: bool = False,
+    jobs: str = "auto",
+    pre_push: bool = False,
+    remote: str = "origin",
+) -> None:
+    """Run the projects a change affects: their paths changed, or migrations/seeds, or the tool."""
+    config = load()
+    repo = config.root
+    remote = remote or "origin"
+    if pre_push:
+        if base or head:
+            raise e2e_infra.UsageError(
+                "--pre-push reads the revisions on stdin: drop --base/--head"
+            )
+        refs = e2e_infra.parse_pre_push(sys.stdin.read())
+        ranges, everything = e2e_infra.push_ranges(repo, refs, remote)
+        if not ranges:
+            print("e2e-infra: this push sends no commits (deleted refs only)", file=sys.stderr)
+            return
+    else:
+        head = head or "HEAD"
+        start = base or e2e_infra.default_branch_base(repo, head, remote)
+        ranges, everything = [(start, head)], None
+    found = e2e_infra.affected_by_ranges(config, repo, ranges, everything)
+    if json_:
+        emit_json(found.to_json())
+        return
+    out = sys.stderr if not dry_run else sys.stdout
+    if not found.projects:
+        print(f"e2e-infra: no project affected ({len(found.changed)} file(s) changed)", file=out)
+        return
+    print(f"e2e-infra: {len(found.projects)} project(s) affected:", file=out)
+    for name in found.projects:
+        reasons = found.reasons.get(name, ())
+        shown = ", ".join(reasons[:3]) + (
+            f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
+        )
+        print(f"  {name}: {shown}", file=out)
+    if dry_run:
+        return
+    code = _run_projects(config, list(found.projects), jobs)
+    if code != 0:
+        hint = " (push aborted; E2E_SKIP=1 git push to skip)" if pre_push else ""
+        raise Exit(f"error: affected E2E projects failed{hint}", code=code)
+
+
+@task(
+    name="matrix",
+    help={
+        "shards": "how many CI jobs to spread the projects over (default 2)",
+        "json": 'print the GitHub Actions matrix {"include": [...]} as one JSON document',
+    },
+)
+@cli
+def e2e_matrix(c: Context, shards: int = 2, json_: bool = False) -> None:
+    """Spread the projects over N CI shards by their last durations (longest first)."""
+    config = load()
+    names = list(config.projects)
+    durations = e2e_infra.last_durations(config, names)
+    plan = e2e_infra.plan_shards(names, durations, shards)
+    if json_:
+        emit_json({"include": [shard.to_json() for shard in plan]})
+        return
+    unknown = [name for name in names if name not in durations]
+    _print_table(
+        f"{len(names)} project(s) over {shards} shard(s) "
+        f"(run each with: invoke e2e.all --shard i/{shards})",
+        ["shard", "projects", "estimate"],
+        [[s.label, ", ".join(s.projects) or "-", f"{s.estimate:.1f}s"] for s in plan],
+    )
+    if unknown:
+        print(f"no recorded duration yet (median assumed): {', '.join(unknown)}")
+
+
+@task(name="doctor", help={"json": "print one JSON document on stdout"})
+@cli
+def e2e_doctor(c: Context, json_: bool = False) -> None:
+    """Check binaries, PostgreSQL, ports, registry, stale leases, free ports: what to fix."""
+    try:
+        config = load()
+    except e2e_infra.ConfigError as exc:
+        report = e2e_infra.DoctorReport(
+            (e2e_infra.Check("config", "fail", exc.one_line(), "fix the configuration"),)
+        )
+    else:
+        report = e2e_infra.run_doctor(config)
+    if json_:
+        emit_json(report.to_json())
+    else:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+
+        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+        table = Table("", "check", "detail", "fix", box=box.SIMPLE_HEAD)
+        for check in report.checks:
+            table.add_row(
+                marks.get(check.status, check.status), check.name, check.detail, check.fix
+            )
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        console.print(table)
+        verdict = (
+            f"{len(report.failures)} problem(s) to fix"
+            if report.failures
+            else f"ready ({len(report.warnings)} warning(s))"
+        )
+        console.print(verdict, markup=False)
+    if report.exit_code:
+        raise Exit(code=report.exit_code)
+
+
+e2e = Collection(
+    "e2e", e2e_run, e2e_all, e2e_list, e2e_cleanup, e2e_affected, e2e_matrix, e2e_doctor
+)
 
 # --- hooks ----------------------------------------------------------------------------------------
 
-hooks = Collection("hooks")
+
+@task(
+    name="install",
+    help={
+        "force": "replace a pre-push hook e2e-infra did not write (it is kept and restored by "
+        "hooks.uninstall)",
+        "repo": "the git repository to install into (default: the current one)",
+    },
+)
+@cli
+def hooks_install(c: Context, force: bool = False, repo: str = "") -> None:
+    """Install the git pre-push hook: it runs `invoke e2e.affected` for the pushed commits."""
+    where = Path(repo or ".").resolve()
+    top = e2e_infra.git_toplevel(where)
+    config = e2e_infra.find_config_file(start=top)
+    change = e2e_infra.install_pre_push_hook(
+        top,
+        python=sys.executable,
+        tasks_dir=Path(__file__).resolve().parent,
+        config=config,
+        force=force,
+    )
+    if change.backup is not None:
+        print(f"kept the previous hook as {change.backup}")
+    print(f"installed {change.path} (config {config}); skip once with E2E_SKIP=1 git push")
+
+
+@task(name="uninstall", help={"repo": "the git repository (default: the current one)"})
+@cli
+def hooks_uninstall(c: Context, repo: str = "") -> None:
+    """Remove the pre-push hook if e2e-infra wrote it (restoring the one it replaced)."""
+    change = e2e_infra.uninstall_pre_push_hook(Path(repo or ".").resolve())
+    if change is None:
+        print("no pre-push hook installed")
+    elif change.backup is not None:
+        print(f"removed the e2e-infra pre-push hook; restored the previous one at {change.path}")
+    else:
+        print(f"removed {change.path}")
+
+
+hooks = Collection("hooks", hooks_install, hooks_uninstall)
 
 # --- the tree -------------------------------------------------------------------------------------
 

@@ -1,0 +1,250 @@
+"""``test-results/report.html`` after real parallel runs, read back with an HTML parser.
+
+Three trivial projects (one fails, each writes a JUnit file) run through ``invoke e2e.all`` (not a
+terminal: plain status lines) and through ``nox -j auto -t e2e`` directly (its exit hook writes the
+page). The page must have one row per project with its result, a timeline of its phases, links
+that resolve to its files, and nothing loaded from the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import subprocess
+import sys
+import textwrap
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import clean_environ
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT_RANGE = "19200-19299"
+PROJECTS = {"alpha": 0, "beta": 0, "gamma": 3}  # name -> exit code of its suite
+
+SUITE = """\
+import sys, time
+name, code, junit = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+time.sleep(0.3)
+with open(junit, "w") as out:
+    out.write(f'<testsuite name="{name}" tests="1" failures="{int(code != 0)}">'
+              f'<testcase name="t"/></testsuite>')
+sys.exit(code)
+"""
+
+
+def write_config(folder: Path) -> Path:
+    (folder / "suite.py").write_text(SUITE)
+    body = textwrap.dedent(
+        f"""
+        [tool.e2e_infra]
+        state_dir = "{folder / "state"}"
+        results_dir = "{folder / "results"}"
+        port_range = "{PORT_RANGE}"
+        """
+    )
+    for name, code in PROJECTS.items():
+        body += textwrap.dedent(
+            f"""
+            [tool.e2e_infra.projects.{name}]
+            command = "{{python}} suite.py {name} {code} {{results_dir}}/junit.xml"
+            cwd = "{folder}"
+            servers = []
+            database = false
+            """
+        )
+    (folder / "pyproject.toml").write_text(body)
+    return folder / "pyproject.toml"
+
+
+class Page(HTMLParser):
+    """The rows, the phase bars per row, every link and every resource reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, Any]] = []
+        self.refs: list[tuple[str, str, str]] = []  # (tag, attribute, value)
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        self.tags.add(tag)
+        for key in ("href", "src", "srcset", "action", "data"):
+            if key in a:
+                self.refs.append((tag, key, a[key]))
+        if tag == "tr" and "run" in a.get("class", "").split():
+            self.rows.append(
+                {
+                    "project": a["data-project"],
+                    "result": a["data-result"],
+                    "phases": [],
+                    "links": [],
+                }
+            )
+        elif self.rows and tag == "div" and a.get("class") == "phase":
+            self.rows[-1]["phases"].append((a["data-phase"], a["style"]))
+        elif self.rows and tag == "a":
+            self.rows[-1]["links"].append(a["href"])
+
+
+def parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page
+
+
+def check_page(report: Path) -> Page:
+    page = parse(report)
+    assert sorted(row["project"] for row in page.rows) == sorted(PROJECTS)  # one row each
+    results = {row["project"]: row["result"] for row in page.rows}
+    assert results == {"alpha": "passed", "beta": "passed", "gamma": "failed"}
+    for row in page.rows:
+        phases = [name for name, _ in row["phases"]]
+        assert "suite" in phases and "ports" in phases, row
+        for _, style in row["phases"]:
+            assert "left:" in style and "width:" in style
+        names = {Path(href).name for href in row["links"]}
+        assert {"junit.xml", "run.json"} <= names
+        for href in row["links"]:
+            assert not href.startswith(("http:", "https:", "/")), href  # relative, offline
+            assert (report.parent / href).is_file(), href
+    # Self-contained: no script, no stylesheet link, no image or frame, nothing remote.
+    assert not page.tags & {"script", "link", "img", "iframe", "object", "embed"}
+    assert all(tag == "a" for tag, _, _ in page.refs)
+    assert "http://" not in report.read_text() and "https://" not in report.read_text()
+    return page
+
+
+def test_invoke_e2e_all_shows_plain_status_lines_and_writes_the_report(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all"],
+        cwd=tmp_path,
+        env=clean_environ({"E2E_CONFIG": str(config)}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode != 0  # gamma failed
+    report = tmp_path / "results" / "report.html"
+    check_page(report)
+    assert f"report: {report}" in proc.stderr
+    # Not a terminal: one plain line per phase change, ending with each project's result.
+    for name in PROJECTS:
+        assert f"] {name}: suite (" in proc.stderr
+    assert "] alpha: passed in" in proc.stderr and "] gamma: failed in" in proc.stderr
+    status = json.loads((tmp_path / "results" / "gamma" / "status.json").read_text())
+    assert status["done"] is True and status["phase"] == "failed"
+
+
+def test_on_a_terminal_the_status_is_a_live_table_and_nox_output_goes_to_a_log(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all"],
+        cwd=tmp_path,
+        env=clean_environ({"E2E_CONFIG": str(config), "TERM": "xterm"}),
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert proc.wait(timeout=180) != 0
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert "e2e run: 3/3 done" in screen  # the live table's title, redrawn in place
+    # nox's chatter went to the log; only its tail is shown, after the run, as it failed.
+    during, _, after = screen.partition("last lines of nox's output:")
+    assert "Running session e2e-" not in during and "nox.log" in after
+    assert "Running session e2e-alpha" in (tmp_path / "results" / "nox.log").read_text()
+    check_page(tmp_path / "results" / "report.html")
+
+
+def test_nox_in_parallel_writes_the_report_at_exit(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "auto", "-t", "e2e"],
+        cwd=ROOT,
+        env=clean_environ({"E2E_CONFIG": str(config)}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    page = check_page(tmp_path / "results" / "report.html")
+    # One time axis for every project: each row's first bar starts at its own start time.
+    records = {
+        name: json.loads((tmp_path / "results" / name / "run.json").read_text())
+        for name in PROJECTS
+    }
+    t0 = min(r["started_at"] for r in records.values())
+    end = max(
+        r["started_at"] + max(r["duration"], sum(r["phases"].values())) for r in records.values()
+    )
+    for row in page.rows:
+        first_style = row["phases"][0][1]
+        left = float(first_style.split("left:")[1].split("%")[0])
+        expected = 100 * (records[row["project"]]["started_at"] - t0) / (end - t0)
+        assert abs(left - expected) < 0.01, (row["project"], left, expected)
+
+
+def chromium() -> str | None:
+    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+
+
+@pytest.mark.skipif(chromium() is None, reason="optional: chromium is not installed here")
+def test_the_report_renders_in_a_headless_browser(tmp_path: Path) -> None:
+    """Optional visual check; skipped only when no chromium binary is on PATH."""
+    config = write_config(tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all"],
+        cwd=tmp_path,
+        env=clean_environ({"E2E_CONFIG": str(config)}),
+        capture_output=True,
+        timeout=180,
+    )
+    report = tmp_path / "results" / "report.html"
+    shot = tmp_path / "report.png"
+    browser = chromium()
+    assert browser is not None
+    proc = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1200,400",
+            f"--screenshot={shot}",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert shot.stat().st_size > 5000  # a real picture, not an empty page
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert dom.count('class="run"') == len(PROJECTS)
