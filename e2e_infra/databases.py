@@ -13,6 +13,25 @@
   kind ``database`` and marked with ``COMMENT ON DATABASE ... IS 'e2e-infra {json}'``.
   :meth:`DatabaseAllocator.cleanup` drops only marked databases whose owner is proven gone (or
   whose keep expired), never an unmarked one.
+* A **warm spare** (``spares`` > 0) is a clone of the current template made after a release, off
+  the suite's critical path (a background thread the allocator joins in :meth:`close`): created
+  by ``CREATE DATABASE ... TEMPLATE`` (atomic) as ``<base>_spare_<fp[:12]>_<random>`` while a
+  registry lease of kind ``spare`` names it (so a maker that dies before marking it leaves proof of
+  what to drop), then marked ``kind spare`` with the template's name, OID and fingerprint. At most
+  ``spares`` per template, made under an advisory lock; they count toward ``max_databases``. The
+  next allocation claims one with ``ALTER DATABASE spare RENAME TO target; COMMENT ...`` in one
+  implicit transaction: only a spare of the current template (same OID, so not from before a
+  rebuild) is taken, and losing a race to another claimer just means trying the next, or cloning.
+  Spares of old templates are dropped when a template is built or pruned, and by ``cleanup``.
+* **A shared server** (``admin_url`` set): several hosts allocate on one server. Database names
+  get a host part (``<base>_<project>_<sha256(host_id)[:4]>``), and an allocation holds
+  ``pg_advisory_lock_shared(<key of the name>)`` on a connection of its own (to the admin URL's
+  database) from before the database exists until it is released or the owner dies (the server
+  ends the connection and the lock with it). ``cleanup`` on any host drops another host's database
+  only when it can take that key exclusively (proof that no owner holds it), and holds it while it
+  drops. An allocation whose owner is another process (``invoke db.allocate`` records its parent
+  shell) cannot hold the lock: its marker says ``hold: false`` and other hosts treat it as live
+  until ``lease_ttl`` has passed (forever when unset); its own host still proves death by pid.
 
 All SQL names are validated and composed with :class:`psycopg.sql.Identifier`.
 """
@@ -25,9 +44,11 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +84,9 @@ __all__ = [
     "database_allocator",
     "database_name",
     "fingerprint",
+    "host_tag",
     "parse_marker",
+    "spare_name",
     "template_name",
     "validate_dbname",
 ]
@@ -74,12 +97,13 @@ TEMPLATE_FORMAT_VERSION = 1
 MARKER_PREFIX = "e2e-infra "
 TOOL = "e2e-infra"
 LEASE_KIND = "database"
+SPARE_KIND = "spare"  # the marker kind of a warm spare, and the registry lease while making one
 _DBNAME = re.compile(r"[a-z][a-z0-9_]*")
 _MAX_IDENTIFIER = 63  # bytes; PostgreSQL truncates longer names silently
 _START_TIME_TOLERANCE = 0.05
 
 _MARKED_SQL = (
-    "SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate{extra} "
+    "SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate{extra}, d.oid "
     "FROM pg_database d WHERE shobj_description(d.oid, 'pg_database') LIKE 'e2e-infra %'"
 )
 
@@ -130,6 +154,27 @@ def database_name(base: str, project: str, suffix: str = "") -> str:
     return validate_dbname(name)
 
 
+def spare_name(base: str, fp: str) -> str:
+    """``<base>_spare_<fp[:12]>_<random>``: unique without coordination, findable by prefix."""
+    return validate_dbname(f"{_spare_prefix(base, fp)}{os.urandom(3).hex()}")
+
+
+def _spare_prefix(base: str, fp: str) -> str:
+    return f"{base}_spare_{fp[:12]}_"
+
+
+def host_tag(host_id: str) -> str:
+    """Four hex digits of the host id: the part of a name that keeps hosts apart on a shared
+    server (a clash of two hosts' tags only costs a suffix: a name in use is never taken)."""
+    return hashlib.sha256(host_id.encode("utf-8")).hexdigest()[:4]
+
+
+def _name_key(name: str) -> int:
+    """The advisory lock key that a live owner holds (shared) for database ``name``."""
+    digest = hashlib.sha256(b"e2e-infra database " + name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def parse_marker(comment: str | None) -> dict[str, Any] | None:
     """The marker's data if ``comment`` is an e2e-infra marker, else None."""
     if not comment or not comment.startswith(MARKER_PREFIX):
@@ -145,6 +190,11 @@ def parse_marker(comment: str | None) -> dict[str, Any] | None:
 
 def _advisory_key(fp: str) -> int:
     return int.from_bytes(bytes.fromhex(fp[:16]), "big", signed=True)
+
+
+def _spare_key(fp: str) -> int:
+    """The advisory lock key under which spares of fingerprint ``fp`` are made (not the build's)."""
+    return _advisory_key(fp) ^ 0x5350415245  # "SPARE"
 
 
 def _ident(name: str) -> sql.Identifier:
@@ -165,7 +215,7 @@ class AllocatedDatabase:
 class DatabaseInfo:
     name: str
     project: str | None
-    kind: str  # database | kept | template | building
+    kind: str  # database | kept | template | building | spare | missing
     size: int | None  # bytes
     status: str  # live | stale: <why> | kept until <time> | ready | building | abandoned | ...
     owner_pid: int | None
@@ -182,6 +232,7 @@ class _Marked:
     marker: dict[str, Any]
     is_template: bool
     size: int | None = None
+    oid: int | None = None
 
     @property
     def kind(self) -> str:
@@ -212,6 +263,7 @@ class DatabaseAllocator:
         client: ConnInfo | None = None,
         clock: Clock | None = None,
         build_timeout: float = 600.0,
+        shared: bool | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -220,6 +272,12 @@ class DatabaseAllocator:
         self.clock = clock or SystemClock()
         self.build_timeout = build_timeout
         self.base = config.database.name_base
+        # A shared server (admin_url set) is used by other hosts too: host-tagged names and
+        # liveness proven by advisory locks. The embedded cluster is this host's alone.
+        self.shared = config.database.admin_url is not None if shared is None else shared
+        self._holders: dict[str, psycopg.Connection[Any]] = {}  # database -> lock connection
+        self._spare_thread: threading.Thread | None = None
+        self._spare_lock = threading.Lock()
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -233,29 +291,47 @@ class DatabaseAllocator:
             major = self._major(conn)
             fp = fingerprint(migrations, seeds, seed, major)
             template = template_name(self.base, seed, fp)
-            # One round trip: the clone strategy, whether the template is ready, the live count.
+            # One round trip: the clone strategy, whether the template is ready (and its OID),
+            # the marked count and the warm spares of this fingerprint.
             row = conn.execute(
-                "SELECT current_setting('fsync'), "
-                "(SELECT datistemplate AND NOT datallowconn FROM pg_database WHERE datname = %s), "
+                "SELECT current_setting('fsync'), t.ready, t.oid, "
                 "(SELECT count(*) FROM pg_database d WHERE NOT d.datistemplate "
-                " AND shobj_description(d.oid, 'pg_database') LIKE 'e2e-infra %%')",
-                (template,),
+                " AND shobj_description(d.oid, 'pg_database') LIKE 'e2e-infra %%'), "
+                "(SELECT json_agg(json_build_array(d.datname, "
+                " shobj_description(d.oid, 'pg_database'))) "
+                " FROM pg_database d WHERE %s AND starts_with(d.datname, %s)) "
+                "FROM (SELECT (SELECT datistemplate AND NOT datallowconn FROM pg_database "
+                " WHERE datname = %s) AS ready, "
+                " (SELECT oid FROM pg_database WHERE datname = %s) AS oid) t",
+                (
+                    self.config.database.spares > 0,
+                    _spare_prefix(self.base, fp),
+                    template,
+                    template,
+                ),
             ).fetchone()
             assert row is not None
-            fsync, ready, marked = row
+            fsync, ready, template_oid, marked, spare_rows = row
             if not ready:
                 self._ensure(conn, template, fp, seed, migrations, seeds, rebuild=False)
-            lease = self._reserve(project, owner, template, seed, int(marked))
+            spares = self._claimable(spare_rows, template, template_oid, fp) if ready else []
+            # A claimed spare turns into the new database: it does not add to the count.
+            lease = self._reserve(project, owner, template, seed, int(marked) - min(len(spares), 1))
             strategy = self._strategy(str(fsync), major)
             try:
-                try:
-                    lease = self._clone(conn, lease, template, strategy)
-                except pgerrors.InvalidCatalogName:
-                    # The template was dropped between our check and the clone (pruned or rebuilt
-                    # by another process): build it again, once.
-                    self._ensure(conn, template, fp, seed, migrations, seeds, rebuild=False)
-                    lease = self._clone(conn, lease, template, strategy)
+                claimed = self._claim(conn, lease, spares)
+                if claimed is not None:
+                    lease = claimed
+                else:
+                    try:
+                        lease = self._clone(conn, lease, template, strategy)
+                    except pgerrors.InvalidCatalogName:
+                        # The template was dropped between our check and the clone (pruned or
+                        # rebuilt by another process): build it again, once.
+                        self._ensure(conn, template, fp, seed, migrations, seeds, rebuild=False)
+                        lease = self._clone(conn, lease, template, strategy)
             except BaseException:
+                self._unhold(lease.resource)
                 with self.registry.transaction() as txn:
                     txn.remove(lease)
                 raise
@@ -342,6 +418,61 @@ class DatabaseAllocator:
         runner.apply(found.url)
         return found
 
+    def prepare_spares(self, template: str) -> builtins.list[str]:
+        """Top up the warm spares of ``template`` to ``spares``; the names made.
+
+        Runs after a release, in a background thread (see :meth:`close`); callable directly. Only
+        one process tops up a template at a time (an advisory lock; the others skip), spares of an
+        older template of the same seed are dropped first, and ``max_databases`` is respected.
+        """
+        cap = self.config.database.spares
+        made: builtins.list[str] = []
+        if cap <= 0:
+            return made
+        with self._admin() as conn:
+            row = conn.execute(
+                "SELECT oid, shobj_description(oid, 'pg_database'), "
+                "datistemplate AND NOT datallowconn FROM pg_database WHERE datname = %s",
+                (template,),
+            ).fetchone()
+            marker = parse_marker(row[1]) if row else None
+            if row is None or not row[2] or marker is None or marker.get("kind") != "template":
+                return made  # pruned or rebuilt meanwhile: nothing to prepare for
+            fp = str(marker.get("fingerprint") or "")
+            locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (_spare_key(fp),)).fetchone()
+            if not (locked and locked[0]):
+                return made  # another process is topping up this template
+            try:
+                marked = self._marked(conn)
+                for item, why in self._stale_spares(marked):
+                    log.info("dropped %s: %s", item.name, why)
+                    self._drop(conn, item.name)
+                    marked.remove(item)
+                current = [
+                    item
+                    for item in marked
+                    if item.kind == SPARE_KIND and item.marker.get("template_oid") == row[0]
+                ]
+                count = sum(1 for item in marked if not item.is_template)
+                room = self.config.database.max_databases - count
+                for _ in range(min(cap - len(current), room)):
+                    made.append(self._make_spare(conn, template, int(row[0]), marker))
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (_spare_key(fp),))
+        return made
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the spare being prepared and let go of the locks held for live databases
+        (only call it once they are released: on a shared server the locks prove they are in
+        use). Idempotent; a session calls it last, when the suite is long done."""
+        with self._spare_lock:
+            thread, self._spare_thread = self._spare_thread, None
+        if thread is not None:
+            thread.join(timeout)
+        for name in builtins.list(self._holders):
+            self._unhold(name)
+
     def cleanup(self) -> builtins.list[tuple[str, str]]:
         """Drop marked databases whose owner is proven gone or whose keep expired, old templates
         beyond ``keep_templates`` and half-built ones whose builder died; never unmarked ones."""
@@ -350,20 +481,56 @@ class DatabaseAllocator:
             marked = self._marked(conn)
             now = self.clock.time()
             doomed: builtins.list[tuple[_Marked, str]] = []
+            # Keys taken exclusively to prove another host's owner gone; held until the drop.
+            proved: builtins.list[int] = []
+
+            def lock_free(name: str) -> bool:
+                key = _name_key(name)
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+                if row and row[0]:
+                    proved.append(key)
+                    return True
+                return False
+
+            half_made: builtins.list[tuple[str, str]] = []
             with self.registry.transaction() as txn:
                 by_id = {lease.id: lease for lease in txn.find(LEASE_KIND)}
                 names = {item.name for item in marked}
                 for item in marked:
-                    why = self._why_drop(txn, item, by_id.get(str(item.marker.get("lease"))), now)
+                    lease = by_id.get(str(item.marker.get("lease")))
+                    why = self._why_drop(txn, item, lease, now, lock_free=lock_free)
                     if why:
                         doomed.append((item, why))
                 # Leases whose database is gone and whose owner is gone are just records now.
                 for lease in list(by_id.values()):
                     if lease.resource not in names and txn.stale_reason(lease) is not None:
                         txn.remove(lease)
-            for item, why in doomed:
-                self._drop(conn, item.name, template=item.is_template)
-                dropped.append((item.name, why))
+                # A spare's maker that died before marking it: its lease names what it made.
+                for lease, why in txn.stale(SPARE_KIND):
+                    if lease.resource not in names:
+                        half_made.append((lease.resource, f"half-made spare: {why}"))
+                    txn.remove(lease)
+            doomed.extend(self._stale_spares(marked))
+            try:
+                for item, why in doomed:
+                    self._drop(conn, item.name, template=item.is_template)
+                    dropped.append((item.name, why))
+            finally:
+                for key in proved:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            for name, why in half_made:
+                exists = conn.execute(
+                    "SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+                    "WHERE datname = %s",
+                    (name,),
+                ).fetchone()
+                # Unmarked (or still a spare): the maker's lease is the proof it was ours.
+                if exists is not None and (
+                    exists[0] is None or (parse_marker(exists[0]) or {}).get("kind") == SPARE_KIND
+                ):
+                    self._drop(conn, name)
+                    dropped.append((name, why))
             dropped.extend(self._prune_templates(conn, keep=None))
         gone = {name for name, _ in dropped}
         with self.registry.transaction() as txn:
@@ -420,7 +587,7 @@ class DatabaseAllocator:
                             template=lease.data.get("template"),
                         )
                     )
-        order = {"template": 0, "building": 1, "database": 2, "kept": 3, "missing": 4}
+        order = {"template": 0, "building": 1, "spare": 2, "database": 3, "kept": 4, "missing": 5}
         return sorted(out, key=lambda info: (order.get(info.kind, 9), info.name))
 
     # --- connections and small helpers -----------------------------------------------------------
@@ -476,6 +643,8 @@ class DatabaseAllocator:
             "keep_until": lease.data.get("keep_until"),
             "template": lease.data.get("template"),
             "seed": lease.data.get("seed"),
+            # Whether a live owner holds the name's advisory lock (shared servers only).
+            "hold": lease.resource in self._holders,
         }
 
     def _holds(self, txn: Transaction, lease: Lease) -> bool:
@@ -491,10 +660,10 @@ class DatabaseAllocator:
         extra = ", pg_database_size(d.oid)" if size else ", NULL::bigint"
         rows = conn.execute(_MARKED_SQL.format(extra=extra).encode()).fetchall()
         out = []
-        for name, comment, is_template, nbytes in rows:
+        for name, comment, is_template, nbytes, oid in rows:
             marker = parse_marker(comment)
             if marker is not None and marker.get("base") == self.base:
-                out.append(_Marked(name, marker, bool(is_template), nbytes))
+                out.append(_Marked(name, marker, bool(is_template), nbytes, int(oid)))
         return out
 
     def _drop(self, conn: psycopg.Connection[Any], name: str, *, template: bool = False) -> None:
@@ -648,6 +817,11 @@ class DatabaseAllocator:
                 why = f"old template of seed {seed} (keep_templates = {limit})"
                 log.info("dropped %s: %s", item.name, why)
                 dropped.append((item.name, why))
+        # Spares of templates that are gone or no longer the newest: the template changed.
+        for item, why in self._stale_spares(self._marked(conn)):
+            self._drop(conn, item.name)
+            log.info("dropped %s: %s", item.name, why)
+            dropped.append((item.name, why))
         return dropped
 
     # --- allocation ------------------------------------------------------------------------------
@@ -655,7 +829,8 @@ class DatabaseAllocator:
     def _reserve(self, project: str, owner: Owner, template: str, seed: str, marked: int) -> Lease:
         """Choose the name and record the lease; short, and the only part under the lock."""
         limit = self.config.database.max_databases
-        plain = database_name(self.base, project)
+        tag = host_tag(self.registry.host) if self.shared else ""
+        plain = database_name(self.base, project, tag)
         with self.registry.transaction() as txn:
             leases = txn.find(LEASE_KIND)
             held = [lease for lease in leases if self._holds(txn, lease)]
@@ -671,9 +846,9 @@ class DatabaseAllocator:
             name = plain
             if plain in taken:
                 suffix = hashlib.sha256(owner.run_id.encode()).hexdigest()[:6]
-                name = database_name(self.base, project, suffix)
+                name = database_name(self.base, project, _join(tag, suffix))
                 if name in taken:  # the same run twice: fall back to something random
-                    name = database_name(self.base, project, os.urandom(3).hex())
+                    name = database_name(self.base, project, _join(tag, os.urandom(3).hex()))
             for lease in leases:
                 if lease.resource == name and lease not in held:
                     txn.remove(lease)  # a dead owner's record; its database is reclaimed below
@@ -692,18 +867,26 @@ class DatabaseAllocator:
     ) -> Lease:
         for _attempt in range(4):
             name = lease.resource
+            self._hold(lease)  # before the database exists: no moment without proof of life
             try:
                 self._create(conn, name, template, strategy)
             except pgerrors.DuplicateDatabase:
                 lease = self._after_duplicate(conn, lease)
+                if lease.resource != name:
+                    self._unhold(name)
                 continue
+            except BaseException:
+                self._unhold(name)
+                raise
             try:
                 conn.execute(self._marker_sql(name, self._lease_marker(lease)))
             except BaseException:
                 with contextlib.suppress(psycopg.Error):
                     self._drop(conn, name)
+                self._unhold(name)
                 raise
             return lease
+        self._unhold(lease.resource)
         raise DatabaseError(
             f"could not find a free database name for project {lease.project!r} (last tried "
             f"{lease.resource}); run `invoke db.cleanup` and retry",
@@ -734,7 +917,8 @@ class DatabaseAllocator:
                     self._drop(conn, name)
                     return lease
         # Unmarked, or held by a live owner (maybe on another host): never touch it.
-        new_name = database_name(self.base, lease.project, os.urandom(3).hex())
+        tag = host_tag(self.registry.host) if self.shared else ""
+        new_name = database_name(self.base, lease.project, _join(tag, os.urandom(3).hex()))
         with self.registry.transaction() as txn:
             return txn.update(replace(lease, resource=new_name))
 
@@ -777,6 +961,187 @@ class DatabaseAllocator:
                 blockers=blockers,
             ) from None
 
+    # --- warm spares ------------------------------------------------------------------------------
+
+    def _claimable(
+        self, rows: Any, template: str, template_oid: int | None, fp: str
+    ) -> builtins.list[str]:
+        """The spares (from the allocation query) made from this very template, shuffled so that
+        concurrent claimers rarely race for the same one."""
+        out = []
+        for name, comment in rows or ():
+            marker = parse_marker(comment)
+            if (
+                marker is not None
+                and marker.get("kind") == SPARE_KIND
+                and marker.get("base") == self.base
+                and marker.get("template") == template
+                and marker.get("fingerprint") == fp
+                and template_oid is not None
+                and marker.get("template_oid") == int(template_oid)
+            ):
+                out.append(str(name))
+        random.shuffle(out)
+        return out
+
+    def _claim(
+        self, conn: psycopg.Connection[Any], lease: Lease, spares: builtins.list[str]
+    ) -> Lease | None:
+        """Rename a spare to the lease's name and mark it, atomically; None if none was won."""
+        if not spares:
+            return None
+        name = lease.resource
+        self._hold(lease)
+        marker = self._marker_sql(name, self._lease_marker(lease))
+        for spare in spares[:4]:
+            # One simple query is one implicit transaction: renamed and re-marked, or neither.
+            statement = sql.SQL("ALTER DATABASE {} RENAME TO {}; {}").format(
+                _ident(spare), _ident(name), marker
+            )
+            try:
+                conn.execute(statement)
+            except pgerrors.DuplicateDatabase:
+                return None  # the name is taken on the server: the clone path sorts that out
+            except (pgerrors.InvalidCatalogName, pgerrors.ObjectInUse):
+                continue  # another allocator claimed it (or cleanup dropped it) first
+            log.debug("claimed warm spare %s as %s", spare, name)
+            return lease
+        return None
+
+    def _prepare_spares_later(self, templates: builtins.list[str]) -> None:
+        """Top up the spares of ``templates`` in a background thread, after any earlier one."""
+
+        def work(previous: threading.Thread | None) -> None:
+            if previous is not None:
+                previous.join()
+            for template in templates:
+                try:
+                    self.prepare_spares(template)
+                except Exception as exc:  # a spare is an optimisation: never fail a run for it
+                    log.warning("could not prepare a warm spare of %s: %s", template, exc)
+
+        with self._spare_lock:
+            thread = threading.Thread(
+                target=work, args=(self._spare_thread,), name="e2e-infra spares", daemon=False
+            )
+            self._spare_thread = thread
+            thread.start()
+
+    def _make_spare(
+        self,
+        conn: psycopg.Connection[Any],
+        template: str,
+        template_oid: int,
+        template_marker: dict[str, Any],
+    ) -> str:
+        name = spare_name(self.base, str(template_marker.get("fingerprint")))
+        me = Owner.current(host=self.registry.host, run_id=self.config.run_id)
+        # Its own Registry (so its own lock file handle): the registry's FileLock is re-entrant
+        # across threads, and this runs beside the session's thread.
+        registry = Registry(
+            self.registry.state_dir,
+            host=self.registry.host,
+            lock_timeout=self.registry.lock_timeout,
+            ttl=self.registry.ttl,
+        )
+        # The lease first: if we die between CREATE and COMMENT, cleanup knows the name is ours.
+        with registry.transaction() as txn:
+            making = txn.add(Lease(kind=SPARE_KIND, resource=name, project="(spares)", owner=me))
+        try:
+            row = conn.execute("SELECT current_setting('fsync')").fetchone()
+            strategy = self._strategy(str(row[0] if row else "on"), self._major(conn))
+            self._create(conn, name, template, strategy)
+            try:
+                marker = {
+                    "tool": TOOL,
+                    "format": TEMPLATE_FORMAT_VERSION,
+                    "base": self.base,
+                    "kind": SPARE_KIND,
+                    "template": template,
+                    "template_oid": template_oid,
+                    "fingerprint": template_marker.get("fingerprint"),
+                    "seed": template_marker.get("seed"),
+                    "host": me.host,
+                    "created_at": self.clock.time(),
+                }
+                conn.execute(self._marker_sql(name, marker))
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    self._drop(conn, name)
+                raise
+        finally:
+            with registry.transaction() as txn:
+                txn.remove(making)
+        log.info("prepared warm spare %s of %s", name, template)
+        return name
+
+    def _stale_spares(self, marked: builtins.list[_Marked]) -> builtins.list[tuple[_Marked, str]]:
+        """Spares to drop: their template is gone, was rebuilt (another OID), is not the newest
+        of its seed, or they are beyond ``spares`` for their template."""
+        templates = {item.name: item for item in marked if item.kind == "template"}
+        newest: dict[str, _Marked] = {}
+        for item in templates.values():
+            seed = str(item.marker.get("seed"))
+            created = float(item.marker.get("created_at") or 0)
+            if seed not in newest or created > float(newest[seed].marker.get("created_at") or 0):
+                newest[seed] = item
+        cap = self.config.database.spares
+        kept: dict[str, int] = {}
+        out = []
+        spares = [item for item in marked if item.kind == SPARE_KIND]
+        spares.sort(key=lambda it: float(it.marker.get("created_at") or 0))
+        for item in spares:
+            name = str(item.marker.get("template"))
+            template = templates.get(name)
+            if template is None:
+                out.append((item, f"spare of template {name}, which is gone"))
+            elif template.oid != item.marker.get("template_oid"):
+                out.append((item, f"spare of an earlier build of {name}"))
+            elif newest.get(str(template.marker.get("seed"))) is not template:
+                out.append((item, f"spare of {name}, no longer the newest template of its seed"))
+            elif kept.get(name, 0) >= cap:
+                out.append((item, f"spare beyond spares = {cap} for {name}"))
+            else:
+                kept[name] = kept.get(name, 0) + 1
+        return out
+
+    # --- shared servers: proof of life by advisory lock ---------------------------------------
+
+    def _hold(self, lease: Lease) -> None:
+        """On a shared server, hold the key of the lease's name (shared) on a connection of its
+        own for as long as this process uses the database; idempotent. Waits out a cleanup that
+        holds it. When the owner is another process (``invoke db.allocate`` records its parent),
+        nothing here can live as long as the owner: the marker then says ``hold: false``."""
+        name = lease.resource
+        if not self.shared or name in self._holders or lease.owner.pid != os.getpid():
+            return
+        key = _name_key(name)
+        conn = connect(self.admin, purpose=f"hold {name}")
+        try:
+
+            def try_lock() -> bool:
+                row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,)).fetchone()
+                return bool(row and row[0])
+
+            wait_until(
+                try_lock,
+                timeout=self.config.database.clone_timeout,
+                what=f"the lock of database name {name} (a cleanup is dropping a database of "
+                "that name)",
+                clock=self.clock,
+                cap=0.05,
+            )
+        except BaseException:
+            conn.close()
+            raise
+        self._holders[name] = conn
+
+    def _unhold(self, name: str) -> None:
+        conn = self._holders.pop(name, None)
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()  # the session ends, and its advisory locks with it
+
     # --- release and sweeping --------------------------------------------------------------------
 
     def _release(self, leases: builtins.list[Lease], *, keep: bool) -> builtins.list[str]:
@@ -796,18 +1161,34 @@ class DatabaseAllocator:
                         conn.execute(
                             self._marker_sql(lease.resource, self._lease_marker(lease, "kept"))
                         )
+            for lease in kept:
+                self._unhold(lease.resource)  # the keep in the marker protects it from now on
             return [lease.resource for lease in kept]
         with self._admin() as conn:
             for name in names:
                 self._drop(conn, name)
+        for name in names:
+            self._unhold(name)
         with self.registry.transaction() as txn:
             for lease in leases:
                 txn.remove(lease)
+        templates = {str(lease.data.get("template") or "") for lease in leases} - {""}
+        if self.config.database.spares > 0 and templates:
+            self._prepare_spares_later(sorted(templates))
         return names
 
     def _why_drop(
-        self, txn: Transaction, item: _Marked, lease: Lease | None, now: float
+        self,
+        txn: Transaction,
+        item: _Marked,
+        lease: Lease | None,
+        now: float,
+        *,
+        lock_free: Callable[[str], bool] | None = None,
     ) -> str | None:
+        """Why ``item`` may be dropped, or None. ``lock_free(name)`` takes the name's advisory
+        key exclusively if nobody holds it (a shared server's proof that another host's owner is
+        gone); without it, another host's database is never proven dead."""
         kind = item.kind
         if kind in {"database", "kept"}:
             keep_until = item.marker.get("keep_until")
@@ -820,8 +1201,23 @@ class DatabaseAllocator:
             if lease is not None:
                 stale = txn.stale_reason(lease)
                 return f"lease is stale: {stale}" if stale else None
-            gone = item.owner_gone(txn.host)
-            return f"no lease and {gone}" if gone else None
+            host = item.marker.get("host")
+            if host == txn.host or not self.shared:
+                gone = item.owner_gone(txn.host)
+                return f"no lease and {gone}" if gone else None
+            # Another host's database on a shared server.
+            if item.marker.get("hold"):
+                if lock_free is not None and lock_free(item.name):
+                    return f"its owner on host {host} holds no lock on it any more (gone)"
+                return None
+            created = item.marker.get("created_at")
+            ttl = txn.ttl
+            if ttl is not None and isinstance(created, (int, float)) and now - created > ttl:
+                return (
+                    f"owner on host {host} cannot be checked (allocated by a command) and it is "
+                    f"older than lease_ttl ({ttl:g}s)"
+                )
+            return None
         if kind == "building":
             gone = item.owner_gone(txn.host)
             return f"half-built template whose builder is gone ({gone})" if gone else None
@@ -833,6 +1229,8 @@ class DatabaseAllocator:
         if item.kind == "building":
             gone = item.owner_gone(txn.host)
             return f"abandoned: {gone}" if gone else "building"
+        if item.kind == SPARE_KIND:
+            return f"spare of {item.marker.get('template')}"
         why = self._why_drop(txn, item, lease, now)
         if why is not None:
             return f"stale: {why}"
@@ -840,8 +1238,16 @@ class DatabaseAllocator:
         if isinstance(keep_until, (int, float)):
             return f"kept until {_when(keep_until)}"
         if lease is None:
+            host = item.marker.get("host")
+            if self.shared and host != txn.host:
+                how = "holds its lock" if item.marker.get("hold") else "allocated by a command"
+                return f"live (host {host} {how})"
             return "live (no lease here: another host or state folder)"
         return "live"
+
+
+def _join(*parts: str) -> str:
+    return "_".join(part for part in parts if part)
 
 
 def _when(epoch: float) -> str:

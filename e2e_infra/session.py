@@ -39,7 +39,7 @@ from .errors import (
     ServerExitedError,
     SuiteFailedError,
 )
-from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id
+from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id, process_start_time
 from .ports import PortAllocator, port_is_free
 
 __all__ = [
@@ -301,6 +301,10 @@ class ProjectSession:
                 )
         self._start_guardian()
         with self.phase("ports"):
+            # What runs SIGKILLed with their guardian left (orphan servers and suites, ports): the
+            # next run ends it on proof of death. A dead run's database goes when its name is
+            # cloned again, or with `invoke e2e.cleanup`.
+            reclaim(self.config, registry=self.registry, databases=False)
             ports = self.ports.allocate(project.name, self.config.port_names, self.owner)
             self.result.ports = dict(ports)
             self._choose_results_dir()
@@ -468,6 +472,7 @@ class ProjectSession:
         with self.phase("suite"):
             # Same process group as this process: nox's interrupt reaches the suite too.
             proc = subprocess.Popen(argv, cwd=self.project.cwd, env=dict(self.env.env))
+            suite_lease = self._record_suite(proc)
             try:
                 returncode = proc.wait(timeout=self.project.timeout)
             except subprocess.TimeoutExpired:
@@ -485,6 +490,9 @@ class ProjectSession:
             except BaseException:
                 _terminate(proc, grace=2.0)
                 raise
+            finally:
+                with self.registry.transaction() as txn:
+                    txn.remove(suite_lease)
         self.result.returncode = returncode
         self.result.junit = str(junit) if junit.exists() else None
         if returncode == 0:
@@ -493,6 +501,27 @@ class ProjectSession:
             self.failed = True
             self.result.result = "failed"
         return returncode
+
+    def _record_suite(self, proc: subprocess.Popen[bytes]) -> Lease:
+        """Record the suite like a server, so that if this process is SIGKILLed the guardian, the
+        next run or ``e2e.cleanup`` ends it too. It shares our process group, so only its own
+        process tree may be ended (``scope: tree``), never the rest of the group."""
+        start = process_start_time(proc.pid)
+        lease = Lease(
+            kind=SERVER_KIND,
+            resource=f"{self.project.name}/suite/{proc.pid}",
+            project=self.project.name,
+            owner=self.owner,
+            data={
+                "name": "suite",
+                "pid": proc.pid,
+                "pgid": os.getpgrp(),
+                "start_time": start if start is not None else 0.0,
+                "scope": "tree",
+            },
+        )
+        with self.registry.transaction() as txn:
+            return txn.add(lease)
 
     # --- release ----------------------------------------------------------------------------------
 
@@ -544,6 +573,11 @@ class ProjectSession:
         elif self.result.result == "running":
             self.result.result = "passed" if not self.failed else "error"
         self._write_record()
+        if self._allocator is not None:
+            # Last, off the recorded run: join the warm spare being prepared (if any) and close
+            # the connections whose locks proved the database alive on a shared server.
+            with contextlib.suppress(Exception):
+                self._allocator.close()
         if errors:
             log.error(
                 "%s: could not release everything (%s); run `invoke e2e.cleanup`",
@@ -623,13 +657,20 @@ def run_project(
     on_phase: PhaseCallback | None = None,
     keep_on_failure: bool | None = None,
 ) -> RunResult:
-    """Run one project end to end; return its result (it never raises for a failing suite)."""
+    """Run one project end to end; return its result.
+
+    A failing suite, or an error of the tool's own (PostgreSQL gone, a server that never became
+    healthy), is recorded in the result (``result``, ``error``, ``log_tail``) rather than raised,
+    so adapters print one clear line instead of a traceback. An interrupt still propagates.
+    """
     session = ProjectSession(config, project, on_phase=on_phase, keep_on_failure=keep_on_failure)
     try:
         with session:
             session.run_suite(posargs)
-    except SuiteFailedError:
-        pass
+    except Interrupted:
+        raise
+    except E2EInfraError:
+        pass  # recorded by the session (result "failed" or "error", masked message)
     return session.result
 
 
@@ -672,7 +713,7 @@ def reclaim(
     marked databases without a live lease are dropped (never unmarked ones); stale port leases are
     released. The local PostgreSQL cluster is not started just to clean up.
     """
-    from .servers import ProcessRecord, kill_group_if_ours
+    from .servers import ProcessRecord, kill_group_if_ours, kill_tree_if_ours
 
     registry = registry or make_registry(config)
     report = ReclaimReport()
@@ -688,7 +729,9 @@ def reclaim(
             record = ProcessRecord(
                 pid=int(data["pid"]), pgid=int(data["pgid"]), start_time=float(data["start_time"])
             )
-            killed = kill_group_if_ours(record, grace=2.0)
+            # A suite shares the group of the run that started it: end its own tree only.
+            kill = kill_tree_if_ours if data.get("scope") == "tree" else kill_group_if_ours
+            killed = kill(record, grace=2.0)
         except (KeyError, TypeError, ValueError) as exc:
             report.errors.append(f"server lease {lease.id} is malformed: {exc}")
             killed = False
@@ -697,11 +740,13 @@ def reclaim(
         state = "killed its process group" if killed else "its processes were already gone"
         report.servers.append((f"{lease.project}/{data.get('name', '?')}", f"{why}; {state}"))
     ports = PortAllocator.from_config(config, registry)
-    if databases:
-        _reclaim_databases(config, registry, ports, report, run_id)
+    # Ports before databases: reaching the local cluster allocates its port, which would reclaim
+    # the stale port leases on the way without reporting them.
     for lease, why in ports.reclaim_stale():
         if run_id is None or lease.owner.run_id == run_id:
             report.ports.append((f"{lease.resource} ({lease.project})", why))
+    if databases:
+        _reclaim_databases(config, registry, ports, report, run_id)
     return report
 
 

@@ -19,7 +19,9 @@ from e2e_infra.databases import (
     _Marked,
     database_name,
     fingerprint,
+    host_tag,
     parse_marker,
+    spare_name,
     template_name,
     validate_dbname,
 )
@@ -258,3 +260,105 @@ def test_sweep_drops_only_on_proof_of_death_or_expiry(tmp_path: Path) -> None:
         assert "builder is gone" in (why(txn, marked("building", dead), None, now) or "")
         assert why(txn, marked("building", alive), None, now) is None
         assert why(txn, marked("template", dead), None, now) is None  # pruned by age instead
+
+
+# --- shared servers -------------------------------------------------------------------------------
+
+
+def shared_allocator(tmp_path: Path, host: str, **config: object) -> DatabaseAllocator:
+    allocator = make_allocator(tmp_path)
+    registry = Registry(allocator.config.state_dir, host=host, ttl=config.get("ttl"))  # type: ignore[arg-type]
+    return DatabaseAllocator(allocator.config, registry, NOWHERE, clock=FakeClock(), shared=True)
+
+
+def test_on_a_shared_server_names_carry_the_host_and_hosts_never_meet(tmp_path: Path) -> None:
+    a = shared_allocator(tmp_path / "a", "runner-1")
+    b = shared_allocator(tmp_path / "b", "runner-2")
+    assert host_tag("runner-1") != host_tag("runner-2") and len(host_tag("x")) == 4
+    first = a._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=0)
+    other = b._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=1)
+    again = a._reserve("auth_tests", Owner.current(run_id="r2"), "tpl", "default", marked=2)
+    assert first.resource == f"e2e_db_auth_tests_{host_tag('runner-1')}"
+    assert other.resource == f"e2e_db_auth_tests_{host_tag('runner-2')}"
+    assert again.resource.startswith(first.resource + "_")
+    assert not make_allocator(tmp_path / "local").shared  # the embedded cluster keeps short names
+
+
+def test_another_hosts_database_goes_only_on_lock_proof_or_after_the_ttl(tmp_path: Path) -> None:
+    clock = FakeClock()
+    allocator = shared_allocator(tmp_path, "runner-1", ttl=60.0)
+    now = clock.time()
+    other = replace(Owner.current(), host="runner-2")
+    held = marked("database", other, hold=True, created_at=now)
+    command = marked("database", other, hold=False, created_at=now)
+    asked: list[str] = []
+
+    def free(name: str) -> bool:
+        asked.append(name)
+        return True
+
+    with allocator.registry.transaction() as txn:
+        why = allocator._why_drop
+        assert why(txn, held, None, now, lock_free=lambda name: False) is None  # owner holds it
+        assert "holds no lock" in (why(txn, held, None, now, lock_free=free) or "")
+        assert why(txn, held, None, now) is None  # no probe: never proven
+        assert why(txn, command, None, now + 59, lock_free=free) is None
+        assert "lease_ttl" in (why(txn, command, None, now + 61, lock_free=free) or "")
+        assert asked == ["e2e_db_x"]  # the lock is asked only about databases that hold it
+        kept = marked("kept", other, hold=False, keep_until=now + 10)
+        assert why(txn, kept, None, now, lock_free=free) is None  # a keep is honoured first
+        mine = marked("database", dead_owner(), hold=True)
+        mine.marker["host"] = "runner-1"
+        assert "gone" in (why(txn, mine, None, now, lock_free=lambda name: False) or "")
+
+
+# --- warm spares ----------------------------------------------------------------------------------
+
+
+def spare(name: str, template: str, oid: int, created: float) -> _Marked:
+    marker = {
+        "tool": "e2e-infra",
+        "base": "e2e_db",
+        "kind": "spare",
+        "template": template,
+        "template_oid": oid,
+        "created_at": created,
+    }
+    return _Marked(name, marker, is_template=False)
+
+
+def template(name: str, seed: str, oid: int, created: float) -> _Marked:
+    marker = {
+        "tool": "e2e-infra",
+        "base": "e2e_db",
+        "kind": "template",
+        "seed": seed,
+        "created_at": created,
+    }
+    return _Marked(name, marker, is_template=True, oid=oid)
+
+
+def test_spare_names_are_unique_and_carry_the_fingerprint() -> None:
+    fp = "ab" * 32
+    names = {spare_name("e2e_db", fp) for _ in range(50)}
+    assert len(names) == 50
+    assert all(n.startswith(f"e2e_db_spare_{fp[:12]}_") and len(n) <= 63 for n in names)
+
+
+def test_only_spares_of_the_newest_build_of_a_seed_within_the_cap_survive(tmp_path: Path) -> None:
+    allocator = make_allocator(tmp_path, spares=1)
+    items = [
+        template("tpl_old", "default", 10, 1.0),
+        template("tpl_new", "default", 20, 2.0),
+        template("tpl_auth", "auth", 30, 1.0),
+        spare("s_old", "tpl_old", 10, 1.0),  # an older template of its seed
+        spare("s_rebuilt", "tpl_new", 19, 1.0),  # an earlier build of the same name
+        spare("s_gone", "tpl_gone", 5, 1.0),  # its template is gone
+        spare("s_new1", "tpl_new", 20, 3.0),
+        spare("s_new2", "tpl_new", 20, 4.0),  # beyond spares = 1
+        spare("s_auth", "tpl_auth", 30, 1.0),
+    ]
+    verdicts = {item.name: why for item, why in allocator._stale_spares(items)}
+    assert set(verdicts) == {"s_old", "s_rebuilt", "s_gone", "s_new2"}
+    assert "newest" in verdicts["s_old"] and "earlier build" in verdicts["s_rebuilt"]
+    assert "gone" in verdicts["s_gone"] and "beyond spares = 1" in verdicts["s_new2"]
