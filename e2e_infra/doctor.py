@@ -12,7 +12,6 @@ the free ports left in the range, and that the state and results folders are wri
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +21,7 @@ from typing import Any
 
 from .config import Config
 from .errors import E2EInfraError
-from .leases import REGISTRY_FILE, SCHEMA_VERSION, Lease, Registry, Transaction
+from .leases import REGISTRY_FILE, SCHEMA_VERSION, Lease, Registry, Transaction, parse_registry
 from .ports import EPHEMERAL_RANGE_FILE, PortAllocator, ephemeral_port_range, port_is_free
 from .postgres import LocalCluster, PgBinaries, check_reachable, find_binaries
 
@@ -272,16 +271,8 @@ def _load_registry(path: Path) -> tuple[list[Lease] | None, Check, int]:
             0,
         )
     try:
-        document = json.loads(raw.decode("utf-8"))
-        if not isinstance(document, dict):
-            raise ValueError("the document is not a JSON object")
-        version = document.get("version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
-        records = document.get("leases")
-        if not isinstance(records, list):
-            raise ValueError("'leases' is not a list")
-    except (ValueError, UnicodeDecodeError) as exc:
+        leases, malformed = parse_registry(raw)
+    except ValueError as exc:
         return (
             None,
             Check(
@@ -293,18 +284,13 @@ def _load_registry(path: Path) -> tuple[list[Lease] | None, Check, int]:
             ),
             0,
         )
-    leases, bad = [], 0
-    for record in records:
-        try:
-            leases.append(Lease.from_json(record))
-        except (KeyError, TypeError, ValueError):
-            bad += 1
+    bad = len(malformed)
     if bad:
         check = Check(
             name,
             WARN,
-            f"the lease registry {path} has {bad} malformed record(s) (of {len(records)}); they "
-            "are dropped at the next write",
+            f"the lease registry {path} has {bad} malformed record(s) (of "
+            f"{bad + len(leases)}); they are dropped at the next write",
             "run `invoke e2e.cleanup`",
         )
     else:

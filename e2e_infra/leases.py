@@ -41,6 +41,7 @@ __all__ = [
     "Transaction",
     "ensure_private_dir",
     "new_run_id",
+    "parse_registry",
     "process_start_time",
 ]
 
@@ -188,6 +189,33 @@ class Lease:
         )
 
 
+def parse_registry(raw: bytes) -> tuple[list[Lease], list[str]]:
+    """The leases of a registry document, and what was wrong with each malformed record.
+
+    Raises ValueError when the document as a whole is not a registry of this schema.
+    """
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(document, dict):
+        raise ValueError("the document is not a JSON object")
+    version = document.get("version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    records = document.get("leases")
+    if not isinstance(records, list):
+        raise ValueError("'leases' is not a list")
+    leases: list[Lease] = []
+    malformed: list[str] = []
+    for index, record in enumerate(records):
+        try:
+            leases.append(Lease.from_json(record))
+        except (KeyError, TypeError, ValueError) as exc:
+            malformed.append(f"malformed record #{index} ({exc})")
+    return leases, malformed
+
+
 class Transaction:
     """The registry's leases while the lock is held; changes are written on a clean exit."""
 
@@ -333,26 +361,12 @@ class Registry:
                 f"cannot read the lease registry {self.path}: {exc.strerror}"
             ) from None
         try:
-            document = json.loads(raw.decode("utf-8"))
-            if not isinstance(document, dict):
-                raise ValueError("the document is not a JSON object")
-            version = document.get("version")
-            if version != SCHEMA_VERSION:
-                raise ValueError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
-            records = document.get("leases")
-            if not isinstance(records, list):
-                raise ValueError("'leases' is not a list")
-        except (ValueError, UnicodeDecodeError) as exc:
+            leases, malformed = parse_registry(raw)
+        except ValueError as exc:
             self._move_aside(f"it is not a valid registry ({exc})")
             return []
-        leases: list[Lease] = []
-        for index, record in enumerate(records):
-            try:
-                leases.append(Lease.from_json(record))
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning(
-                    "lease registry %s: dropped malformed record #%d (%s)", self.path, index, exc
-                )
+        for problem in malformed:
+            log.warning("lease registry %s: dropped %s", self.path, problem)
         return leases
 
     def _move_aside(self, why: str) -> None:
