@@ -13,9 +13,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
 from .errors import ConfigError
 
 __all__ = ["MASK", "ConnInfo", "mask_secrets"]
@@ -52,6 +49,11 @@ class ConnInfo:
     @classmethod
     def parse(cls, text: str, *, source: str = "admin_url") -> ConnInfo:
         """Parse a ``postgresql://`` URL or a libpq key/value string."""
+        # Imported here: psycopg costs ~0.1 s to import, and config (which every nox worker and
+        # `invoke --list` loads) only needs it when an admin URL is configured.
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
         try:
             parts: dict[str, Any] = conninfo_to_dict(text)
         except psycopg.ProgrammingError as exc:
@@ -81,6 +83,8 @@ class ConnInfo:
 
     def conninfo(self, **extra: Any) -> str:
         """The libpq key/value string, password included: for drivers only."""
+        from psycopg.conninfo import make_conninfo
+
         kwargs: dict[str, Any] = {
             "host": self.host,
             "port": self.port,

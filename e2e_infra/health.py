@@ -2,9 +2,11 @@
 
 A :class:`HealthCheck` makes one short attempt per :meth:`~HealthCheck.probe` call and answers
 ``True`` or ``False``; it never raises for the expected failures (refused, reset, timed out, a 5xx).
-:func:`wait_healthy` polls it with a growing interval (10 ms doubling up to 250 ms, so a fast server
-is seen within milliseconds) under a monotonic deadline, and stops early when the process it
-belongs to has exited: a foreign server answering on the same port must not count as ours.
+:func:`wait_healthy` polls it with a growing interval (10 ms doubling up to 50 ms: a refused connect
+costs ~0.1 ms, and a coarser cap made every server start wait up to 250 ms past its readiness; a
+``cmd:`` check, which spawns a process per probe, is capped at 250 ms) under a monotonic deadline,
+and stops early when the process it belongs to has exited: a foreign server answering on the same
+port must not count as ours.
 
 Specs, with placeholders already filled (see :func:`parse_health`)::
 
@@ -42,6 +44,9 @@ __all__ = [
     "parse_health",
     "wait_healthy",
 ]
+
+POLL_CAP = 0.05  # seconds between probes at most (HTTP, TCP)
+COMMAND_POLL_CAP = 0.25  # a cmd: probe spawns a process: probe less often
 
 _SPEC_HELP = (
     "use http://HOST:PORT/PATH, https://..., tcp://HOST:PORT, cmd:COMMAND, "
@@ -164,6 +169,8 @@ class CommandCheck:
     the typo.
     """
 
+    poll_cap = COMMAND_POLL_CAP
+
     def __init__(
         self,
         argv: Sequence[str],
@@ -280,7 +287,8 @@ def wait_healthy(
     ``alive`` is asked before and after each probe: once it answers False the wait ends with
     :class:`ServerExitedError` (``returncode=None``; the caller knows the real one), so a foreign
     process answering on the port is never mistaken for ours. Raises :class:`DeadlineExceeded`
-    after ``timeout`` seconds. ``what`` names the server in messages.
+    after ``timeout`` seconds. ``what`` names the server in messages. A check may set
+    ``poll_cap``, the longest pause between its probes (default :data:`POLL_CAP`).
     """
     clock = clock or SystemClock()
     name = what or "the server"
@@ -302,7 +310,13 @@ def wait_healthy(
         return healthy
 
     try:
-        wait_until(attempt, timeout=timeout, what=f"{name} ({check.description})", clock=clock)
+        wait_until(
+            attempt,
+            timeout=timeout,
+            what=f"{name} ({check.description})",
+            clock=clock,
+            cap=float(getattr(check, "poll_cap", POLL_CAP)),
+        )
     except DeadlineExceeded as exc:
         last = getattr(check, "last_error", "")
         if last:

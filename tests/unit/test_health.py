@@ -121,18 +121,30 @@ def test_polls_back_off_from_10ms_doubling() -> None:
     clock = FakeClock()
     check = FakeHealthCheck([False] * 4 + [True], clock=clock)
     took = wait_healthy(check, timeout=5, clock=clock)
-    assert clock.sleeps == pytest.approx([0.01, 0.02, 0.04, 0.08])
-    assert took == pytest.approx(0.15)
+    assert clock.sleeps == pytest.approx([0.01, 0.02, 0.04, 0.05])
+    assert took == pytest.approx(0.12)
 
 
-def test_backoff_is_capped_at_250ms_so_a_slow_server_is_seen_soon() -> None:
+def test_backoff_is_capped_at_50ms_so_a_slow_server_is_seen_soon() -> None:
     clock = FakeClock()
     check = FakeHealthCheck([False] * 12 + [True], clock=clock)
     wait_healthy(check, timeout=60, clock=clock)
-    assert max(clock.sleeps) == pytest.approx(0.25)
-    assert clock.sleeps[-1] == pytest.approx(0.25)
+    assert max(clock.sleeps) == pytest.approx(0.05)
+    assert clock.sleeps[-1] == pytest.approx(0.05)
     gaps = [b - a for a, b in zip(check.probes, check.probes[1:], strict=False)]
-    assert all(gap <= 0.25 + 1e-9 for gap in gaps)
+    assert all(gap <= 0.05 + 1e-9 for gap in gaps)
+
+
+def test_a_check_that_is_costly_to_probe_sets_its_own_cap() -> None:
+    clock = FakeClock()
+    check = FakeHealthCheck([False] * 12 + [True], clock=clock)
+    check.poll_cap = 0.25  # type: ignore[attr-defined]  # as CommandCheck does
+    wait_healthy(check, timeout=60, clock=clock)
+    assert max(clock.sleeps) == pytest.approx(0.25)
+
+
+def test_a_command_check_is_polled_at_most_every_250ms() -> None:
+    assert CommandCheck(["true"]).poll_cap == pytest.approx(0.25)
 
 
 def test_returned_time_includes_the_probes_own_duration() -> None:
@@ -179,4 +191,4 @@ def test_exit_during_polling_ends_the_wait_early() -> None:
     with pytest.raises(ServerExitedError):
         wait_healthy(check, timeout=60, alive=lambda: next(calls), clock=clock)
     assert len(check.probes) == 4
-    assert sum(clock.sleeps) == pytest.approx(0.15)
+    assert sum(clock.sleeps) == pytest.approx(0.12)
