@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first
         find_config_file,
         load_config,
         validate_name,
+        validate_project_name,
     )
     from .conninfo import ConnInfo, mask_secrets
     from .databases import AllocatedDatabase, DatabaseAllocator, DatabaseInfo, database_allocator
@@ -83,6 +84,7 @@ _LAZY: dict[str, str] = {
     "find_config_file": "config",
     "load_config": "config",
     "validate_name": "config",
+    "validate_project_name": "config",
     "ConnInfo": "conninfo",
     "mask_secrets": "conninfo",
     "AllocatedDatabase": "databases",
@@ -195,6 +197,7 @@ __all__ = [
     "seed_profiles",
     "seed_runner",
     "validate_name",
+    "validate_project_name",
     "wait_until",
 ]
 

@@ -263,6 +263,13 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
+def _revision(value: str, what: str) -> str:
+    """A revision or remote name that git cannot mistake for an option."""
+    if not value or value.startswith("-") or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise UsageError(f"{what} {value!r} is not a git revision (e.g. origin/main or a sha)")
+    return value
+
+
 def git_toplevel(start: Path) -> Path:
     """The top folder of the git work tree that holds ``start``."""
     return Path(_git(start, "rev-parse", "--show-toplevel").stdout.strip()).resolve()
@@ -270,6 +277,7 @@ def git_toplevel(start: Path) -> Path:
 
 def changed_files(repo: Path, base: str, head: str) -> list[Path]:
     """Files that differ between ``base`` and ``head`` (both sides of a rename), absolute."""
+    base, head = _revision(base, "--base"), _revision(head, "--head")
     top = git_toplevel(repo)
     out = _git(top, "diff", "--name-only", "--no-renames", "-z", base, head, "--").stdout
     return [top / name for name in out.split("\0") if name]
@@ -277,6 +285,7 @@ def changed_files(repo: Path, base: str, head: str) -> list[Path]:
 
 def default_branch_base(repo: Path, head: str, remote: str = "origin") -> str | None:
     """The merge-base of ``head`` with ``remote``'s default branch, or None if there is none."""
+    head, remote = _revision(head, "--head"), _revision(remote, "--remote")
     candidates: list[str] = []
     sym = _git(repo, "symbolic-ref", "-q", f"refs/remotes/{remote}/HEAD", check=False)
     if sym.returncode == 0 and sym.stdout.strip():

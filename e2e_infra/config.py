@@ -38,6 +38,7 @@ __all__ = [
     "find_config_file",
     "load_config",
     "validate_name",
+    "validate_project_name",
 ]
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -57,6 +58,23 @@ def validate_name(value: object, kind: str = "project") -> str:
             value=value,
         )
     return value
+
+
+#: Names a project may not take: the embedded cluster's own port lease is filed under "postgres".
+RESERVED_PROJECT_NAMES = frozenset({"postgres"})
+
+
+def validate_project_name(value: object) -> str:
+    """A valid project name that is not reserved (see :data:`RESERVED_PROJECT_NAMES`)."""
+    name = validate_name(value, "project")
+    if name in RESERVED_PROJECT_NAMES:
+        raise InvalidNameError(
+            f"the project name {name!r} is reserved for the embedded PostgreSQL cluster's own "
+            "lease; choose another name",
+            kind="project",
+            value=value,
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,7 @@ class Config:
     projects: Mapping[str, ProjectConfig] = field(default_factory=dict)
 
     def project(self, name: str) -> ProjectConfig:
-        validate_name(name, "project")
+        validate_project_name(name)
         try:
             return self.projects[name]
         except KeyError:
@@ -681,9 +699,10 @@ def _read_projects(
     projects: dict[str, ProjectConfig] = {}
     for name, table in tables.items():
         prefix = f"projects.{name}."
-        if NAME_PATTERN.fullmatch(name) is None:
+        if NAME_PATTERN.fullmatch(name) is None or name in RESERVED_PROJECT_NAMES:
             raise ConfigError(
-                f"invalid project name {name!r} in {path}: use [a-z][a-z0-9_]{{0,39}}",
+                f"invalid project name {name!r} in {path}: use [a-z][a-z0-9_]{{0,39}}, "
+                f"not {', '.join(sorted(RESERVED_PROJECT_NAMES))}",
                 key=prefix,
                 path=path,
             )

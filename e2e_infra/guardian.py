@@ -21,16 +21,13 @@ from collections.abc import Sequence
 from .clock import SystemClock, wait_until
 from .config import load_config
 from .errors import DeadlineExceeded, E2EInfraError
-from .leases import process_start_time
+from .leases import process_state
 
 log = logging.getLogger("e2e_infra")
 
-_TOLERANCE = 0.05
-
 
 def _owner_gone(pid: int, start_time: float) -> bool:
-    start = process_start_time(pid)
-    return start is None or abs(start - start_time) > _TOLERANCE
+    return process_state(pid, start_time) in ("gone", "reused")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,13 +43,14 @@ __all__ = [
     "new_run_id",
     "parse_registry",
     "process_start_time",
+    "process_state",
 ]
 
 log = logging.getLogger("e2e_infra")
 
 SCHEMA_VERSION = 1
 REGISTRY_FILE = "leases.json"
-_START_TIME_TOLERANCE = 0.05  # seconds; psutil derives it from boot time + clock ticks
+START_TIME_TOLERANCE = 0.05  # seconds; psutil derives it from boot time + clock ticks
 # filelock polls a held lock (default every 50 ms, which alone broke a 50 ms p99 for 8 allocating
 # processes); a transaction holds it for about a millisecond, so poll at that scale.
 _LOCK_POLL_INTERVAL = 0.002
@@ -71,6 +72,26 @@ def process_start_time(pid: int) -> float | None:
         return proc.create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
+
+
+def process_state(pid: int, start_time: float) -> str:
+    """``alive``, ``gone``, ``reused`` (the pid runs another process) or ``unknown``.
+
+    ``unknown``: the pid exists but may not be inspected (another user under ``hidepid``, say).
+    That is no proof of death, so callers must treat it as alive.
+    """
+    if pid <= 0:
+        return "gone"
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return "gone"
+        started = proc.create_time()
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return "gone"
+    except psutil.AccessDenied:
+        return "unknown"
+    return "alive" if abs(started - start_time) <= START_TIME_TOLERANCE else "reused"
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -111,14 +132,13 @@ class Owner:
 
     def is_alive(self) -> bool:
         """True while the same process (pid and start time) runs. Only meaningful on its host."""
-        start = process_start_time(self.pid)
-        return start is not None and abs(start - self.start_time) <= _START_TIME_TOLERANCE
+        return process_state(self.pid, self.start_time) in ("alive", "unknown")
 
     def same_process(self, other: Owner) -> bool:
         return (
             self.host == other.host
             and self.pid == other.pid
-            and abs(self.start_time - other.start_time) <= _START_TIME_TOLERANCE
+            and abs(self.start_time - other.start_time) <= START_TIME_TOLERANCE
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -226,7 +246,7 @@ class Transaction:
         self.now = now
         self.dirty = False
         # One /proc read per owner pid per transaction, not one per lease (a project holds several).
-        self._start_times: dict[int, float | None] = {}
+        self._states: dict[tuple[int, float], str] = {}
 
     @property
     def leases(self) -> tuple[Lease, ...]:
@@ -275,14 +295,15 @@ class Transaction:
         """Why ``lease`` may be reclaimed, or None while its owner is (or may be) alive."""
         owner = lease.owner
         if owner.host == self.host:
-            if owner.pid not in self._start_times:
-                self._start_times[owner.pid] = process_start_time(owner.pid)
-            start = self._start_times[owner.pid]
-            if start is None:
+            key = (owner.pid, owner.start_time)
+            if key not in self._states:
+                self._states[key] = process_state(owner.pid, owner.start_time)
+            state = self._states[key]
+            if state == "gone":
                 return f"owner pid {owner.pid} is gone"
-            if abs(start - owner.start_time) > _START_TIME_TOLERANCE:
+            if state == "reused":
                 return f"owner pid {owner.pid} was reused by another process"
-            return None
+            return None  # alive, or not inspectable: no proof of death
         if self.ttl is not None and self.now - lease.created_at > self.ttl:
             return f"owner on host {owner.host} cannot be checked and the lease is older than the TTL ({self.ttl:g}s)"  # noqa: E501
         return None

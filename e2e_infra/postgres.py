@@ -42,6 +42,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -244,6 +245,11 @@ def _reachable_by(path: Path, uid: int, gid: int) -> bool:
     return True
 
 
+def _owned_privately(path: Path) -> bool:
+    st = path.lstat()
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)
+
+
 def _copy_installation(found: PgBinaries, user: _ServerUser) -> PgBinaries:
     """Copy a relocatable installation (bin/, lib/, share/) where ``user`` can run it.
 
@@ -258,14 +264,24 @@ def _copy_installation(found: PgBinaries, user: _ServerUser) -> PgBinaries:
         root, extra = source.parent.parent, [vendored]
     target = Path("/tmp") / f"e2e-infra-pgbin-{_short_hash(f'{source.resolve()}:{found.version}')}"
     bin_dir = target / source.relative_to(root) / "bin"
-    lock = filelock.FileLock(str(target) + ".lock", timeout=120, mode=0o644)
-    with lock:
+    lock_path = Path(f"{target}.lock")
+    with filelock.FileLock(str(lock_path), timeout=120, mode=0o600):
+        for path in (lock_path, target):
+            # /tmp is shared: use nothing there that another user made or could have changed.
+            if path.exists() and not _owned_privately(path):
+                raise BinariesNotFoundError(
+                    f"{path} exists but is not owned by this user or is writable by others; "
+                    "remove it, or set postgres.bin_dir (E2E_PG_BIN_DIR) to a system installation",
+                    searched=[str(found.bin_dir), str(path)],
+                )
         if not _has_binaries(bin_dir):
-            staging = Path(f"{target}.tmp-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
+            staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
             for folder in (source, *extra):
-                shutil.copytree(folder, staging / folder.relative_to(root), symlinks=True)
+                shutil.copytree(
+                    folder, staging / folder.relative_to(root), symlinks=True, dirs_exist_ok=True
+                )
             staging.chmod(0o755)
+            shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
             log.info(
                 "copied the PostgreSQL installation %s to %s so that user %s can run it",
@@ -381,13 +397,18 @@ class LocalCluster:
     # --- the public surface ---
 
     def binaries(self) -> PgBinaries:
+        """The binaries found (their version, for status); see :meth:`runnable_binaries`."""
         if self._binaries is None:
-            found = find_binaries(self.config.postgres)
-            user = self.server_user()
-            if user.dropped and not _reachable_by(found.bin_dir / "postgres", user.uid, user.gid):
-                found = _copy_installation(found, user)
-            self._binaries = found
+            self._binaries = find_binaries(self.config.postgres)
         return self._binaries
+
+    def runnable_binaries(self) -> PgBinaries:
+        """Binaries the server user can run: a private copy if it cannot reach the found ones."""
+        found = self.binaries()
+        user = self.server_user()
+        if user.dropped and not _reachable_by(found.bin_dir / "postgres", user.uid, user.gid):
+            found = self._binaries = _copy_installation(found, user)
+        return found
 
     def server_user(self) -> _ServerUser:
         if self._user is None:
@@ -793,7 +814,7 @@ class LocalCluster:
     # --- starting ---
 
     def _start_locked(self) -> None:
-        binaries = self.binaries()
+        binaries = self.runnable_binaries()
         user = self.server_user()
         if user.dropped:
             log.info(

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .clock import wait_until
 from .config import Config
+from .errors import DeadlineExceeded
 from .report import RunSummary
 
 __all__ = [
@@ -225,14 +227,24 @@ def follow_run(
     display: PlainProgress | _LiveProgress = (
         _LiveProgress(file, since) if live else PlainProgress(file, since)
     )
+    # Bounded even if ``finished`` never turns true: every project run in turn, plus a margin.
+    deadline = sum(config.projects[p].timeout for p in projects if p in config.projects) + 600.0
+    last: list[ProjectStatus] = []
+
+    def refresh() -> bool:
+        nonlocal last
+        over = finished()
+        now = time.time()
+        last = read_statuses(config, projects, since, now=now)
+        display.update(last, now)
+        return over
+
     try:
-        while True:
-            over = finished()
-            now = time.time()
-            statuses = read_statuses(config, projects, since, now=now)
-            display.update(statuses, now)
-            if over:
-                return statuses
-            time.sleep(interval)
+        wait_until(
+            refresh, timeout=deadline, what="the run to finish", first=interval, cap=interval
+        )
+        return last
+    except DeadlineExceeded:
+        return last
     finally:
         display.close()

@@ -149,25 +149,55 @@ class RunResult:
         }
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM/SIGHUP into Interrupted in the main thread, for the ``with`` body."""
-    if sys.platform == "win32" or not _in_main_thread():
-        yield
-        return
+class _Interrupts:
+    """SIGINT/SIGTERM/SIGHUP become :class:`Interrupted`, but never inside a critical section.
 
-    def handler(signum: int, _frame: types.FrameType | None) -> None:
-        raise Interrupted(
+    A signal that arrives while the session spawns a process and records its lease (or stops one
+    and forgets it) is held until the section ends and raised there, so no process can be
+    started without a lease or lose its lease while it still runs.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.pending: int | None = None
+
+    @staticmethod
+    def error(signum: int) -> Interrupted:
+        return Interrupted(
             f"interrupted by {signal.Signals(signum).name}; released what the run held",
             signum=signum,
         )
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    def handler(self, signum: int, _frame: types.FrameType | None) -> None:
+        if self.depth:
+            self.pending = self.pending or signum
+            return
+        raise self.error(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if sys.platform == "win32" or not _in_main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handler) for sig in self.SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise self.error(signum)
 
 
 @contextlib.contextmanager
@@ -231,6 +261,7 @@ class ProjectSession:
         self._phase_start = 0.0
         self._started = self.clock.monotonic()
         self.env: ProjectEnv | None = None
+        self._interrupts = _Interrupts()
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -247,7 +278,7 @@ class ProjectSession:
             )
 
     def __enter__(self) -> ProjectEnv:
-        self._signals = _signals_raise()
+        self._signals = self._interrupts.installed()
         self._signals.__enter__()
         try:
             self.env = self._acquire()
@@ -279,6 +310,9 @@ class ProjectSession:
             self.result.error = "interrupted"
         elif isinstance(exc, SuiteFailedError):
             self.result.result = "failed"
+            self.result.error = mask_secrets(exc.one_line(), self._secrets)
+            if self.result.returncode is None:
+                self.result.returncode = exc.returncode
         else:
             self.result.result = "error"
             message = exc.one_line() if isinstance(exc, E2EInfraError) else repr(exc)
@@ -406,7 +440,9 @@ class ProjectSession:
                 cwd=server.cwd,
                 env=env,
                 log_path=self.results_dir / f"{server.name}.log",
-                health=parse_health(render(server.health, server_values), port=port),
+                health=parse_health(
+                    render(server.health, server_values), port=port, cwd=server.cwd, env=env
+                ),
                 startup_timeout=server.startup_timeout,
                 stop_timeout=server.stop_timeout,
                 clock=self.clock,
@@ -414,7 +450,7 @@ class ProjectSession:
                 port=port,
             )
             self.result.logs[server.name] = str(process.log_path)
-            with self.phase("servers"):
+            with self.phase("servers"), self._interrupts.critical():
                 record = process.start()
                 lease = Lease(
                     kind=SERVER_KIND,
@@ -471,12 +507,22 @@ class ProjectSession:
         junit = self.results_dir / "junit.xml"
         with self.phase("suite"):
             # Same process group as this process: nox's interrupt reaches the suite too.
-            proc = subprocess.Popen(argv, cwd=self.project.cwd, env=dict(self.env.env))
-            suite_lease = self._record_suite(proc)
+            with self._interrupts.critical():
+                try:
+                    proc = subprocess.Popen(argv, cwd=self.project.cwd, env=dict(self.env.env))
+                except OSError as exc:
+                    raise SuiteFailedError(
+                        f"cannot start the suite of {self.project.name} ({argv[0]}: "
+                        f"{exc.strerror}); check projects.{self.project.name}.command and cwd",
+                        project=self.project.name,
+                        returncode=127,
+                    ) from None
+                suite_lease = self._record_suite(proc)
             try:
                 returncode = proc.wait(timeout=self.project.timeout)
             except subprocess.TimeoutExpired:
-                _terminate(proc, grace=5.0)
+                with self._interrupts.critical():
+                    _terminate(proc, grace=5.0)
                 self.failed = True
                 self.result.result = "failed"
                 self.result.returncode = proc.returncode
@@ -488,11 +534,13 @@ class ProjectSession:
                     returncode=proc.returncode if proc.returncode is not None else -1,
                 ) from None
             except BaseException:
-                _terminate(proc, grace=2.0)
+                with _signals_deferred():
+                    _terminate(proc, grace=2.0)
                 raise
             finally:
-                with self.registry.transaction() as txn:
-                    txn.remove(suite_lease)
+                if proc.returncode is not None:  # a suite that may still run keeps its lease
+                    with _signals_deferred(), self.registry.transaction() as txn:
+                        txn.remove(suite_lease)
         self.result.returncode = returncode
         self.result.junit = str(junit) if junit.exists() else None
         if returncode == 0:
@@ -774,8 +822,11 @@ def _reclaim_databases(
             report.databases.extend(allocator.cleanup())
         else:
             with registry.transaction() as txn:
+                # A kept database outlives its run on purpose: db.cleanup drops it once expired.
                 mine = [
-                    lease for lease, _why in txn.stale("database") if lease.owner.run_id == run_id
+                    lease
+                    for lease, _why in txn.stale("database")
+                    if lease.owner.run_id == run_id and not lease.data.get("keep_until")
                 ]
             for lease in mine:
                 for name in allocator.release(name=lease.resource):

@@ -40,7 +40,7 @@ def test_a_pip_installed_postgres_behind_a_private_folder_runs_from_a_copy(tmp_p
 
     config = make_config(tmp_path / "cfg", bin_dir=str(bin_dir), port_range="15470-15479")
     with running_cluster(config) as cluster:
-        binaries = cluster.binaries()
+        binaries = cluster.runnable_binaries()
         with psycopg.connect(cluster.admin_conninfo().conninfo(), autocommit=True) as conn:
             version = conn.execute("SHOW server_version_num").fetchone()
         assert version is not None and int(version[0]) // 10000 == binaries.major

@@ -191,3 +191,13 @@ def test_the_hook_script_skips_on_e2e_skip_and_runs_from_the_repo_root(tmp_path:
     assert "'/opt/py 3/python' -m invoke --search-root" in script  # quoted for the shell
     assert 'cd "$(git rev-parse --show-toplevel)"' in script
     assert "E2E_SKIP" in script and "--no-verify" in script
+
+
+@pytest.mark.parametrize("rev", ["--output=/tmp/e2e-infra-pwned", "-p", "", "a b", "x\ny"])
+def test_a_revision_that_looks_like_an_option_is_refused(tmp_path: Path, rev: str) -> None:
+    from e2e_infra.affected import changed_files
+    from e2e_infra.errors import UsageError
+
+    with pytest.raises(UsageError, match="not a git revision"):
+        changed_files(tmp_path, rev, "HEAD")
+    assert not Path("/tmp/e2e-infra-pwned").exists()

@@ -241,3 +241,25 @@ def test_process_start_time_is_none_for_pids_that_cannot_be_live() -> None:
 
 def test_run_ids_are_unique() -> None:
     assert len({new_run_id() for _ in range(200)}) == 200
+
+
+def test_an_owner_that_cannot_be_inspected_is_not_proof_of_death(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psutil
+
+    from e2e_infra.leases import Lease, Owner, process_state
+
+    owner = Owner(pid=os.getpid(), start_time=0.0, host=registry.host, run_id="r1")
+    with registry.transaction() as txn:
+        txn.add(Lease(kind="port", resource="3100", project="p", owner=owner))
+
+    def denied(pid: int) -> psutil.Process:
+        raise psutil.AccessDenied(pid)
+
+    monkeypatch.setattr(psutil, "Process", denied)  # e.g. another user's process under hidepid
+    assert process_state(os.getpid(), 0.0) == "unknown"
+    with registry.transaction() as txn:
+        assert txn.stale() == []
+    monkeypatch.undo()
+    assert process_state(os.getpid(), 0.0) == "reused"
