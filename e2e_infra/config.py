@@ -117,7 +117,7 @@ class PostgresConfig:
     bin_dir: Path | None = None
     data_dir: Path | None = None  # None: chosen by postgres.py (state folder, or /tmp when root)
     user: str | None = None  # the unprivileged user to run as when started by root
-    tmpfs: bool = False  # put the data folder on /dev/shm
+    tmpfs: bool | None = None  # the data folder on /dev/shm; None = auto (when it has room)
     startup_timeout: float = 30.0
 
 
@@ -333,6 +333,12 @@ def _as_bool(value: Any, env: bool) -> bool:
         if lowered in {"0", "false", "no", "off", ""}:
             return False
     raise TypeError(f"expected true or false, got {value!r}")
+
+
+def _as_auto_bool(value: Any, env: bool) -> bool | None:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return _as_bool(value, env)
 
 
 def _as_number(minimum: float, integer: bool = False) -> Callable[[Any, bool], Any]:
@@ -568,7 +574,7 @@ def load_config(
         bin_dir=opt_path(pg, "bin_dir"),
         data_dir=opt_path(pg, "data_dir"),
         user=pg.get("user", None, _as_opt_str),
-        tmpfs=pg.get("tmpfs", False, _as_bool),
+        tmpfs=pg.get("tmpfs", None, _as_auto_bool),
         startup_timeout=pg.get("startup_timeout", 30.0, _as_number(1)),
     )
 
@@ -585,7 +591,7 @@ def load_config(
             path=env_source["E2E_RUN_ID"],
         )
     owner_text = env.get("E2E_OWNER_PID", "").strip()
-    if owner_text and (not owner_text.isdigit() or int(owner_text) <= 0):
+    if owner_text and (not (owner_text.isascii() and owner_text.isdigit()) or int(owner_text) <= 0):
         raise ConfigError(
             f"E2E_OWNER_PID in {env_source['E2E_OWNER_PID']}: {owner_text[:20]!r} is not a "
             "process id; set it to the pid of the process that uses the leases, or unset it",

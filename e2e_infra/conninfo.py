@@ -64,7 +64,7 @@ class ConnInfo:
             ) from None
         host = str(parts.pop("host", "") or "127.0.0.1")
         port_text = str(parts.pop("port", "") or "5432")
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise ConfigError(f"{source} has an invalid port {port_text!r}", key=source)
         return cls(
             host=host,

@@ -334,7 +334,11 @@ def check_free_ports(
 ) -> Check:
     """How many ports of the range are neither leased nor taken; enough for every project?"""
     rng = config.port_range
-    leased = {int(lease.resource) for lease in leases if lease.resource.isdigit()}
+    leased = {
+        int(lease.resource)
+        for lease in leases
+        if (lease.resource.isascii() and lease.resource.isdigit())
+    }
     free = sum(1 for port in range(rng.low, rng.high + 1) if port not in leased and probe(port))
     per_project = len(config.port_names)
     everyone = per_project * max(1, len(config.projects)) + 1  # + the embedded cluster

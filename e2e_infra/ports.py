@@ -47,7 +47,7 @@ def ephemeral_port_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int] |
         parts = path.read_text(encoding="ascii").split()
     except (OSError, UnicodeDecodeError):
         return None
-    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+    if len(parts) != 2 or not all((part.isascii() and part.isdigit()) for part in parts):
         return None
     low, high = int(parts[0]), int(parts[1])
     return (low, high) if 0 < low <= high <= 65535 else None
@@ -75,7 +75,7 @@ def port_is_free(port: int, hosts: Sequence[str] = DEFAULT_PROBE_HOSTS) -> bool:
 
 
 def _port_of(lease: Lease) -> int | None:
-    return int(lease.resource) if lease.resource.isdigit() else None
+    return int(lease.resource) if (lease.resource.isascii() and lease.resource.isdigit()) else None
 
 
 class PortAllocator:

