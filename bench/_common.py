@@ -1,0 +1,194 @@
+"""Helpers the benchmarks share: a private copy of the config, the machine, load, medians.
+
+Every bench runs against its own state: a copy of the repository's ``[tool.e2e_infra]`` whose
+``state_dir`` and ``results_dir`` live in a temporary folder and whose port range is 23000-24999
+(outside the kernel's ephemeral range), handed to nox and invoke through ``E2E_CONFIG``. The
+embedded cluster such a config starts is stopped and its folder removed by :func:`stop_cluster`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_PORT_RANGE = "23000-24999"
+
+
+# --- the private config ---------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def _dump_tables(prefix: str, table: dict[str, Any], out: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or k == "env"}
+    nested = {k: v for k, v in table.items() if isinstance(v, dict) and k != "env"}
+    out.append(f"[{prefix}]")
+    out.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
+    out.append("")
+    for key, value in nested.items():
+        _dump_tables(f"{prefix}.{key}", value, out)
+
+
+def write_config(
+    folder: Path,
+    *,
+    projects: dict[str, Any] | None = None,
+    port_range: str = BENCH_PORT_RANGE,
+    **top: Any,
+) -> Path:
+    """A copy of the repository's [tool.e2e_infra] with state and results under ``folder``.
+
+    ``projects`` replaces the demo's projects when given; ``top`` overrides top-level keys (and
+    ``database={...}`` individual keys of the database table).
+    """
+    section = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["e2e_infra"]
+    section = json.loads(json.dumps(section))  # deep copy
+    section["state_dir"] = str(folder / "state")
+    section["results_dir"] = str(folder / "results")
+    section["port_range"] = port_range
+    database_extra = top.pop("database", {})
+    section.update(top)
+    database = section.setdefault("database", {})
+    database.update(database_extra)
+    for key in ("migrations_dir", "seeds_dir"):
+        if key in database:
+            database[key] = str(REPO / database[key])
+    for server in section.get("servers", {}).values():
+        server["cwd"] = str(REPO)
+    if projects is not None:
+        section["projects"] = projects
+    for project in section.get("projects", {}).values():
+        project.setdefault("cwd", str(REPO))
+    lines: list[str] = []
+    _dump_tables("tool.e2e_infra", section, lines)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "pyproject.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def bench_env(config_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("E2E_")}
+    env["E2E_CONFIG"] = str(config_path)
+    env.update(extra)
+    return env
+
+
+def stop_cluster(config_path: Path) -> str:
+    """Stop the embedded cluster the bench config started and remove its folder."""
+    sys.path.insert(0, str(REPO))
+    from e2e_infra.config import load_config
+    from e2e_infra.leases import Registry
+    from e2e_infra.ports import PortAllocator
+    from e2e_infra.postgres import LocalCluster
+
+    config = load_config(config_path, environ={})
+    registry = Registry(config.state_dir, host=config.host_id)
+    cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
+    try:
+        cluster.stop()
+    finally:
+        shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
+    return str(cluster.cluster_dir)
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+def load_average() -> float:
+    """The 1-minute load average (the machine is shared: every figure is shown next to it)."""
+    return os.getloadavg()[0]
+
+
+@dataclass
+class Timed:
+    seconds: float
+    load_before: float
+    load_after: float
+    returncode: int
+    output: str
+    cpu: float  # user + system seconds of the command and the descendants it reaped
+
+    @property
+    def load(self) -> float:
+        return max(self.load_before, self.load_after)
+
+
+def run_timed(argv: Sequence[str], *, env: dict[str, str], cwd: Path = REPO) -> Timed:
+    before = load_average()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=1800, check=False
+    )
+    seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    output = proc.stdout + proc.stderr
+    return Timed(seconds, before, load_average(), proc.returncode, output, cpu)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Sequence[float], unit: str = "s", scale: float = 1.0) -> str:
+    """``median (min-max)`` of ``values``."""
+    if not values:
+        return "-"
+    fmt = ".0f" if scale >= 1000 else ".2f"
+    low, mid, high = (min(values) * scale, median(values) * scale, max(values) * scale)
+    return f"{mid:{fmt}}{unit} ({low:{fmt}}-{high:{fmt}})"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    pg = shutil.which("postgres") or ""
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}{', ' + pg if pg else ''}"
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table (also valid Markdown), columns padded."""
+    cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in cells
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

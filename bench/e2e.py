@@ -1,0 +1,266 @@
+"""Benchmark: the demo's E2E projects through nox, one after another and in parallel.
+
+    python bench/e2e.py                 # 3 rounds of nox -t e2e, with -j 2, with -j auto
+    python bench/e2e.py --rounds 5 --modes seq,auto
+    python bench/e2e.py --startup-only  # only the start-up times (invoke --list, nox -l, import)
+    python bench/e2e.py --baseline /tmp/base   # A/B: also run a baseline checkout, interleaved
+
+    # a baseline checkout without touching the repository's git state:
+    mkdir /tmp/base && git archive HEAD | tar -x -C /tmp/base
+
+Runs ``python -m nox -f noxfile.py -t e2e`` exactly as a user would, with ``E2E_CONFIG`` pointing
+at a private copy of the config (state and results in a temporary folder, ports 23000-24999). A
+first, cold run starts the embedded cluster and builds the templates; it is shown apart. Then each
+round runs every mode once, interleaved so that load from other users of the machine spreads
+over all modes. Prints, side by side: wall time and speedup per mode, the share of the tool's own
+phases (everything but the suite) and, per project, the median of each phase from ``run.json``.
+The load average is shown next to every figure: the machine is shared.
+
+With ``--baseline DIR`` every run of this checkout is paired with the same run of the checkout in
+DIR (each with its own state folder and cluster; the order alternates each round), so that load
+from other users falls on both alike; the ratios baseline/current are printed side by side.
+
+Targets (issue #6): tool phases < 20% of the demo's run time; parallel speedup >= 1.7x on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    REPO,
+    bench_env,
+    load_average,
+    machine,
+    median,
+    run_timed,
+    spread,
+    stop_cluster,
+    table,
+    write_config,
+)
+
+PHASES = ("ports", "database", "servers", "health", "suite", "teardown")
+MODES = {"seq": [], "2": ["-j", "2"], "auto": ["-j", "auto"]}
+
+
+def nox(repo: Path) -> list[str]:
+    return [sys.executable, "-m", "nox", "-f", str(repo / "noxfile.py")]
+
+
+def _label(mode: str) -> str:
+    return "nox -t e2e" if mode == "seq" else f"nox -j {mode} -t e2e"
+
+
+def _runs(results: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    for path in sorted(results.glob("*/run.json")):
+        data = json.loads(path.read_text())
+        found[data["project"]] = data
+    return found
+
+
+def run_once(config: Path, mode: str, repo: Path = REPO) -> dict[str, Any]:
+    results = config.parent / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    timed = run_timed([*nox(repo), *MODES[mode], "-t", "e2e"], env=bench_env(config), cwd=repo)
+    runs = _runs(results)
+    failed = [name for name, run in runs.items() if run["result"] != "passed"]
+    if timed.returncode != 0 or failed or not runs:
+        print(timed.output[-4000:], file=sys.stderr)
+        raise SystemExit(f"{_label(mode)} failed (exit {timed.returncode}; failed: {failed})")
+    return {"mode": mode, "wall": timed.seconds, "load": timed.load, "cpu": timed.cpu, "runs": runs}
+
+
+def startup(rounds: int, repos: dict[str, Path]) -> list[tuple[str, ...]]:
+    """Median wall time of the commands whose start-up every user and every nox worker pays."""
+    commands = {
+        "python -c pass": lambda repo: [sys.executable, "-c", "pass"],
+        "python -c 'import e2e_infra'": lambda repo: [sys.executable, "-c", "import e2e_infra"],
+        "python -m nox -l": lambda repo: [*nox(repo), "-l"],
+        "invoke --list": lambda repo: [sys.executable, "-m", "invoke", "--list"],
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-startup-") as tmp:
+        env = bench_env(write_config(Path(tmp)))
+        for label, make in commands.items():
+            samples: dict[str, list[float]] = {name: [] for name in repos}
+            loads = []
+            for _ in range(rounds):
+                for name, repo in repos.items():  # interleaved: load falls on all alike
+                    timed = run_timed(make(repo), env=env, cwd=repo)
+                    if timed.returncode != 0:
+                        print(timed.output[-2000:], file=sys.stderr)
+                        raise SystemExit(f"{label} failed in {repo}")
+                    samples[name].append(timed.seconds)
+                    loads.append(timed.load)
+            cells = [spread(samples[name], " ms", 1000) for name in repos]
+            if len(repos) == 2:
+                first, second = (median(samples[name]) for name in repos)
+                cells.append(f"{second / first:.2f}x")
+            rows.append((label, *cells, f"{median(loads):.2f}"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of all modes (default 3)")
+    parser.add_argument("--modes", default="seq,2,auto", help="of seq, 2, auto (comma-separated)")
+    parser.add_argument("--startup-rounds", type=int, default=7)
+    parser.add_argument("--startup-only", action="store_true")
+    parser.add_argument(
+        "--tmpfs", action="store_true", help="postgres.tmpfs = true: the cluster on /dev/shm"
+    )
+    parser.add_argument("--baseline", type=Path, help="a checkout to compare with, interleaved")
+    parser.add_argument("--spares", type=int, default=0, help="database.spares (warm spares)")
+    args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(unknown)}; use seq, 2, auto")
+
+    repos = {"current": REPO}
+    if args.baseline:
+        repos = {"baseline": args.baseline.resolve(), "current": REPO}
+    print(f"machine: {machine()}; load average at start {load_average():.2f}")
+    for name, repo in repos.items():
+        print(f"{name}: {repo}")
+    print(
+        f"\nstart-up (median of {args.startup_rounds}, min-max; "
+        "load is the median 1-min load average)"
+    )
+    ratio = ("current/baseline",) if len(repos) == 2 else ()
+    print(table(("command", *repos, *ratio, "load"), startup(args.startup_rounds, repos)))
+    if args.startup_only:
+        return 0
+
+    extra: dict[str, Any] = {"postgres": {"tmpfs": True}} if args.tmpfs else {}
+    if args.spares:
+        extra["database"] = {"spares": args.spares}
+    samples: dict[str, dict[str, list[dict[str, Any]]]] = {
+        name: {mode: [] for mode in modes} for name in repos
+    }
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-e2e-") as tmp:
+        configs = {name: write_config(Path(tmp) / name, **extra) for name in repos}
+        print(
+            f"\ncluster data folder on {'/dev/shm (tmpfs)' if args.tmpfs else 'disk'}; "
+            f"database.spares = {args.spares}"
+        )
+        try:
+            for name, repo in repos.items():
+                cold = run_once(configs[name], "seq", repo)
+                print(
+                    f"cold run of {name} (starts its cluster, builds the templates): "
+                    f"{_label('seq')} {cold['wall']:.2f}s, load {cold['load']:.2f}"
+                )
+            order = list(repos)
+            for round_no in range(args.rounds):
+                for mode in modes:
+                    for name in order:
+                        sample = run_once(configs[name], mode, repos[name])
+                        samples[name][mode].append(sample)
+                        print(
+                            f"  round {round_no + 1}: {name:<8} {_label(mode):<22} "
+                            f"{sample['wall']:6.2f}s load {sample['load']:.2f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    order.reverse()
+        finally:
+            for config in configs.values():
+                print(f"stopped and removed cluster {stop_cluster(config)}", file=sys.stderr)
+    for name in repos:
+        print(f"\n=== {name} ({repos[name]}) ===")
+        report(samples[name], args.rounds)
+    if len(repos) == 2:
+        compare(samples, modes)
+    return 0
+
+
+def compare(samples: dict[str, dict[str, list[dict[str, Any]]]], modes: list[str]) -> None:
+    base, current = samples["baseline"], samples["current"]
+    rows = []
+    for mode in modes:
+        b = median([s["wall"] for s in base[mode]])
+        c = median([s["wall"] for s in current[mode]])
+        rows.append((_label(mode), f"{b:.2f}s", f"{c:.2f}s", f"{b / c:.2f}x"))
+    print("\n=== baseline vs current, median wall ===")
+    print(table(("command", "baseline", "current", "baseline/current"), rows))
+
+
+def report(samples: dict[str, list[dict[str, Any]]], rounds: int) -> None:
+    def walls(mode: str) -> list[float]:
+        return [s["wall"] for s in samples[mode]]
+
+    def suite_sum(sample: dict[str, Any]) -> float:
+        return sum(run["phases"].get("suite", 0.0) for run in sample["runs"].values())
+
+    def tool_share(sample: dict[str, Any]) -> float:
+        total = sum(run["duration"] for run in sample["runs"].values())
+        return (total - suite_sum(sample)) / total
+
+    base = median(walls("seq")) if "seq" in samples else None
+    rows = []
+    for mode, items in samples.items():
+        wall = median(walls(mode))
+        share = median([tool_share(s) for s in items])
+        # Sequential only: everything in the wall time that is not a suite (nox, imports, summary).
+        outside = median([(s["wall"] - suite_sum(s)) / s["wall"] for s in items])
+        rows.append(
+            (
+                _label(mode),
+                spread(walls(mode)),
+                f"{base / wall:.2f}x" if base else "-",
+                f"{share * 100:.1f}%",
+                f"{outside * 100:.1f}%" if mode == "seq" else "-",
+                f"{median([s['cpu'] for s in items]):.1f}s",
+                f"{median([s['load'] for s in items]):.2f}",
+            )
+        )
+    print(f"\nwall time, median of {rounds} rounds (min-max)")
+    print(
+        table(
+            (
+                "command",
+                "wall",
+                "speedup",
+                "tool phases / run time",
+                "non-suite / wall",
+                "CPU (no PostgreSQL)",
+                "load",
+            ),
+            rows,
+        )
+    )
+    for mode, items in samples.items():
+        projects = sorted(items[0]["runs"])
+        body = []
+        for project in projects:
+            runs = [s["runs"][project] for s in items if project in s["runs"]]
+            cells = [
+                f"{median([r['phases'].get(p, 0.0) for r in runs]) * 1000:.0f}" for p in PHASES
+            ]
+            total = median([r["duration"] for r in runs])
+            tool = median([r["duration"] - r["phases"].get("suite", 0.0) for r in runs])
+            body.append((project, *cells, f"{total * 1000:.0f}", f"{tool / total * 100:.0f}%"))
+        print(f"\nper project, {_label(mode)}: median ms of each phase (run.json)")
+        print(table(("project", *PHASES, "total", "tool %"), body))
+    verdicts = []
+    if "seq" in samples:
+        share = median([tool_share(s) for s in samples["seq"]])
+        verdicts.append(f"tool phases {share * 100:.1f}% of run time (target < 20%)")
+        for mode in ("2", "auto"):
+            if mode in samples:
+                speedup = median(walls("seq")) / median(walls(mode))
+                verdicts.append(f"speedup {_label(mode)} {speedup:.2f}x (target >= 1.7x)")
+    if verdicts:
+        print("\ne2e-infra: " + "; ".join(verdicts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

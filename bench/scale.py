@@ -1,0 +1,194 @@
+"""Benchmark: how the tool's overhead per project grows with the number of projects.
+
+    python bench/scale.py                       # 17 and 100 projects, without and with a database
+    python bench/scale.py --counts 17,100 --rounds 3 --database both
+    python bench/scale.py --jobs 2              # nox -j 2 instead of -j auto
+
+Synthetic projects: no servers, the suite is ``true``, so everything measured is the tool (plus nox
+and Python start-up). Each configuration runs ``python -m nox -j auto -t e2e`` exactly as a user
+would, against a private copy of the config (state and results in a temporary folder, ports
+23000-24999; 100 projects x 2 ports fit). With ``database = true`` all projects clone one shared
+template (the demo schema and default seed), built by a warm-up run that is not counted.
+
+Overhead per project = wall time / projects (the suites take ~1 ms). Also shown: the median of
+each ``run.json`` phase and of the whole in-process session (``duration``), and the same for the
+last tenth of the projects (do later projects pay more: registry size, lock contention?).
+
+Target (issue #6): overhead per project grows by at most 1.5x from 17 to 100 projects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    REPO,
+    bench_env,
+    load_average,
+    machine,
+    median,
+    run_timed,
+    spread,
+    stop_cluster,
+    table,
+    write_config,
+)
+
+NOX = [sys.executable, "-m", "nox", "-f", str(REPO / "noxfile.py")]
+TOOL_PHASES = ("ports", "database", "teardown")
+
+
+def projects(count: int, database: bool) -> dict[str, Any]:
+    return {
+        f"p{i:03d}": {"command": "true", "servers": [], "database": database, "timeout": 120}
+        for i in range(count)
+    }
+
+
+def configure(tmp: Path, count: int, database: bool, tmpfs: bool) -> Path:
+    folder = tmp / f"{count}-{'db' if database else 'nodb'}"
+    # One state folder for all: one cluster and one template, as in a real checkout.
+    return write_config(
+        folder,
+        projects=projects(count, database),
+        state_dir=str(tmp / "state"),
+        **({"postgres": {"tmpfs": True}} if tmpfs else {}),
+    )
+
+
+def run_once(config: Path, jobs: str) -> dict[str, Any]:
+    results = config.parent / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    timed = run_timed([*NOX, "-j", jobs, "-t", "e2e"], env=bench_env(config, E2E_SUMMARY="0"))
+    runs = []
+    for path in sorted(results.glob("*/run.json")):
+        runs.append(json.loads(path.read_text()))
+    failed = [r["project"] for r in runs if r["result"] != "passed"]
+    if timed.returncode != 0 or failed:
+        print(timed.output[-4000:], file=sys.stderr)
+        raise SystemExit(f"{config} failed (exit {timed.returncode}; failed {failed[:5]})")
+    registry = config.parent.parent / "state"
+    size = (registry / "leases.json").stat().st_size if (registry / "leases.json").is_file() else 0
+    return {
+        "wall": timed.seconds,
+        "cpu": timed.cpu,
+        "load": timed.load,
+        "runs": runs,
+        "registry": size,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", default="17,100")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--database", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--jobs", default="auto", help="nox -j value (default auto)")
+    parser.add_argument(
+        "--tmpfs", action="store_true", help="postgres.tmpfs = true: the cluster on /dev/shm"
+    )
+    args = parser.parse_args(argv)
+    counts = [int(c) for c in args.counts.split(",")]
+    variants = {"no": [False], "yes": [True], "both": [False, True]}[args.database]
+
+    print(f"machine: {machine()}; load average at start {load_average():.2f}")
+    print(f"cluster data folder on {'/dev/shm (tmpfs)' if args.tmpfs else 'disk'}")
+    samples: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-scale-") as name:
+        tmp = Path(name)
+        configs = {(n, db): configure(tmp, n, db, args.tmpfs) for db in variants for n in counts}
+        try:
+            if True in variants:
+                warm = configure(tmp, 1, True, args.tmpfs)
+                timed = run_once(warm, args.jobs)
+                print(f"warm-up (cluster start, template build): {timed['wall']:.2f}s")
+            for round_no in range(args.rounds):
+                for key, config in configs.items():
+                    sample = run_once(config, args.jobs)
+                    samples.setdefault(key, []).append(sample)
+                    print(
+                        f"  round {round_no + 1}: {key[0]:>3} projects, database={key[1]!s:<5} "
+                        f"{sample['wall']:6.2f}s load {sample['load']:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            if True in variants:
+                print(f"stopped and removed cluster {stop_cluster(configs[(counts[0], True)])}")
+    report(samples, args)
+    return 0
+
+
+def _phase_ms(runs: list[dict[str, Any]], phase: str) -> float:
+    return median([r["phases"].get(phase, 0.0) for r in runs]) * 1000
+
+
+def report(samples: dict[tuple[int, bool], list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    rows = []
+    per_project: dict[tuple[int, bool], float] = {}
+    for (count, database), items in samples.items():
+        walls = [s["wall"] for s in items]
+        per = median(walls) / count
+        per_project[(count, database)] = per
+        runs = [r for s in items for r in s["runs"]]
+        late = [
+            r
+            for s in items
+            for r in sorted(s["runs"], key=lambda r: r["started_at"])[-max(1, count // 10) :]
+        ]
+        rows.append(
+            (
+                count,
+                "yes" if database else "no",
+                spread(walls),
+                f"{per * 1000:.0f}",
+                f"{median([s['cpu'] for s in items]) / count * 1000:.0f}",
+                *(f"{_phase_ms(runs, p):.0f}" for p in TOOL_PHASES),
+                f"{_phase_ms(runs, 'suite'):.0f}",
+                f"{median([r['duration'] for r in runs]) * 1000:.0f}",
+                f"{median([r['duration'] for r in late]) * 1000:.0f}",
+                f"{max(s['registry'] for s in items)}",
+                f"{median([s['load'] for s in items]):.2f}",
+            )
+        )
+    print(f"\nnox -j {args.jobs} -t e2e, median of {args.rounds} rounds (min-max); ms per project")
+    print(
+        table(
+            (
+                "projects",
+                "database",
+                "wall",
+                "wall/project",
+                "CPU/project",
+                *TOOL_PHASES,
+                "suite",
+                "session",
+                "session, last 10%",
+                "registry bytes after",
+                "load",
+            ),
+            rows,
+        )
+    )
+    counts = sorted({c for c, _ in samples})
+    verdicts = []
+    for database in sorted({d for _, d in samples}):
+        low, high = (counts[0], database), (counts[-1], database)
+        if low in per_project and high in per_project and low != high:
+            growth = per_project[high] / per_project[low]
+            verdicts.append(
+                f"database={'yes' if database else 'no'}: overhead per project "
+                f"{counts[0]} -> {counts[-1]}: {growth:.2f}x (target <= 1.5x)"
+            )
+    if verdicts:
+        print("\ne2e-infra: " + "; ".join(verdicts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
