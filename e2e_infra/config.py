@@ -152,6 +152,7 @@ class ServerConfig:
     depends_on: tuple[str, ...] = ()
     needs_database: bool = False
     restarts: int = 2  # restarts on a fresh port when a foreign process took its port
+    listen_socket: bool = False  # hand over an already-bound socket: {fd} in the command
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,7 @@ _SERVER_KEYS = {
     "depends_on",
     "needs_database",
     "restarts",
+    "listen_socket",
 }
 _PROJECT_KEYS = {"command", "cwd", "servers", "database", "seed", "env", "paths", "timeout"}
 _OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID"}
@@ -648,6 +650,8 @@ def _read_servers(
         port = r.get("port", None, _as_opt_str)
         if port is not None and port not in port_names:
             raise r.error("port", f"{port!r} is not one of port_names {list(port_names)}")
+        if r.get("listen_socket", False, _as_bool) and port is None:
+            raise r.error("listen_socket", 'needs the server\'s port: set port = "<name>"')
         servers[name] = ServerConfig(
             name=name,
             command=_check_command(r, "command", command),
@@ -660,6 +664,7 @@ def _read_servers(
             depends_on=r.get("depends_on", (), _as_names("server")),
             needs_database=r.get("needs_database", False, _as_bool),
             restarts=r.get("restarts", 2, _as_number(0, integer=True)),
+            listen_socket=r.get("listen_socket", False, _as_bool),
         )
     for server in servers.values():
         for dep in server.depends_on:
@@ -707,9 +712,9 @@ def _read_projects(
         prefix = f"projects.{name}."
         if NAME_PATTERN.fullmatch(name) is None or name in RESERVED_PROJECT_NAMES:
             raise ConfigError(
-                f"invalid project name {name!r} in {path}: use [a-z][a-z0-9_]{{0,39}}, "
-                f"not {', '.join(sorted(RESERVED_PROJECT_NAMES))}",
-                key=prefix,
+                f"invalid project name {name!r} (projects.{name}) in {path}: use "
+                f"[a-z][a-z0-9_]{{0,39}}, not {', '.join(sorted(RESERVED_PROJECT_NAMES))}",
+                key=f"projects.{name}",
                 path=path,
             )
         if not isinstance(table, dict):

@@ -36,6 +36,7 @@ from .errors import (
     ConfigError,
     E2EInfraError,
     Interrupted,
+    PortError,
     ServerExitedError,
     SuiteFailedError,
 )
@@ -424,15 +425,29 @@ class ProjectSession:
         self, server: ServerConfig, values: dict[str, object], ports: dict[str, int]
     ) -> None:
         from .health import parse_health
-        from .servers import ServerProcess, render, render_command
+        from .servers import ServerProcess, bind_listen_socket, render, render_command
 
         attempts = server.restarts + 1
         for attempt in range(1, attempts + 1):
             port = ports.get(server.port) if server.port else None
-            server_values = {**values, "port": port if port is not None else ""}
+            listener = None
+            if server.listen_socket and port is not None:
+                # The race-free hand-over: we bind, the server inherits the listening socket.
+                try:
+                    listener = bind_listen_socket(port)
+                except PortError:
+                    if attempt == attempts or server.port is None:
+                        raise
+                    ports[server.port] = self._move_port(server, port, attempt, attempts)
+                    values["ports"] = types.SimpleNamespace(**ports)
+                    continue
+            fd = listener.fileno() if listener is not None else ""
+            server_values = {**values, "port": port if port is not None else "", "fd": fd}
             env = self._base_env(ports, str(values["database_url"]))
             if port is not None:
                 env["PORT"] = str(port)
+            if listener is not None:
+                env["E2E_LISTEN_FD"] = str(fd)
             env.update({k: render(v, server_values) for k, v in server.env.items()})
             process = ServerProcess(
                 server.name,
@@ -448,10 +463,15 @@ class ProjectSession:
                 clock=self.clock,
                 secrets=self._secrets,
                 port=port,
+                pass_fds=(listener.fileno(),) if listener is not None else (),
             )
             self.result.logs[server.name] = str(process.log_path)
             with self.phase("servers"), self._interrupts.critical():
-                record = process.start()
+                try:
+                    record = process.start()
+                finally:
+                    if listener is not None:
+                        listener.close()  # the server holds its own copy now
                 lease = Lease(
                     kind=SERVER_KIND,
                     resource=f"{self.project.name}/{server.name}/{record.pid}",
@@ -479,20 +499,28 @@ class ProjectSession:
                 self._servers.remove((process, lease))
                 if not taken or attempt == attempts or server.port is None:
                     raise
-                new_port = self.ports.reallocate(self.project.name, server.port, self.owner)
-                log.warning(
-                    "%s: server %s could not use port %s (taken by another process); "
-                    "restarting it on port %s (attempt %d of %d)",
-                    self.project.name,
-                    server.name,
-                    port,
-                    new_port,
-                    attempt + 1,
-                    attempts,
-                )
+                new_port = self._move_port(server, port, attempt, attempts)
                 ports[server.port] = new_port
                 self.result.ports[server.port] = new_port
                 values["ports"] = types.SimpleNamespace(**ports)
+
+    def _move_port(
+        self, server: ServerConfig, port: int | None, attempt: int, attempts: int
+    ) -> int:
+        assert server.port is not None
+        new_port = self.ports.reallocate(self.project.name, server.port, self.owner)
+        log.warning(
+            "%s: server %s could not use port %s (taken by another process); "
+            "restarting it on port %s (attempt %d of %d)",
+            self.project.name,
+            server.name,
+            port,
+            new_port,
+            attempt + 1,
+            attempts,
+        )
+        self.result.ports[server.port] = new_port
+        return new_port
 
     # --- the suite --------------------------------------------------------------------------------
 

@@ -196,6 +196,9 @@ def test_one_project_passes_through_nox_and_leaves_nothing(
     assert record["seed"] == "auth_only"
     assert set(record["phases"]) >= {"ports", "database", "servers", "health", "suite", "teardown"}
     assert (config.results_dir / "auth_tests" / "junit.xml").is_file()
+    # The backend inherited its listening socket on the leased port (listen_socket = true).
+    log = (config.results_dir / "auth_tests" / "backend.log").read_text()
+    assert "--fd " in log and f"127.0.0.1:{record['ports']['backend']}" in log
     Leftovers(config).assert_none()
 
 

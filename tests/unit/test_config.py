@@ -102,6 +102,11 @@ def test_bad_run_id_or_owner_pid_is_a_config_error_naming_the_variable(
         ("lease_ttl = -1\n", "lease_ttl"),
         ("[tool.e2e_infra.database]\nclone_strategy = 'fast'\n", "database.clone_strategy"),
         ("[tool.e2e_infra.database]\nname_base = 'E2E'\n", "database.name_base"),
+        (
+            "[tool.e2e_infra.servers.web]\ncommand = 'x --fd {fd}'\nlisten_socket = true\n",
+            "servers.web.listen_socket",
+        ),
+        ("[tool.e2e_infra.projects.postgres]\ncommand = 'x'\n", "projects.postgres"),
     ],
 )
 def test_bad_keys_and_values_name_the_key_and_the_file(tmp_path: Path, body: str, key: str) -> None:
