@@ -91,12 +91,7 @@ _OWNER_HELP = (
 
 
 def _port_allocator(config: e2e_infra.Config) -> e2e_infra.PortAllocator:
-    registry = e2e_infra.Registry(
-        config.state_dir,
-        host=config.host_id,
-        lock_timeout=config.lock_timeout,
-        ttl=config.lease_ttl,
-    )
+    registry = e2e_infra.make_registry(config)
     return e2e_infra.PortAllocator.from_config(config, registry)
 
 
@@ -290,12 +285,7 @@ ports = Collection("ports", allocate, release, list_, cleanup)
 
 
 def _local_cluster(config: e2e_infra.Config) -> e2e_infra.LocalCluster:
-    registry = e2e_infra.Registry(
-        config.state_dir,
-        host=config.host_id,
-        lock_timeout=config.lock_timeout,
-        ttl=config.lease_ttl,
-    )
+    registry = e2e_infra.make_registry(config)
     return e2e_infra.LocalCluster(
         config, registry, e2e_infra.PortAllocator.from_config(config, registry)
     )
@@ -402,6 +392,12 @@ def _project_arg(project: str) -> str:
     return e2e_infra.validate_project_name(project)
 
 
+def _seed_arg(config: e2e_infra.Config, profile: str) -> str:
+    """The seed profile, checked (name and existence) before anything starts a cluster."""
+    e2e_infra.seed_runner(config, profile)
+    return profile
+
+
 @task(
     name="allocate",
     help={
@@ -419,6 +415,8 @@ def db_allocate(
     _project_arg(project)
     config = load()
     owner = _cli_owner(config, owner_pid)
+    if seed:
+        _seed_arg(config, seed)
     got = _db_allocator(config).allocate(project, owner, seed=seed or None)
     if json_:
         emit_json(
@@ -449,11 +447,10 @@ def db_release(c: Context, project: str = "", all_: bool = False, keep: bool = F
     """Drop a project's databases (--project NAME) or all (--all), or --keep them; idempotent."""
     if bool(project) == all_:
         raise e2e_infra.UsageError("pass either --project NAME or --all")
+    if project:
+        _project_arg(project)  # before _db_allocator, which may start the local cluster
     allocator = _db_allocator(load())
-    if all_:
-        names = allocator.release_all(keep=keep)
-    else:
-        names = allocator.release(_project_arg(project), keep=keep)
+    names = allocator.release_all(keep=keep) if all_ else allocator.release(project, keep=keep)
     if not names:
         print(f"no databases to release{f' for project {project}' if project else ''}")
     for name in names:
@@ -515,7 +512,8 @@ def db_cleanup(c: Context, json_: bool = False) -> None:
 @cli
 def db_migrate(c: Context, project: str = "") -> None:
     """Apply pending migrations to a project's live database."""
-    got = _db_allocator(load()).migrate(_project_arg(project))
+    _project_arg(project)  # before _db_allocator, which may start the local cluster
+    got = _db_allocator(load()).migrate(project)
     print(f"migrated {got.name}")
 
 
@@ -529,7 +527,7 @@ def db_seed(c: Context, project: str = "", seed: str = "") -> None:
     _project_arg(project)
     config = load()
     known = config.projects.get(project)
-    profile = seed or (known.seed if known else config.database.default_seed)
+    profile = _seed_arg(config, seed or (known.seed if known else config.database.default_seed))
     got = _db_allocator(config).seed(project, profile)
     print(f"seeded {got.name} with {profile}")
 
@@ -545,9 +543,8 @@ def db_seed(c: Context, project: str = "", seed: str = "") -> None:
 def db_template(c: Context, rebuild: bool = False, seed: str = "") -> None:
     """Build the template of the current migrations and a seed profile, unless it exists."""
     config = load()
-    name = _db_allocator(config).ensure_template(
-        seed or config.database.default_seed, rebuild=rebuild
-    )
+    profile = _seed_arg(config, seed or config.database.default_seed)
+    name = _db_allocator(config).ensure_template(profile, rebuild=rebuild)
     print(name)
 
 
@@ -555,7 +552,8 @@ def db_template(c: Context, rebuild: bool = False, seed: str = "") -> None:
 @cli
 def db_url(c: Context, project: str = "") -> None:
     """Print the real URL (with password) of a project's live database, and nothing else."""
-    got = _db_allocator(load()).find(_project_arg(project))
+    _project_arg(project)  # before _db_allocator, which may start the local cluster
+    got = _db_allocator(load()).find(project)
     print(got.url.url)
 
 
