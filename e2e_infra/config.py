@@ -711,8 +711,9 @@ def _read_projects(
     for name, table in tables.items():
         prefix = f"projects.{name}."
         if NAME_PATTERN.fullmatch(name) is None or name in RESERVED_PROJECT_NAMES:
+            shown = name if name.isidentifier() else "..."  # no control characters in messages
             raise ConfigError(
-                f"invalid project name {name!r} (projects.{name}) in {path}: use "
+                f"invalid project name {name!r} (projects.{shown}) in {path}: use "
                 f"[a-z][a-z0-9_]{{0,39}}, not {', '.join(sorted(RESERVED_PROJECT_NAMES))}",
                 key=f"projects.{name}",
                 path=path,

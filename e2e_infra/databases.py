@@ -11,8 +11,12 @@
 * A **database** for a project is a clone of the template named ``<base>_<project>`` (or
   ``<base>_<project>_<suffix>`` while another live lease holds that name), recorded as a lease of
   kind ``database`` and marked with ``COMMENT ON DATABASE ... IS 'e2e-infra {json}'``.
-  :meth:`DatabaseAllocator.cleanup` drops only marked databases whose owner is proven gone (or
-  whose keep expired), never an unmarked one.
+  :meth:`DatabaseAllocator.cleanup` drops marked databases whose owner is proven gone (or whose
+  keep expired). An unmarked one only when a stale lease of ours names it exactly: a clone, spare
+  or template build keeps its lease until it is marked (or proven absent), so a maker that died
+  between ``CREATE`` and ``COMMENT`` leaves that proof. A ``CREATE`` whose outcome is unknown (an
+  exception raised by a signal handler mid-statement leaves the connection busy) is settled from a
+  new connection: end the old backend, wait until it is gone, drop the name.
 * A **warm spare** (``spares`` > 0) is a clone of the current template made after a release, off
   the suite's critical path (a background thread the allocator joins in :meth:`close`): created
   by ``CREATE DATABASE ... TEMPLATE`` (atomic) as ``<base>_spare_<fp[:12]>_<random>`` while a
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -50,27 +55,36 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
-from psycopg import sql
+from psycopg import pq, sql
 
 from .clock import Clock, SystemClock, wait_until
 from .config import Config, validate_name
-from .conninfo import ConnInfo
+from .conninfo import ConnInfo, mask_secrets
 from .errors import (
     CloneError,
     DatabaseError,
     DatabaseLimitError,
     DatabaseNotFoundError,
     DeadlineExceeded,
+    E2EInfraError,
     InvalidNameError,
     RegistryError,
+    ServerUnreachableError,
     UsageError,
 )
 from .leases import Lease, Owner, Registry, Transaction, process_start_time
-from .migrations import Runner, connect, migration_runner, seed_runner
+from .migrations import (
+    Runner,
+    _server_message,
+    advisory_lock,
+    connect,
+    migration_runner,
+    seed_runner,
+)
 
 if TYPE_CHECKING:
     from .ports import PortAllocator
@@ -98,6 +112,7 @@ MARKER_PREFIX = "e2e-infra "
 TOOL = "e2e-infra"
 LEASE_KIND = "database"
 SPARE_KIND = "spare"  # the marker kind of a warm spare, and the registry lease while making one
+BUILD_KIND = "building"  # the marker kind of a template being built, and its registry lease
 _DBNAME = re.compile(r"[a-z][a-z0-9_]*")
 _MAX_IDENTIFIER = 63  # bytes; PostgreSQL truncates longer names silently
 _START_TIME_TOLERANCE = 0.05
@@ -201,6 +216,35 @@ def _ident(name: str) -> sql.Identifier:
     return sql.Identifier(validate_dbname(name))
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _server_errors(
+    action: str,
+) -> Callable[
+    [Callable[Concatenate[DatabaseAllocator, _P], _R]],
+    Callable[Concatenate[DatabaseAllocator, _P], _R],
+]:
+    """The library edge of a public method: a psycopg error the method did not handle becomes a
+    :class:`DatabaseError` (or :class:`ServerUnreachableError`) with a masked one-line message
+    that names the fix, never a traceback."""
+
+    def decorate(
+        fn: Callable[Concatenate[DatabaseAllocator, _P], _R],
+    ) -> Callable[Concatenate[DatabaseAllocator, _P], _R]:
+        @functools.wraps(fn)
+        def wrapper(self: DatabaseAllocator, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return fn(self, *args, **kwargs)
+            except psycopg.Error as exc:
+                raise self._server_error(exc, action) from exc
+
+        return wrapper
+
+    return decorate
+
+
 @dataclass(frozen=True)
 class AllocatedDatabase:
     name: str
@@ -278,9 +322,13 @@ class DatabaseAllocator:
         self._holders: dict[str, psycopg.Connection[Any]] = {}  # database -> lock connection
         self._spare_thread: threading.Thread | None = None
         self._spare_lock = threading.Lock()
+        # Leases whose CREATE DATABASE had an unknown outcome that could not be settled: they stay
+        # registered, the proof `cleanup` needs to drop the unmarked database once we are gone.
+        self._unsettled: set[str] = set()
 
     # --- public API ------------------------------------------------------------------------------
 
+    @_server_errors("allocate a database")
     def allocate(self, project: str, owner: Owner, *, seed: str | None = None) -> AllocatedDatabase:
         """Clone the template of ``seed`` (default: the project's) into a database of its own."""
         validate_name(project, "project")
@@ -312,11 +360,13 @@ class DatabaseAllocator:
             ).fetchone()
             assert row is not None
             fsync, ready, template_oid, marked, spare_rows = row
+            run = owner.run_id
             if not ready:
-                self._ensure(conn, template, fp, seed, migrations, seeds, rebuild=False)
+                self._ensure(conn, template, fp, seed, migrations, seeds, rebuild=False, run=run)
             spares = self._claimable(spare_rows, template, template_oid, fp) if ready else []
             # A claimed spare turns into the new database: it does not add to the count.
-            lease = self._reserve(project, owner, template, seed, int(marked) - min(len(spares), 1))
+            count = int(marked) - min(len(spares), 1)
+            lease, dead = self._reserve(project, owner, template, seed, count)
             strategy = self._strategy(str(fsync), major)
             try:
                 claimed = self._claim(conn, lease, spares)
@@ -324,17 +374,27 @@ class DatabaseAllocator:
                     lease = claimed
                 else:
                     try:
-                        lease = self._clone(conn, lease, template, strategy)
+                        lease, dead = self._clone(conn, lease, template, strategy, dead)
                     except pgerrors.InvalidCatalogName:
                         # The template was dropped between our check and the clone (pruned or
                         # rebuilt by another process): build it again, once.
-                        self._ensure(conn, template, fp, seed, migrations, seeds, rebuild=False)
-                        lease = self._clone(conn, lease, template, strategy)
+                        self._ensure(
+                            conn, template, fp, seed, migrations, seeds, rebuild=False, run=run
+                        )
+                        lease, dead = self._clone(conn, lease, template, strategy, dead)
             except BaseException:
                 self._unhold(lease.resource)
-                with self.registry.transaction() as txn:
-                    txn.remove(lease)
+                if lease.id in self._unsettled:
+                    self._unsettled.discard(lease.id)  # kept: the proof for cleanup
+                else:
+                    with self.registry.transaction() as txn:
+                        txn.remove(lease)
                 raise
+            if dead:
+                # Records of dead owners of this name: the name is ours now, and marked.
+                with self.registry.transaction() as txn:
+                    for old in dead:
+                        txn.remove(old)
         return AllocatedDatabase(
             name=lease.resource,
             project=project,
@@ -344,6 +404,7 @@ class DatabaseAllocator:
             lease=lease,
         )
 
+    @_server_errors("build a template")
     def ensure_template(self, seed: str, *, rebuild: bool = False) -> str:
         """Build the template of ``seed`` for the current migrations if needed; its name."""
         migrations = migration_runner(self.config)
@@ -351,9 +412,12 @@ class DatabaseAllocator:
         with self._admin() as conn:
             fp = fingerprint(migrations, seeds, seed, self._major(conn))
             template = template_name(self.base, seed, fp)
-            self._ensure(conn, template, fp, seed, migrations, seeds, rebuild=rebuild)
+            self._ensure(
+                conn, template, fp, seed, migrations, seeds, rebuild=rebuild, run=self.config.run_id
+            )
         return template
 
+    @_server_errors("release databases")
     def release(
         self,
         project: str | None = None,
@@ -376,6 +440,7 @@ class DatabaseAllocator:
             leases = txn.find(LEASE_KIND, project=project, resource=name, run_id=run_id)
         return self._release(leases, keep=keep)
 
+    @_server_errors("release databases")
     def release_all(self, *, keep: bool = False) -> builtins.list[str]:
         """Drop every database leased in this registry, kept ones included (or keep them all)."""
         with self.registry.transaction() as txn:
@@ -405,12 +470,14 @@ class DatabaseAllocator:
             lease=lease,
         )
 
+    @_server_errors("migrate a database")
     def migrate(self, project: str) -> AllocatedDatabase:
         """Apply pending migrations to the project's live database."""
         found = self.find(project)
         migration_runner(self.config).apply(found.url)
         return found
 
+    @_server_errors("seed a database")
     def seed(self, project: str, profile: str) -> AllocatedDatabase:
         """Apply seed ``profile`` to the project's live database."""
         runner = seed_runner(self.config, profile)
@@ -418,6 +485,7 @@ class DatabaseAllocator:
         runner.apply(found.url)
         return found
 
+    @_server_errors("prepare warm spares")
     def prepare_spares(self, template: str) -> builtins.list[str]:
         """Top up the warm spares of ``template`` to ``spares``; the names made.
 
@@ -463,19 +531,32 @@ class DatabaseAllocator:
         return made
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait for the spare being prepared and let go of the locks held for live databases
-        (only call it once they are released: on a shared server the locks prove they are in
-        use). Idempotent; a session calls it last, when the suite is long done."""
+        """Wait (at most ``timeout``, default ``clone_timeout``) for the spare being prepared and
+        let go of the locks held for live databases (only call it once they are released: on a
+        shared server the locks prove they are in use). Idempotent; a session calls it last,
+        when the suite is long done."""
+        limit = self.config.database.clone_timeout if timeout is None else timeout
         with self._spare_lock:
             thread, self._spare_thread = self._spare_thread, None
         if thread is not None:
-            thread.join(timeout)
+            thread.join(limit)
+            if thread.is_alive():
+                # Its statements are bounded (statement_timeout) and a half-made spare keeps its
+                # lease, so cleanup drops it if this process exits first.
+                log.warning(
+                    "the warm spare being prepared was not ready within %gs; leaving it to "
+                    "finish in the background",
+                    limit,
+                )
         for name in builtins.list(self._holders):
             self._unhold(name)
 
+    @_server_errors("clean up databases")
     def cleanup(self) -> builtins.list[tuple[str, str]]:
         """Drop marked databases whose owner is proven gone or whose keep expired, old templates
-        beyond ``keep_templates`` and half-built ones whose builder died; never unmarked ones."""
+        beyond ``keep_templates``, half-built ones whose builder died, and what a process that
+        died before marking it left: an unmarked database named exactly by a stale lease of ours
+        (the lease is the proof it was ours). Never any other unmarked database."""
         dropped: builtins.list[tuple[str, str]] = []
         with self._admin() as conn:
             marked = self._marked(conn)
@@ -492,45 +573,24 @@ class DatabaseAllocator:
                     return True
                 return False
 
-            half_made: builtins.list[tuple[str, str]] = []
             with self.registry.transaction() as txn:
                 by_id = {lease.id: lease for lease in txn.find(LEASE_KIND)}
-                names = {item.name for item in marked}
                 for item in marked:
                     lease = by_id.get(str(item.marker.get("lease")))
                     why = self._why_drop(txn, item, lease, now, lock_free=lock_free)
                     if why:
                         doomed.append((item, why))
-                # Leases whose database is gone and whose owner is gone are just records now.
-                for lease in list(by_id.values()):
-                    if lease.resource not in names and txn.stale_reason(lease) is not None:
-                        txn.remove(lease)
-                # A spare's maker that died before marking it: its lease names what it made.
-                for lease, why in txn.stale(SPARE_KIND):
-                    if lease.resource not in names:
-                        half_made.append((lease.resource, f"half-made spare: {why}"))
-                    txn.remove(lease)
             doomed.extend(self._stale_spares(marked))
             try:
                 for item, why in doomed:
                     self._drop(conn, item.name, template=item.is_template)
                     dropped.append((item.name, why))
+                names = {item.name for item in marked}
+                dropped.extend(self._drop_half_made(conn, names, lock_free=lock_free))
             finally:
                 for key in proved:
                     with contextlib.suppress(psycopg.Error):
                         conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            for name, why in half_made:
-                exists = conn.execute(
-                    "SELECT shobj_description(oid, 'pg_database') FROM pg_database "
-                    "WHERE datname = %s",
-                    (name,),
-                ).fetchone()
-                # Unmarked (or still a spare): the maker's lease is the proof it was ours.
-                if exists is not None and (
-                    exists[0] is None or (parse_marker(exists[0]) or {}).get("kind") == SPARE_KIND
-                ):
-                    self._drop(conn, name)
-                    dropped.append((name, why))
             dropped.extend(self._prune_templates(conn, keep=None))
         gone = {name for name, _ in dropped}
         with self.registry.transaction() as txn:
@@ -539,6 +599,62 @@ class DatabaseAllocator:
                     txn.remove(lease)
         return dropped
 
+    def _drop_half_made(
+        self,
+        conn: psycopg.Connection[Any],
+        marked: set[str],
+        *,
+        kinds: frozenset[str] = frozenset({LEASE_KIND, SPARE_KIND, BUILD_KIND}),
+        prefix: str = "",
+        lock_free: Callable[[str], bool] | None = None,
+    ) -> builtins.list[tuple[str, str]]:
+        """For each stale lease of ``kinds`` (owner proven gone) that names no marked database of
+        ours: drop the database of that exact name if it exists unmarked (its maker died between
+        CREATE and COMMENT), then forget the lease. On a shared server a database lease's name
+        must also be free of any owner's lock (``lock_free``). ``marked``: the marked names."""
+        with self.registry.transaction() as txn:
+            candidates = [
+                (lease, why)
+                for lease, why in txn.stale()
+                if lease.kind in kinds and lease.resource.startswith(prefix)
+            ]
+        if not candidates:
+            return []
+        rows = conn.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+            "WHERE datname = ANY(%s)",
+            ([lease.resource for lease, _ in candidates],),
+        ).fetchall()
+        comments = {str(name): comment for name, comment in rows}
+        what = {
+            LEASE_KIND: "half-made database",
+            SPARE_KIND: "half-made spare",
+            BUILD_KIND: "half-built template",
+        }
+        dropped: builtins.list[tuple[str, str]] = []
+        forget: builtins.list[Lease] = []
+        for lease, why in candidates:
+            name = lease.resource
+            if name in marked:
+                if lease.kind != LEASE_KIND:
+                    forget.append(lease)  # marked: the marker's own rules apply from now on
+                continue
+            if name in comments and comments[name] is None:
+                shared_name = self.shared and lease.kind == LEASE_KIND
+                if shared_name and (lock_free is None or not lock_free(name)):
+                    continue  # someone (another host?) holds that name: not proven ours
+                self._drop(conn, name, template=lease.kind == BUILD_KIND)
+                reason = f"{what[lease.kind]}, unmarked, named by the lease of a dead owner: {why}"
+                log.info("dropped %s: %s", name, reason)
+                dropped.append((name, reason))
+            # Gone, just dropped, or marked by something else (not ours): only a record now.
+            forget.append(lease)
+        with self.registry.transaction() as txn:
+            for lease in forget:
+                txn.remove(lease)
+        return dropped
+
+    @_server_errors("list databases")
     def list(self) -> builtins.list[DatabaseInfo]:
         """Marked databases of this name base, joined with the leases; leases without one too."""
         with self._admin() as conn:
@@ -596,9 +712,54 @@ class DatabaseAllocator:
     def _admin(self) -> Iterator[psycopg.Connection[Any]]:
         conn = connect(self.admin, purpose="admin")
         try:
+            # A deadline for every statement here (CREATE / DROP DATABASE wait on locks and on
+            # other sessions): generous, the build timeout. Migrations run on their own
+            # connections, not bound by it.
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false)",
+                (f"{max(1, round(self.build_timeout * 1000))}ms",),
+            )
             yield conn
         finally:
             conn.close()
+
+    def _server_error(self, exc: psycopg.Error, action: str) -> E2EInfraError:
+        """A one-line, masked error for a psycopg error that reached the library edge."""
+        secrets = tuple(p for p in (self.admin.password, self.client.password) if p)
+        reason = (
+            _server_message(exc, secrets)
+            if exc.diag.message_primary
+            else " ".join(mask_secrets(str(exc), secrets).split())
+        )
+        where = self.admin.masked
+        user = self.admin.user
+        role = sql.Identifier(user).as_string(None) if not _DBNAME.fullmatch(user) else user
+        if isinstance(exc, pgerrors.InsufficientPrivilege):
+            if "create database" in reason.lower():
+                fix = (
+                    f"the admin user {user} needs CREATEDB: ALTER ROLE {role} CREATEDB (or use a "
+                    "superuser in E2E_ADMIN_DATABASE_URL)"
+                )
+            else:
+                fix = (
+                    f"the admin user {user} lacks a privilege: use a superuser (or the owner of "
+                    f"the e2e databases, with CREATEDB: ALTER ROLE {role} CREATEDB) in "
+                    "E2E_ADMIN_DATABASE_URL"
+                )
+        elif isinstance(exc, pgerrors.QueryCanceled):
+            fix = (
+                f"a statement ran past statement_timeout ({self.build_timeout:g}s): look for "
+                "sessions holding locks in pg_stat_activity, then retry"
+            )
+        elif isinstance(exc, psycopg.OperationalError):
+            return ServerUnreachableError(
+                f"lost the connection to PostgreSQL at {where} trying to {action} ({reason}); "
+                "check that the server is up (`invoke pg.status`) and retry",
+                url=where,
+            )
+        else:
+            fix = "see the server log, then retry (`invoke doctor` checks the setup)"
+        return DatabaseError(f"PostgreSQL at {where} could not {action}: {reason}; {fix}")
 
     @staticmethod
     def _major(conn: psycopg.Connection[Any]) -> int:
@@ -701,21 +862,17 @@ class DatabaseAllocator:
         seeds: Runner,
         *,
         rebuild: bool,
+        run: str | None,
     ) -> None:
         key = _advisory_key(fp)
         lock = connect(self.admin, purpose=f"template lock {fp[:12]}")
         try:
-
-            def try_lock() -> bool:
-                row = lock.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-                return bool(row and row[0])
-
-            wait_until(
-                try_lock,
+            advisory_lock(
+                lock,
+                key,
                 timeout=self.build_timeout,
                 what=f"the build lock of template {template} (another process is building it)",
                 clock=self.clock,
-                cap=0.05,
                 hint="see who holds it with `invoke db.list`; raise the build timeout for slow "
                 "migrations",
             )
@@ -724,15 +881,23 @@ class DatabaseAllocator:
             if state is True and not rebuild:
                 return
             # We hold the lock: any build of this fingerprint left on the server is a dead one's.
-            for item in self._marked(conn):
-                if item.kind == "building" and item.marker.get("fingerprint") == fp:
+            marked = self._marked(conn)
+            for item in marked:
+                if item.kind == BUILD_KIND and item.marker.get("fingerprint") == fp:
                     log.info(
                         "dropping %s, a half-built template of a builder that is gone", item.name
                     )
                     self._drop(conn, item.name)
+            # And one that died before marking it, if its lease is in our registry.
+            self._drop_half_made(
+                conn,
+                {item.name for item in marked},
+                kinds=frozenset({BUILD_KIND}),
+                prefix=f"{self.base}_build_{fp[:12]}_",
+            )
             if state is not None:
                 self._drop(conn, template, template=True)
-            self._build(conn, template, fp, seed, migrations, seeds)
+            self._build(conn, template, fp, seed, migrations, seeds, run=run)
         finally:
             with contextlib.suppress(psycopg.Error):
                 lock.execute("SELECT pg_advisory_unlock(%s)", (key,))
@@ -747,29 +912,42 @@ class DatabaseAllocator:
         seed: str,
         migrations: Runner,
         seeds: Runner,
+        *,
+        run: str | None,
     ) -> None:
         building = validate_dbname(f"{self.base}_build_{fp[:12]}_{os.getpid()}")
-        me = Owner.current(host=self.registry.host, run_id=self.config.run_id)
+        me = Owner.current(host=self.registry.host, run_id=run)
         marker: dict[str, Any] = {
             "tool": TOOL,
             "format": TEMPLATE_FORMAT_VERSION,
             "base": self.base,
-            "kind": "building",
+            "kind": BUILD_KIND,
             "fingerprint": fp,
             "seed": seed,
             "template": template,
             "host": me.host,
             "pid": me.pid,
             "start": me.start_time,
-            "run": me.run_id,
+            "run": run,  # the run that built it (None for `invoke db.template`)
             "created_at": self.clock.time(),
         }
         started = time.monotonic()
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE template0{}").format(
-                _ident(building), self._owner_clause()
+        # The lease first: if we die between CREATE and COMMENT, cleanup knows the name is ours.
+        making = self._making(self.registry, BUILD_KIND, building, "(templates)", me)
+        backend = conn.info.backend_pid
+        try:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE template0{}").format(
+                    _ident(building), self._owner_clause()
+                )
             )
-        )
+        except pgerrors.DuplicateDatabase:
+            self._forget(self.registry, making)  # not ours: never drop it
+            raise
+        except BaseException:
+            if self._settle(conn, backend, building, template=True):
+                self._forget(self.registry, making)
+            raise
         try:
             conn.execute(self._marker_sql(building, marker))
             target = self.client.with_dbname(building)
@@ -792,9 +970,10 @@ class DatabaseAllocator:
                 sql.SQL("ALTER DATABASE {} RENAME TO {}").format(_ident(building), _ident(template))
             )
         except BaseException:
-            with contextlib.suppress(psycopg.Error):
-                self._drop(conn, building, template=True)
+            if self._settle(conn, backend, building, template=True):
+                self._forget(self.registry, making)
             raise
+        self._forget(self.registry, making)
         log.info("built template %s (seed %s) in %.2fs", template, seed, time.monotonic() - started)
 
     def _prune_templates(
@@ -826,8 +1005,13 @@ class DatabaseAllocator:
 
     # --- allocation ------------------------------------------------------------------------------
 
-    def _reserve(self, project: str, owner: Owner, template: str, seed: str, marked: int) -> Lease:
-        """Choose the name and record the lease; short, and the only part under the lock."""
+    def _reserve(
+        self, project: str, owner: Owner, template: str, seed: str, marked: int
+    ) -> tuple[Lease, builtins.list[Lease]]:
+        """Choose the name and record the lease; short, and the only part under the lock. Also
+        returns the leases of dead owners that name the same database: they stay until ours is
+        marked, the proof that an unmarked database of that name (a clone its owner died making)
+        is ours to drop."""
         limit = self.config.database.max_databases
         tag = host_tag(self.registry.host) if self.shared else ""
         plain = database_name(self.base, project, tag)
@@ -849,10 +1033,8 @@ class DatabaseAllocator:
                 name = database_name(self.base, project, _join(tag, suffix))
                 if name in taken:  # the same run twice: fall back to something random
                     name = database_name(self.base, project, _join(tag, os.urandom(3).hex()))
-            for lease in leases:
-                if lease.resource == name and lease not in held:
-                    txn.remove(lease)  # a dead owner's record; its database is reclaimed below
-            return txn.add(
+            dead = [lease for lease in leases if lease.resource == name and lease not in held]
+            lease = txn.add(
                 Lease(
                     kind=LEASE_KIND,
                     resource=name,
@@ -861,31 +1043,31 @@ class DatabaseAllocator:
                     data={"template": template, "seed": seed, "keep_until": None},
                 )
             )
+            return lease, dead
 
     def _clone(
-        self, conn: psycopg.Connection[Any], lease: Lease, template: str, strategy: str | None
-    ) -> Lease:
+        self,
+        conn: psycopg.Connection[Any],
+        lease: Lease,
+        template: str,
+        strategy: str | None,
+        dead: builtins.list[Lease],
+    ) -> tuple[Lease, builtins.list[Lease]]:
+        """Clone ``template`` into the lease's database and mark it; the lease (renamed if the
+        name was taken) and the dead owners' leases of its name, to forget once it is marked."""
         for _attempt in range(4):
             name = lease.resource
             self._hold(lease)  # before the database exists: no moment without proof of life
             try:
-                self._create(conn, name, template, strategy)
-            except pgerrors.DuplicateDatabase:
-                lease = self._after_duplicate(conn, lease)
-                if lease.resource != name:
-                    self._unhold(name)
-                continue
+                made = self._create_marked(conn, lease, template, strategy)
             except BaseException:
                 self._unhold(name)
                 raise
-            try:
-                conn.execute(self._marker_sql(name, self._lease_marker(lease)))
-            except BaseException:
-                with contextlib.suppress(psycopg.Error):
-                    self._drop(conn, name)
+            if made:
+                return lease, dead
+            lease, dead = self._after_duplicate(conn, lease, dead)
+            if lease.resource != name:
                 self._unhold(name)
-                raise
-            return lease
         self._unhold(lease.resource)
         raise DatabaseError(
             f"could not find a free database name for project {lease.project!r} (last tried "
@@ -893,14 +1075,125 @@ class DatabaseAllocator:
             dbname=lease.resource,
         )
 
-    def _after_duplicate(self, conn: psycopg.Connection[Any], lease: Lease) -> Lease:
-        """The name is taken on the server: reclaim a dead owner's database, or pick another."""
+    def _create_marked(
+        self, conn: psycopg.Connection[Any], lease: Lease, template: str, strategy: str | None
+    ) -> bool:
+        """CREATE the lease's database from ``template`` and mark it; False if the name is taken.
+
+        A name that exists is never created over (an unmarked database there is not known to be
+        ours). Once CREATE is sent, any failure whose outcome is unknown (an exception raised by a
+        signal handler mid-statement, a lost connection) or a failure to mark it is settled by
+        :meth:`_settle`; if even that fails, the lease stays registered (see allocate)."""
+        name = lease.resource
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists is not None:
+            return False
+        backend = conn.info.backend_pid
+        try:
+            self._create(conn, name, template, strategy)
+        except pgerrors.DuplicateDatabase:
+            return False
+        except CloneError:
+            raise  # the template stayed busy: the server refused every attempt
+        except psycopg.Error as exc:
+            if exc.sqlstate and not conn.broken:
+                raise  # the server's answer: nothing was created
+            if not self._settle(conn, backend, name):
+                self._unsettled.add(lease.id)
+            raise
+        except BaseException:  # Interrupted from a signal handler, say: the outcome is unknown
+            if not self._settle(conn, backend, name):
+                self._unsettled.add(lease.id)
+            raise
+        try:
+            conn.execute(self._marker_sql(name, self._lease_marker(lease)))
+        except BaseException:
+            if not self._settle(conn, backend, name):
+                self._unsettled.add(lease.id)
+            raise
+        return True
+
+    def _settle(
+        self, conn: psycopg.Connection[Any], backend: int, name: str, *, template: bool = False
+    ) -> bool:
+        """Make sure ``name``, whose CREATE DATABASE was sent on ``conn`` (backend pid
+        ``backend``), does not exist; False (logged) when that could not be proven.
+
+        An idle connection drops it itself. A busy one (an exception raised by a signal handler
+        leaves the CREATE running: "another command is already in progress") or a broken one is
+        settled from a new connection: end its backend, wait until it is gone (a CREATE that
+        committed is visible then, one that did not was rolled back), drop the name."""
+        if not conn.closed and conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                self._drop(conn, name, template=template)
+                return True
+        try:
+            with self._admin() as fresh:
+                if backend:
+                    fresh.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+                    def gone() -> bool:
+                        row = fresh.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (backend,)
+                        ).fetchone()
+                        return row is not None and row[0] == 0
+
+                    wait_until(  # real time: a real backend is ending
+                        gone,
+                        timeout=self.config.database.clone_timeout,
+                        what=f"the end of the session that was creating database {name}",
+                    )
+                self._drop(fresh, name, template=template)
+        except Exception as exc:
+            line = exc.one_line() if isinstance(exc, E2EInfraError) else str(exc).strip()
+            log.warning(
+                "could not make sure database %s was not left behind (%s); its lease stays, so "
+                "`invoke db.cleanup` drops it once this process is gone",
+                name,
+                " ".join(line.split()),
+            )
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()  # its backend is gone (or the connection was unusable anyway)
+        return True
+
+    @staticmethod
+    def _making(registry: Registry, kind: str, name: str, project: str, owner: Owner) -> Lease:
+        """Record the lease of a database about to be made (a spare, a template being built)."""
+        with registry.transaction() as txn:
+            return txn.add(Lease(kind=kind, resource=name, project=project, owner=owner))
+
+    @staticmethod
+    def _forget(registry: Registry, lease: Lease) -> None:
+        with registry.transaction() as txn:
+            txn.remove(lease)
+
+    def _after_duplicate(
+        self, conn: psycopg.Connection[Any], lease: Lease, dead: builtins.list[Lease]
+    ) -> tuple[Lease, builtins.list[Lease]]:
+        """The name is taken on the server: reclaim a dead owner's database (marked, or unmarked
+        and named by a dead owner's lease: it died creating it), or pick another name."""
         name = lease.resource
         row = conn.execute(
             "SELECT shobj_description(oid, 'pg_database'), datistemplate FROM pg_database "
             "WHERE datname = %s",
             (name,),
         ).fetchone()
+        if row is None:
+            return lease, dead  # dropped meanwhile: try the name again
+        if row[0] is None and not self.shared and dead:
+            with self.registry.transaction() as txn:
+                ids = {held.id for held in txn.find(LEASE_KIND, resource=name)}
+                proof = [old for old in dead if old.id in ids and txn.stale_reason(old)]
+            if proof:
+                log.info(
+                    "dropping %s before reusing its name: unmarked, and the lease of a process "
+                    "that is gone names it (it died creating it)",
+                    name,
+                )
+                self._drop(conn, name)
+                return lease, dead
         if row is not None:
             marker = parse_marker(row[0])
             if marker is not None and marker.get("kind") in {"database", "kept"}:
@@ -915,12 +1208,13 @@ class DatabaseAllocator:
                 if why is not None:
                     log.info("dropping %s before reusing its name: %s", name, why)
                     self._drop(conn, name)
-                    return lease
-        # Unmarked, or held by a live owner (maybe on another host): never touch it.
+                    return lease, dead
+        # Unmarked and not proven ours, or held by a live owner (maybe on another host): never
+        # touch it. The dead owners' leases of that name stay: cleanup's proof, if it was theirs.
         tag = host_tag(self.registry.host) if self.shared else ""
         new_name = database_name(self.base, lease.project, _join(tag, os.urandom(3).hex()))
         with self.registry.transaction() as txn:
-            return txn.update(replace(lease, resource=new_name))
+            return txn.update(replace(lease, resource=new_name)), []
 
     def _create(
         self, conn: psycopg.Connection[Any], name: str, template: str, strategy: str | None
@@ -1013,7 +1307,7 @@ class DatabaseAllocator:
 
         def work(previous: threading.Thread | None) -> None:
             if previous is not None:
-                previous.join()
+                previous.join(self.config.database.clone_timeout)
             for template in templates:
                 try:
                     self.prepare_spares(template)
@@ -1044,34 +1338,38 @@ class DatabaseAllocator:
             lock_timeout=self.registry.lock_timeout,
             ttl=self.registry.ttl,
         )
-        # The lease first: if we die between CREATE and COMMENT, cleanup knows the name is ours.
-        with registry.transaction() as txn:
-            making = txn.add(Lease(kind=SPARE_KIND, resource=name, project="(spares)", owner=me))
+        # The lease first: if we die between CREATE and COMMENT, cleanup knows the name is ours;
+        # it goes only once the spare is marked, or proven not to exist.
+        making = self._making(registry, SPARE_KIND, name, "(spares)", me)
+        row = conn.execute("SELECT current_setting('fsync')").fetchone()
+        strategy = self._strategy(str(row[0] if row else "on"), self._major(conn))
+        backend = conn.info.backend_pid
         try:
-            row = conn.execute("SELECT current_setting('fsync')").fetchone()
-            strategy = self._strategy(str(row[0] if row else "on"), self._major(conn))
-            self._create(conn, name, template, strategy)
             try:
-                marker = {
-                    "tool": TOOL,
-                    "format": TEMPLATE_FORMAT_VERSION,
-                    "base": self.base,
-                    "kind": SPARE_KIND,
-                    "template": template,
-                    "template_oid": template_oid,
-                    "fingerprint": template_marker.get("fingerprint"),
-                    "seed": template_marker.get("seed"),
-                    "host": me.host,
-                    "created_at": self.clock.time(),
-                }
-                conn.execute(self._marker_sql(name, marker))
-            except BaseException:
-                with contextlib.suppress(psycopg.Error):
-                    self._drop(conn, name)
+                self._create(conn, name, template, strategy)
+            except pgerrors.DuplicateDatabase:
+                self._forget(registry, making)  # another's: never drop it
                 raise
-        finally:
-            with registry.transaction() as txn:
-                txn.remove(making)
+            marker = {
+                "tool": TOOL,
+                "format": TEMPLATE_FORMAT_VERSION,
+                "base": self.base,
+                "kind": SPARE_KIND,
+                "template": template,
+                "template_oid": template_oid,
+                "fingerprint": template_marker.get("fingerprint"),
+                "seed": template_marker.get("seed"),
+                "host": me.host,
+                "created_at": self.clock.time(),
+            }
+            conn.execute(self._marker_sql(name, marker))
+        except pgerrors.DuplicateDatabase:
+            raise
+        except BaseException:
+            if self._settle(conn, backend, name):
+                self._forget(registry, making)
+            raise
+        self._forget(registry, making)
         log.info("prepared warm spare %s of %s", name, template)
         return name
 
@@ -1118,18 +1416,14 @@ class DatabaseAllocator:
         key = _name_key(name)
         conn = connect(self.admin, purpose=f"hold {name}")
         try:
-
-            def try_lock() -> bool:
-                row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,)).fetchone()
-                return bool(row and row[0])
-
-            wait_until(
-                try_lock,
+            advisory_lock(
+                conn,
+                key,
+                shared=True,
                 timeout=self.config.database.clone_timeout,
                 what=f"the lock of database name {name} (a cleanup is dropping a database of "
                 "that name)",
                 clock=self.clock,
-                cap=0.05,
             )
         except BaseException:
             conn.close()

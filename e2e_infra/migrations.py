@@ -5,10 +5,13 @@ template fingerprint) and how to apply itself to one database (:meth:`Runner.app
 
 * :class:`SqlDirectoryRunner` applies the ``*.sql`` files of one folder in name order, each in its
   own transaction, and records them with a checksum in ``e2e_infra_migrations``; a file that was
-  edited after it was applied is an error naming it.
+  edited after it was applied is an error naming it. One applier at a time per database: it holds a
+  session advisory lock from reading what was applied until its last file is committed.
 * :class:`CommandRunner` runs an external command (``alembic upgrade head``, ``prisma migrate
   deploy``...) with ``DATABASE_URL`` pointing at the target; its command string, the files it names
-  and the files matched by ``migrate_inputs`` are its inputs.
+  and the files matched by ``migrate_inputs`` are its inputs (named relative to the project root,
+  or by their absolute path when outside it). A command that overruns its timeout is stopped by
+  escalation: SIGTERM to its process group, a grace period, SIGKILL.
 
 Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<profile>``.
 """
@@ -16,6 +19,7 @@ Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<prof
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shlex
@@ -27,8 +31,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
+from .clock import Clock, wait_until
 from .config import NAME_PATTERN, Config, validate_name
 from .conninfo import ConnInfo, mask_secrets
 from .errors import ConfigError, MigrationError, SeedProfileNotFoundError, ServerUnreachableError
@@ -38,6 +43,7 @@ __all__ = [
     "CommandRunner",
     "Runner",
     "SqlDirectoryRunner",
+    "advisory_lock",
     "connect",
     "migration_runner",
     "seed_profiles",
@@ -47,6 +53,12 @@ __all__ = [
 MIGRATIONS_TABLE = "e2e_infra_migrations"
 CONNECT_TIMEOUT = 10  # seconds, libpq's own deadline for one connection attempt
 _OUTPUT_TAIL = 2000  # characters of a failed command's output kept in the error
+_STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a command that overran its timeout
+_REAP_TIMEOUT = 5.0  # seconds to collect the output of a killed command (a grandchild may hold it)
+# The session advisory lock that serialises the appliers of one database's migration table.
+_APPLY_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"e2e-infra migrations").digest()[:8], "big", signed=True
+)
 
 
 def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg.Connection[Any]:
@@ -68,6 +80,28 @@ def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg
             "with `invoke pg.start`, or fix E2E_ADMIN_DATABASE_URL",
             url=info.masked,
         ) from None
+
+
+def advisory_lock(
+    conn: psycopg.Connection[Any],
+    key: int,
+    *,
+    timeout: float,
+    what: str,
+    shared: bool = False,
+    clock: Clock | None = None,
+    hint: str = "",
+) -> None:
+    """Take session advisory lock ``key`` on ``conn`` (an autocommit connection), polling
+    ``pg_try_advisory_lock`` so that the wait has a deadline; DeadlineExceeded names ``what``."""
+    function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+    query = sql.SQL("SELECT {}(%s)").format(sql.Identifier(function))
+
+    def attempt() -> bool:
+        row = conn.execute(query, (key,)).fetchone()
+        return bool(row and row[0])
+
+    wait_until(attempt, timeout=timeout, what=what, clock=clock, cap=0.05, hint=hint)
 
 
 class Runner(Protocol):
@@ -98,11 +132,17 @@ class SqlDirectoryRunner:
     """The ``*.sql`` files of one folder, applied in name order, one transaction each."""
 
     def __init__(
-        self, directory: Path, *, record_prefix: str = "", what: str = "migration"
+        self,
+        directory: Path,
+        *,
+        record_prefix: str = "",
+        what: str = "migration",
+        lock_timeout: float = 600.0,
     ) -> None:
         self.directory = Path(directory)
         self.record_prefix = record_prefix  # seeds record as "seed:<profile>/<file>"
         self.what = what
+        self.lock_timeout = lock_timeout  # how long to wait for another applier of the database
         self.description = f"{what} files in {self.directory}"
 
     def files(self) -> list[Path]:
@@ -119,63 +159,81 @@ class SqlDirectoryRunner:
 
     def apply(self, target: ConnInfo) -> None:
         files = [(self.record_prefix + p.name, p, p.read_bytes()) for p in self.files()]
+        with connect(target, purpose=self.what) as conn:
+            # A session lock, held until the last file is committed: two appliers of one database
+            # (two `db.migrate`, say) take turns, and the second finds everything applied.
+            advisory_lock(
+                conn,
+                _APPLY_LOCK_KEY,
+                timeout=self.lock_timeout,
+                what=f"the migration lock of database {target.dbname!r} (another process is "
+                "applying migrations or seeds to it)",
+            )
+            try:
+                self._apply_locked(conn, target, files)
+            finally:
+                if not conn.closed and conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("SELECT pg_advisory_unlock(%s)", (_APPLY_LOCK_KEY,))
+
+    def _apply_locked(
+        self,
+        conn: psycopg.Connection[Any],
+        target: ConnInfo,
+        files: list[tuple[str, Path, bytes]],
+    ) -> None:
         secrets = (target.password,) if target.password else ()
         table = sql.Identifier(MIGRATIONS_TABLE)
-        with connect(target, purpose=self.what, autocommit=False) as conn:
-            with conn.transaction():
-                # Serialises concurrent appliers of the same database; ends with the transaction.
-                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (MIGRATIONS_TABLE,))
-                conn.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, checksum text NOT "
-                        "NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-                    ).format(table)
-                )
-                rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(table))
-                applied = dict(rows.fetchall())
-            for name, path, content in files:
-                checksum = hashlib.sha256(content).hexdigest()
-                if name in applied:
-                    if applied[name] != checksum:
-                        raise MigrationError(
-                            f"{self.what} {path} was edited after it was applied to database "
-                            f"{target.dbname!r} (checksum differs); restore the file and add a "
-                            "new one for the change, or release the database and allocate again",
-                            file=str(path),
-                            dbname=target.dbname,
-                        )
-                    continue
-                try:
-                    text = content.decode("utf-8")
-                except UnicodeDecodeError as exc:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, checksum text NOT "
+                    "NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(table)
+            )
+            rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(table))
+            applied = dict(rows.fetchall())
+        for name, path, content in files:
+            checksum = hashlib.sha256(content).hexdigest()
+            if name in applied:
+                if applied[name] != checksum:
                     raise MigrationError(
-                        f"{self.what} {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
-                        "save it as UTF-8",
+                        f"{self.what} {path} was edited after it was applied to database "
+                        f"{target.dbname!r} (checksum differs); restore the file and add a "
+                        "new one for the change, or release the database and allocate again",
                         file=str(path),
                         dbname=target.dbname,
+                    )
+                continue
+            try:
+                text = content.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MigrationError(
+                    f"{self.what} {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                    "save it as UTF-8",
+                    file=str(path),
+                    dbname=target.dbname,
+                ) from None
+            try:
+                with conn.transaction():
+                    conn.execute(text.encode("utf-8"))
+                    conn.execute(
+                        sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(table),
+                        (name, checksum),
+                    )
+            except psycopg.Error as exc:
+                if isinstance(exc, psycopg.OperationalError) and conn.closed:
+                    raise ServerUnreachableError(
+                        f"lost the connection to PostgreSQL at {target.masked} while "
+                        f"applying {path}; check the server and retry",
+                        url=target.masked,
                     ) from None
-                try:
-                    with conn.transaction():
-                        conn.execute(text.encode("utf-8"))
-                        conn.execute(
-                            sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(
-                                table
-                            ),
-                            (name, checksum),
-                        )
-                except psycopg.Error as exc:
-                    if isinstance(exc, psycopg.OperationalError) and conn.closed:
-                        raise ServerUnreachableError(
-                            f"lost the connection to PostgreSQL at {target.masked} while "
-                            f"applying {path}; check the server and retry",
-                            url=target.masked,
-                        ) from None
-                    raise MigrationError(
-                        f"{self.what} {path} failed on database {target.dbname!r}: "
-                        f"{_server_message(exc, secrets)}; fix the file and retry",
-                        file=str(path),
-                        dbname=target.dbname,
-                    ) from None
+                raise MigrationError(
+                    f"{self.what} {path} failed on database {target.dbname!r}: "
+                    f"{_server_message(exc, secrets)}; fix the file and retry",
+                    file=str(path),
+                    dbname=target.dbname,
+                ) from None
 
 
 def _expand(command: str) -> list[str]:
@@ -193,28 +251,40 @@ class CommandRunner:
         input_globs: Sequence[str] = (),
         timeout: float = 600.0,
         what: str = "migrate command",
+        stop_grace: float = _STOP_GRACE,
     ) -> None:
         self.command = command
         self.cwd = Path(cwd)
         self.input_globs = tuple(input_globs)
         self.timeout = timeout
+        self.stop_grace = stop_grace  # between SIGTERM and SIGKILL once the timeout has passed
         self.what = what
         self.description = f"{what} `{command}`"
 
     def _input_files(self) -> list[Path]:
         found: set[Path] = set()
         for part in shlex.split(self.command):
-            path = self.cwd / part
+            path = self.cwd / part  # an absolute part stays absolute
             if part not in {"{python}", "."} and path.is_file():
                 found.add(path)  # a script the command names shapes the data too
         for pattern in self.input_globs:
-            found.update(p for p in self.cwd.glob(pattern) if p.is_file())
+            # glob.glob, unlike Path.glob, takes absolute patterns too (results stay absolute).
+            for match in glob.glob(pattern, root_dir=self.cwd, recursive=True):
+                path = self.cwd / match
+                if path.is_file():
+                    found.add(path)
         return sorted(found)
+
+    def _input_name(self, path: Path) -> str:
+        """The name a file is hashed under: relative to ``cwd`` when inside it, else absolute."""
+        if path.is_relative_to(self.cwd):
+            return path.relative_to(self.cwd).as_posix()
+        return path.as_posix()
 
     def inputs(self) -> list[tuple[str, bytes]]:
         out = [("command", self.command.encode("utf-8"))]
         for path in self._input_files():
-            out.append((path.relative_to(self.cwd).as_posix(), path.read_bytes()))
+            out.append((self._input_name(path), path.read_bytes()))
         return out
 
     def apply(self, target: ConnInfo) -> None:
@@ -238,14 +308,12 @@ class CommandRunner:
             ) from None
         try:
             output, _ = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+        except subprocess.TimeoutExpired as exc:
+            output = _stop(proc, exc.output or b"", grace=self.stop_grace)
             tail = mask_secrets(output.decode("utf-8", "replace")[-_OUTPUT_TAIL:], secrets)
             raise MigrationError(
                 f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
-                f"database {target.dbname!r}; output: {' '.join(tail.split())}",
+                f"database {target.dbname!r} and was stopped; output: {' '.join(tail.split())}",
                 file=self.command,
                 dbname=target.dbname,
             ) from None
@@ -253,7 +321,8 @@ class CommandRunner:
             if proc.poll() is None:  # an exception other than the timeout: never leave a child
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=_REAP_TIMEOUT)
         if proc.returncode != 0:
             tail = mask_secrets(output.decode("utf-8", "replace")[-_OUTPUT_TAIL:], secrets)
             raise MigrationError(
@@ -262,6 +331,27 @@ class CommandRunner:
                 file=self.command,
                 dbname=target.dbname,
             )
+
+
+def _stop(proc: subprocess.Popen[bytes], output: bytes, *, grace: float) -> bytes:
+    """Stop a command that overran by escalation: SIGTERM to its process group, up to ``grace``
+    seconds to exit (its output still drained), SIGKILL, reap. Every wait is bounded: a grandchild
+    that left the group may keep the output pipe open forever. Returns the output collected."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _REAP_TIMEOUT)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            everything, _ = proc.communicate(timeout=wait)
+        except subprocess.TimeoutExpired as exc:
+            output = exc.output or output  # communicate() keeps (and returns) all it read so far
+            continue
+        return everything or output
+    if proc.stdout is not None:
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=_REAP_TIMEOUT)
+    return output
 
 
 def migration_runner(config: Config) -> Runner:

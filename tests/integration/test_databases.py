@@ -20,6 +20,7 @@ from psycopg import sql
 from e2e_infra.databases import DatabaseAllocator, fingerprint, parse_marker, template_name
 from e2e_infra.errors import (
     CloneError,
+    DatabaseError,
     DatabaseLimitError,
     MigrationError,
     ServerUnreachableError,
@@ -292,3 +293,129 @@ def test_an_unreachable_server_names_the_masked_url_and_the_fix(
     assert "postgresql://postgres:***@127.0.0.1:15598/postgres" in message
     assert "topsecret-pw" not in message and "invoke pg.start" in message
     assert allocator.registry.snapshot() == ()
+
+
+# --- a clone interrupted mid-statement, and what a dead maker leaves --------------------------
+
+
+class Interrupt(BaseException):
+    """What a signal handler raises in the middle of a statement (the session's SIGTERM)."""
+
+
+def test_an_interrupt_during_create_database_leaves_no_database_and_no_lease(
+    make_allocator: Factory, pg_cluster: PgCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allocator = make_allocator()
+    allocator.ensure_template("default")
+    seen: list[str] = []
+
+    def interrupted_create(
+        conn: psycopg.Connection[Any], name: str, template: str, strategy: str | None
+    ) -> None:
+        # CREATE is on its way to the server when the exception arrives: the connection is left
+        # busy ("another command is already in progress"), and the server goes on creating.
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)
+        )
+        conn.pgconn.send_query(statement.as_bytes(conn))
+        seen.append(name)
+        raise Interrupt
+
+    monkeypatch.setattr(allocator, "_create", interrupted_create)
+    with pytest.raises(Interrupt):
+        allocator.allocate("billing", Owner.current())
+    assert seen == [f"{allocator.base}_billing"]
+    assert seen[0] not in databases(pg_cluster, allocator.base + "_")  # settled: dropped
+    assert allocator.registry.snapshot() == ()
+    monkeypatch.undo()
+    again = allocator.allocate("billing", Owner.current())
+    assert again.name == seen[0]  # no suffix: nothing was left holding the name
+    assert allocator.release("billing") == [again.name]
+
+
+def create_unmarked(pg: PgCluster, name: str) -> None:
+    admin_execute(pg, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def test_cleanup_drops_an_unmarked_database_named_by_a_dead_makers_lease_and_no_other(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    from e2e_infra.leases import Lease
+
+    allocator = make_allocator()
+    base = allocator.base
+    clone, building, stranger = f"{base}_orders", f"{base}_build_0123456789ab_42", f"{base}_x"
+    alive_clone = f"{base}_alive"
+    for name in (clone, building, stranger, alive_clone):
+        create_unmarked(pg_cluster, name)
+    dead = dead_owner()
+    with allocator.registry.transaction() as txn:  # each died between CREATE and COMMENT
+        txn.add(Lease(kind="database", resource=clone, project="orders", owner=dead))
+        txn.add(Lease(kind="building", resource=building, project="(templates)", owner=dead))
+        # A live owner's clone in the making: never touched.
+        txn.add(
+            Lease(kind="database", resource=alive_clone, project="alive", owner=Owner.current())
+        )
+    dropped = dict(allocator.cleanup())
+    assert set(dropped) == {clone, building}
+    assert "half-made database" in dropped[clone] and "half-built template" in dropped[building]
+    present = databases(pg_cluster, base + "_")
+    assert stranger in present and alive_clone in present  # no lease, or a live owner's
+    assert [lease.resource for lease in allocator.registry.snapshot()] == [alive_clone]
+
+
+def test_a_dead_makers_unmarked_clone_gives_its_name_back_to_the_next_allocation(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    from e2e_infra.leases import Lease
+
+    allocator = make_allocator()
+    name = f"{allocator.base}_orders"
+    create_unmarked(pg_cluster, name)
+    with allocator.registry.transaction() as txn:
+        txn.add(Lease(kind="database", resource=name, project="orders", owner=dead_owner()))
+    got = allocator.allocate("orders", Owner.current())
+    assert got.name == name  # reclaimed on the lease's proof, not suffixed around
+    marker = databases(pg_cluster, name)[name]
+    assert marker is not None and marker["lease"] == got.lease.id
+    assert [lease.id for lease in allocator.registry.snapshot()] == [got.lease.id]
+    allocator.release("orders")
+
+
+def test_a_template_shows_the_run_that_built_it(make_allocator: Factory) -> None:
+    allocator = make_allocator()
+    got = allocator.allocate("reports", Owner.current(run_id="run-that-built"))
+    rows = {info.name: info for info in allocator.list()}
+    assert rows[got.template].kind == "template"
+    assert rows[got.template].run_id == "run-that-built"
+    allocator.release("reports")
+
+
+def test_an_admin_user_without_createdb_gets_one_line_naming_the_fix(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    role, password = f"nocreatedb_{uuid.uuid4().hex[:8]}", "NoCreateDb-pw-1"
+    admin_execute(
+        pg_cluster,
+        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)
+        ),
+    )
+    try:
+        allocator = make_allocator()
+        weak = replace_user(pg_cluster.tcp, role, password)
+        limited = DatabaseAllocator(allocator.config, allocator.registry, weak)
+        with pytest.raises(DatabaseError) as info:
+            limited.allocate("auth_tests", Owner.current())
+        line = info.value.one_line()
+        assert f"needs CREATEDB: ALTER ROLE {role} CREATEDB" in line
+        assert "permission denied to create database" in line and password not in line
+        assert allocator.registry.snapshot() == ()
+    finally:
+        admin_execute(pg_cluster, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def replace_user(info: Any, user: str, password: str) -> Any:
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(info, user=user, password=password)

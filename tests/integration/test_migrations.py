@@ -129,3 +129,34 @@ def test_db_migrate_and_seed_apply_to_the_projects_live_database(
                 ident = sql.Identifier(name)
                 conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE false").format(ident))
                 conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident))
+
+
+def test_two_concurrent_appliers_of_one_database_both_succeed_and_apply_each_file_once(
+    scratch: ConnInfo, tmp_path: Path
+) -> None:
+    import threading
+
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    # Slow files: without a lock held across them, both appliers read "nothing applied" and the
+    # second fails on the first file (relation exists / duplicate key of the record).
+    (folder / "0001_slow.sql").write_text("SELECT pg_sleep(0.3); CREATE TABLE one (id int);")
+    (folder / "0002_slow.sql").write_text("SELECT pg_sleep(0.3); CREATE TABLE two (id int);")
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            barrier.wait(timeout=10)
+            SqlDirectoryRunner(folder).apply(scratch)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=apply) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    recorded = rows(scratch, "SELECT name FROM e2e_infra_migrations ORDER BY 1")
+    assert recorded == [("0001_slow.sql",), ("0002_slow.sql",)]

@@ -410,3 +410,51 @@ def test_the_cli_rejects_bad_input_with_one_line_and_no_traceback(
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stderr
     assert "cannot connect" not in proc.stderr and "CliSecret99" not in proc.stderr
+
+
+# Without an admin URL the db tasks would start the embedded cluster: bad input must be rejected
+# before that (no cluster folder, no postmaster).
+NO_CLUSTER_CASES = [
+    (("db.url", "--project", ""), "pass --project NAME"),
+    (("db.url", "--project", "a b"), "invalid project name"),
+    (("db.migrate", "--project", ""), "pass --project NAME"),
+    (("db.release", "--project", "Robert'); --"), "invalid project name"),
+    (("db.seed", "--project", "demo", "--seed", "../../etc"), "invalid seed profile name"),
+    (("db.seed", "--project", "demo", "--seed", "no_such_profile"), "does not exist"),
+    (("db.allocate", "--project", "demo", "--seed", "no_such_profile"), "does not exist"),
+    (("db.template", "--seed", "Bad Seed"), "invalid seed profile name"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), NO_CLUSTER_CASES)
+def test_bad_input_to_db_tasks_is_rejected_before_any_cluster_starts(
+    tmp_path: Path, args: tuple[str, ...], expected: str
+) -> None:
+    from e2e_infra.ports import PortAllocator
+    from e2e_infra.postgres import LocalCluster
+
+    tables = base_tables()
+    tables[""].update(
+        state_dir=str(tmp_path / "state"),
+        results_dir=str(tmp_path / "results"),
+        port_range="15690-15699",  # ours, should anything bind by mistake
+    )
+    config_file = write_config(tmp_path, tables)
+    env = {"PATH": "/usr/bin:/bin", "E2E_CONFIG": str(config_file)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    config = e2e_infra.load_config(config_file, environ={})
+    registry = Registry(config.state_dir, host=config.host_id)
+    cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
+    assert not cluster.cluster_dir.exists() and not (config.state_dir / "pg").exists()
+    assert not (cluster.data_dir / "postmaster.pid").exists()

@@ -161,33 +161,38 @@ def test_auto_clone_strategy_follows_fsync_and_explicit_choice_wins(tmp_path: Pa
 def test_second_live_lease_of_a_project_gets_a_suffixed_name(tmp_path: Path) -> None:
     allocator = make_allocator(tmp_path)
     me = Owner.current(run_id="run-a")
-    first = allocator._reserve("auth_tests", me, "tpl", "default", marked=0)
-    second = allocator._reserve("auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=1)
+    first, _ = allocator._reserve("auth_tests", me, "tpl", "default", marked=0)
+    second, _ = allocator._reserve(
+        "auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=1
+    )
     assert first.resource == "e2e_db_auth_tests"
     assert second.resource.startswith("e2e_db_auth_tests_") and second.resource != first.resource
-    third = allocator._reserve("auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=2)
+    third, _ = allocator._reserve("auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=2)
     assert third.resource not in {first.resource, second.resource}
 
 
 def test_a_dead_owners_lease_gives_its_name_back(tmp_path: Path) -> None:
     allocator = make_allocator(tmp_path)
-    stale = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
-    fresh = allocator._reserve("auth_tests", Owner.current(), "tpl", "default", marked=1)
+    stale, _ = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
+    fresh, dead = allocator._reserve("auth_tests", Owner.current(), "tpl", "default", marked=1)
     assert fresh.resource == stale.resource == "e2e_db_auth_tests"
+    # The dead owner's lease stays until the new database is marked: if that owner died while
+    # creating its database, the lease is the proof that an unmarked one of that name is ours.
+    assert [lease.id for lease in dead] == [stale.id]
     leases = allocator.registry.snapshot()
-    assert [lease.id for lease in leases] == [fresh.id]
+    assert [lease.id for lease in leases] == [stale.id, fresh.id]
 
 
 def test_a_kept_database_keeps_its_name_until_it_expires(tmp_path: Path) -> None:
     clock = FakeClock()
     allocator = make_allocator(tmp_path, clock=clock)
-    kept = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
+    kept, _ = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
     with allocator.registry.transaction() as txn:
         txn.update(kept.with_data(keep_until=clock.time() + 60))
-    during = allocator._reserve("auth_tests", Owner.current(run_id="r1"), "t", "d", marked=1)
+    during, _ = allocator._reserve("auth_tests", Owner.current(run_id="r1"), "t", "d", marked=1)
     assert during.resource != kept.resource
     clock.advance(61)
-    after = allocator._reserve("auth_tests", Owner.current(run_id="r2"), "t", "d", marked=2)
+    after, _ = allocator._reserve("auth_tests", Owner.current(run_id="r2"), "t", "d", marked=2)
     assert after.resource == kept.resource
 
 
@@ -275,9 +280,9 @@ def test_on_a_shared_server_names_carry_the_host_and_hosts_never_meet(tmp_path: 
     a = shared_allocator(tmp_path / "a", "runner-1")
     b = shared_allocator(tmp_path / "b", "runner-2")
     assert host_tag("runner-1") != host_tag("runner-2") and len(host_tag("x")) == 4
-    first = a._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=0)
-    other = b._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=1)
-    again = a._reserve("auth_tests", Owner.current(run_id="r2"), "tpl", "default", marked=2)
+    first, _ = a._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=0)
+    other, _ = b._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=1)
+    again, _ = a._reserve("auth_tests", Owner.current(run_id="r2"), "tpl", "default", marked=2)
     assert first.resource == f"e2e_db_auth_tests_{host_tag('runner-1')}"
     assert other.resource == f"e2e_db_auth_tests_{host_tag('runner-2')}"
     assert again.resource.startswith(first.resource + "_")
@@ -362,3 +367,40 @@ def test_only_spares_of_the_newest_build_of_a_seed_within_the_cap_survive(tmp_pa
     assert set(verdicts) == {"s_old", "s_rebuilt", "s_gone", "s_new2"}
     assert "newest" in verdicts["s_old"] and "earlier build" in verdicts["s_rebuilt"]
     assert "gone" in verdicts["s_gone"] and "beyond spares = 1" in verdicts["s_new2"]
+
+
+# --- bounded waits and errors at the edge ---------------------------------------------------------
+
+
+def test_close_waits_for_the_spare_thread_only_until_its_deadline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+    import time
+
+    allocator = make_allocator(tmp_path, clone_timeout=0.2)
+    release = threading.Event()
+    allocator._spare_thread = threading.Thread(target=release.wait, args=(30,))
+    allocator._spare_thread.start()
+    started = time.monotonic()
+    try:
+        allocator.close()
+        assert time.monotonic() - started < 5
+        assert "was not ready within 0.2s" in caplog.text
+    finally:
+        release.set()
+
+
+def test_a_privilege_error_at_the_edge_is_one_masked_line_naming_the_fix(tmp_path: Path) -> None:
+    from psycopg import errors as pgerrors
+
+    from e2e_infra.errors import DatabaseError
+
+    allocator = make_allocator(tmp_path)
+    error = allocator._server_error(
+        pgerrors.InsufficientPrivilege("permission denied to create database"), "build a template"
+    )
+    assert isinstance(error, DatabaseError)
+    line = error.one_line()
+    assert "needs CREATEDB: ALTER ROLE postgres CREATEDB" in line
+    assert "permission denied to create database" in line and "pw" not in line.split("@")[0]

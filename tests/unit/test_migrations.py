@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import psutil
@@ -147,3 +148,62 @@ def test_seed_profile_name_is_validated_before_touching_the_filesystem(tmp_path:
     config = make_config(tmp_path, seeds_dir=tmp_path)
     with pytest.raises(InvalidNameError):
         seed_runner(config, "../etc")
+
+
+def test_a_command_and_inputs_outside_the_root_are_hashed_under_their_absolute_path(
+    tmp_path: Path,
+) -> None:
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    (elsewhere / "versions").mkdir(parents=True)
+    (elsewhere / "m.py").write_text("migrate")
+    (elsewhere / "versions" / "a1.py").write_text("rev a1")
+    (root / "local.sql").write_text("local")
+    runner = CommandRunner(
+        f"python {elsewhere / 'm.py'}",
+        cwd=root,
+        input_globs=(f"{elsewhere}/versions/*.py", "*.sql", "**/*.sql"),
+    )
+    assert runner.inputs() == [
+        ("command", f"python {elsewhere / 'm.py'}".encode()),
+        ((elsewhere / "m.py").as_posix(), b"migrate"),
+        ((elsewhere / "versions" / "a1.py").as_posix(), b"rev a1"),
+        ("local.sql", b"local"),
+    ]
+
+
+def test_an_overrun_command_gets_sigterm_first_and_a_grace_period(tmp_path: Path) -> None:
+    script = (
+        "import signal, sys, time, pathlib; "
+        "signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path('term').write_text('x'), "
+        "print('cleaned up', flush=True), sys.exit(0))); "
+        "print('started', flush=True); time.sleep(60)"
+    )
+    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, timeout=1.0, stop_grace=5.0)
+    with pytest.raises(MigrationError, match=r"did not finish within 1s.*started cleaned up"):
+        runner.apply(TARGET)
+    assert (tmp_path / "term").exists()  # it was asked to stop before being killed
+
+
+def test_a_command_that_ignores_sigterm_and_leaves_its_output_open_is_still_bounded(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    # Ignores SIGTERM, and a grandchild in its own session keeps the output pipe open after the
+    # group is killed: every wait after the timeout must still end.
+    script = (
+        "import signal, subprocess, sys, time, pathlib; signal.signal(signal.SIGTERM, "
+        "signal.SIG_IGN); p = subprocess.Popen([sys.executable, '-c', 'import time; "
+        "time.sleep(30)'], start_new_session=True); pathlib.Path('child.pid').write_text("
+        "str(p.pid)); time.sleep(60)"
+    )
+    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, timeout=1.0, stop_grace=0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(MigrationError, match="did not finish within 1s"):
+            runner.apply(TARGET)
+        assert time.monotonic() - started < 15
+    finally:
+        with contextlib.suppress(psutil.Error, OSError, ValueError):
+            psutil.Process(int((tmp_path / "child.pid").read_text())).kill()
