@@ -182,8 +182,8 @@ def test_a_time_wait_socket_does_not_make_a_port_look_taken() -> None:
         plain.close()
 
     assert port_is_free(port)
-    with _listener("127.0.0.1", port):  # and a server really can bind it
-        pass
+    with _listener("127.0.0.1", port) as server:  # and a server really can bind it
+        assert server.getsockname()[1] == port
 
 
 def test_an_unbindable_probe_host_is_skipped_not_counted_as_taken() -> None:
