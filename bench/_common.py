@@ -8,7 +8,6 @@ embedded cluster such a config starts is stopped and its folder removed by :func
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -17,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,30 +26,6 @@ BENCH_PORT_RANGE = "23000-24999"
 
 
 # --- the private config ---------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
-
-
-def _dump_tables(prefix: str, table: dict[str, Any], out: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or k == "env"}
-    nested = {k: v for k, v in table.items() if isinstance(v, dict) and k != "env"}
-    out.append(f"[{prefix}]")
-    out.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
-    out.append("")
-    for key, value in nested.items():
-        _dump_tables(f"{prefix}.{key}", value, out)
 
 
 def write_config(
@@ -66,30 +40,18 @@ def write_config(
     ``projects`` replaces the demo's projects when given; ``top`` overrides top-level keys (and
     ``database={...}`` individual keys of the database table).
     """
-    section = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["e2e_infra"]
-    section = json.loads(json.dumps(section))  # deep copy
-    section["state_dir"] = str(folder / "state")
-    section["results_dir"] = str(folder / "results")
-    section["port_range"] = port_range
-    database_extra = top.pop("database", {})
-    section.update(top)
-    database = section.setdefault("database", {})
-    database.update(database_extra)
-    for key in ("migrations_dir", "seeds_dir"):
-        if key in database:
-            database[key] = str(REPO / database[key])
-    for server in section.get("servers", {}).values():
-        server["cwd"] = str(REPO)
-    if projects is not None:
-        section["projects"] = projects
-    for project in section.get("projects", {}).values():
-        project.setdefault("cwd", str(REPO))
-    lines: list[str] = []
-    _dump_tables("tool.e2e_infra", section, lines)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "pyproject.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    sys.path.insert(0, str(REPO))
+    from e2e_infra.testing import copy_config
+
+    database = top.pop("database", None)
+    return copy_config(
+        REPO / "pyproject.toml",
+        folder,
+        port_range=port_range,
+        projects=projects,
+        database=database,
+        **top,
+    )
 
 
 def bench_env(config_path: Path, **extra: str) -> dict[str, str]:

@@ -20,16 +20,13 @@ databases and processes must be 0 every round), or if a run fails. Not part of C
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import psutil
 import psycopg
@@ -38,54 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import e2e_infra  # noqa: E402
+from e2e_infra.testing import copy_config  # noqa: E402
 
 COUNTS = ("leases", "databases", "processes", "guardians", "backends", "pg_fds", "tool_fds")
 MUST_BE_ZERO = ("leases", "databases", "processes", "guardians")
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
-
-
 def write_config(folder: Path, port_range: str) -> Path:
     """The repository's [tool.e2e_infra] with state, results and ports of our own."""
-    section = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["e2e_infra"]
-    section["state_dir"] = str(folder / "state")
-    section["results_dir"] = str(folder / "results")
-    section["port_range"] = port_range
-    for key in ("migrations_dir", "seeds_dir"):
-        if key in section.get("database", {}):
-            section["database"][key] = str(ROOT / section["database"][key])
-    for table in (*section.get("servers", {}).values(), *section.get("projects", {}).values()):
-        table["cwd"] = str(ROOT)
-    lines: list[str] = []
-
-    def dump(prefix: str, table: dict[str, Any]) -> None:
-        lines.append(f"[{prefix}]")
-        nested = {}
-        for key, value in table.items():
-            if isinstance(value, dict) and key != "env":
-                nested[key] = value
-            else:
-                lines.append(f"{key} = {_toml(value)}")
-        lines.append("")
-        for key, value in nested.items():
-            dump(f"{prefix}.{key}", value)
-
-    dump("tool.e2e_infra", section)
-    path = folder / "pyproject.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return copy_config(ROOT / "pyproject.toml", folder, port_range=port_range)
 
 
 def count(config: e2e_infra.Config, cluster: e2e_infra.LocalCluster) -> dict[str, int]:

@@ -31,6 +31,7 @@ from e2e_infra.conninfo import ConnInfo
 from e2e_infra.leases import Owner, Registry
 from e2e_infra.ports import PortAllocator
 from e2e_infra.postgres import LocalCluster
+from e2e_infra.testing import toml_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PG_PORT_RANGE = "15400-15409"  # the session cluster; other tests of this team use 15410-15499
@@ -58,25 +59,9 @@ _TABLES = {"servers", "projects"}
 # --- configs ------------------------------------------------------------------------------------
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def _table(name: str, values: Mapping[str, Any]) -> list[str]:
     lines = [f"[{name}]"]
-    lines += [f"{key} = {_toml(value)}" for key, value in values.items() if value is not None]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
     return [*lines, ""]
 
 

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,35 +23,12 @@ import pytest
 from conftest import running_cluster
 
 import e2e_infra
+from e2e_infra.testing import copy_config
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "17000-17999"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
-
-
-def _dump_tables(prefix: str, table: dict[str, Any], out: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) or k == "env"}
-    nested = {k: v for k, v in table.items() if isinstance(v, dict) and k != "env"}
-    out.append(f"[{prefix}]")
-    out.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
-    out.append("")
-    for key, value in nested.items():
-        _dump_tables(f"{prefix}.{key}", value, out)
 
 
 def write_config(
@@ -62,27 +38,13 @@ def write_config(
     extra_projects: dict[str, Any] | None = None,
 ) -> Path:
     """A copy of the repository's [tool.e2e_infra] with state and results under ``folder``."""
-    section = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["e2e_infra"]
-    section = json.loads(json.dumps(section))  # deep copy
-    section["state_dir"] = str(folder / "state")
-    section["results_dir"] = str(folder / "results")
-    section["port_range"] = PORT_RANGE
-    database = section.setdefault("database", {})
-    for key in ("migrations_dir", "seeds_dir"):
-        if key in database:
-            database[key] = str(ROOT / database[key])
-    for server in section.get("servers", {}).values():
-        server["cwd"] = str(ROOT)
-        server["startup_timeout"] = 30
-    for project in section.get("projects", {}).values():
-        project["cwd"] = str(ROOT)
-    section.setdefault("servers", {}).update(extra_servers or {})
-    section.setdefault("projects", {}).update(extra_projects or {})
-    lines: list[str] = []
-    _dump_tables("tool.e2e_infra", section, lines)
-    path = folder / "pyproject.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return copy_config(
+        ROOT / "pyproject.toml",
+        folder,
+        port_range=PORT_RANGE,
+        extra_servers=extra_servers,
+        extra_projects=extra_projects,
+    )
 
 
 def clean_env(config_path: Path) -> dict[str, str]:
