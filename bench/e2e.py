@@ -147,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="e2e-bench-e2e-") as tmp:
         configs = {name: write_config(Path(tmp) / name, **extra) for name in repos}
-        print(
-            f"\ncluster data folder on {'/dev/shm (tmpfs)' if args.tmpfs else 'disk'}; "
-            f"database.spares = {args.spares}"
-        )
+        where = "/dev/shm (tmpfs = true)" if args.tmpfs else "the default (tmpfs = auto)"
+        print(f"\ncluster data folder on {where}; database.spares = {args.spares}")
         try:
             for name, repo in repos.items():
                 cold = run_once(configs[name], "seq", repo)

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"no": [False], "yes": [True], "both": [False, True]}[args.database]
 
     print(f"machine: {machine()}; load average at start {load_average():.2f}")
-    print(f"cluster data folder on {'/dev/shm (tmpfs)' if args.tmpfs else 'disk'}")
+    where = "/dev/shm (tmpfs = true)" if args.tmpfs else "the default (tmpfs = auto)"
+    print(f"cluster data folder on {where}")
     samples: dict[tuple[int, bool], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="e2e-bench-scale-") as name:
         tmp = Path(name)

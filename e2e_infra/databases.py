@@ -51,8 +51,10 @@ import logging
 import os
 import random
 import re
+import select
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
@@ -116,6 +118,9 @@ BUILD_KIND = "building"  # the marker kind of a template being built, and its re
 _DBNAME = re.compile(r"[a-z][a-z0-9_]*")
 _MAX_IDENTIFIER = 63  # bytes; PostgreSQL truncates longer names silently
 _START_TIME_TOLERANCE = 0.05
+# Input files changed less than this long ago are hashed again on every allocation (see
+# DatabaseAllocator._fingerprint): longer than any filesystem's timestamp tick.
+_RACY_SECONDS = 2
 
 _MARKED_SQL = (
     "SELECT d.datname, shobj_description(d.oid, 'pg_database'), d.datistemplate{extra}, d.oid "
@@ -270,6 +275,22 @@ class DatabaseInfo:
     template: str | None
 
 
+class _AdminSlot:
+    """The admin connection a :class:`DatabaseAllocator` keeps between calls; closed by
+    :meth:`DatabaseAllocator.close`, or when the allocator is collected (or the process exits)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
 @dataclass(frozen=True)
 class _Marked:
     name: str
@@ -325,6 +346,13 @@ class DatabaseAllocator:
         # Leases whose CREATE DATABASE had an unknown outcome that could not be settled: they stay
         # registered, the proof `cleanup` needs to drop the unmarked database once we are gone.
         self._unsettled: set[str] = set()
+        # One admin connection, lent to one caller at a time (see _admin); the lock also tells a
+        # nested or concurrent caller to open a connection of its own.
+        self._admin_slot = _AdminSlot()
+        self._admin_lock = threading.Lock()
+        weakref.finalize(self, self._admin_slot.close)  # an allocator nobody closed
+        # Fingerprints by the inputs' file stamps (see _fingerprint).
+        self._fingerprints: dict[tuple[object, ...], str] = {}
 
     # --- public API ------------------------------------------------------------------------------
 
@@ -337,7 +365,7 @@ class DatabaseAllocator:
         seeds = seed_runner(self.config, seed)
         with self._admin() as conn:
             major = self._major(conn)
-            fp = fingerprint(migrations, seeds, seed, major)
+            fp = self._fingerprint(migrations, seeds, seed, major)
             template = template_name(self.base, seed, fp)
             # One round trip: the clone strategy, whether the template is ready (and its OID),
             # the marked count and the warm spares of this fingerprint.
@@ -410,7 +438,7 @@ class DatabaseAllocator:
         migrations = migration_runner(self.config)
         seeds = seed_runner(self.config, seed)
         with self._admin() as conn:
-            fp = fingerprint(migrations, seeds, seed, self._major(conn))
+            fp = self._fingerprint(migrations, seeds, seed, self._major(conn))
             template = template_name(self.base, seed, fp)
             self._ensure(
                 conn, template, fp, seed, migrations, seeds, rebuild=rebuild, run=self.config.run_id
@@ -497,7 +525,8 @@ class DatabaseAllocator:
         made: builtins.list[str] = []
         if cap <= 0:
             return made
-        with self._admin() as conn:
+        # A connection of its own: it takes a session advisory lock (and runs in the spare thread).
+        with self._admin(reuse=False) as conn:
             row = conn.execute(
                 "SELECT oid, shobj_description(oid, 'pg_database'), "
                 "datistemplate AND NOT datallowconn FROM pg_database WHERE datname = %s",
@@ -536,6 +565,19 @@ class DatabaseAllocator:
         shared server the locks prove they are in use). Idempotent; a session calls it last,
         when the suite is long done."""
         limit = self.config.database.clone_timeout if timeout is None else timeout
+        self._join_spares(limit)
+        for name in builtins.list(self._holders):
+            self._unhold(name)
+        # The admin connection; a later call opens a new one. Not while another thread has it
+        # lent (it is put back or closed when that call ends).
+        if self._admin_lock.acquire(timeout=max(limit, 0.0)):
+            try:
+                self._admin_slot.close()
+            finally:
+                self._admin_lock.release()
+
+    def _join_spares(self, limit: float) -> None:
+        """Wait (at most ``limit``) for the spare being prepared in the background, if any."""
         with self._spare_lock:
             thread, self._spare_thread = self._spare_thread, None
         if thread is not None:
@@ -548,8 +590,6 @@ class DatabaseAllocator:
                     "finish in the background",
                     limit,
                 )
-        for name in builtins.list(self._holders):
-            self._unhold(name)
 
     @_server_errors("clean up databases")
     def cleanup(self) -> builtins.list[tuple[str, str]]:
@@ -558,7 +598,7 @@ class DatabaseAllocator:
         died before marking it left: an unmarked database named exactly by a stale lease of ours
         (the lease is the proof it was ours). Never any other unmarked database."""
         dropped: builtins.list[tuple[str, str]] = []
-        with self._admin() as conn:
+        with self._admin(reuse=False) as conn:  # it takes session advisory locks
             marked = self._marked(conn)
             now = self.clock.time()
             doomed: builtins.list[tuple[_Marked, str]] = []
@@ -709,7 +749,44 @@ class DatabaseAllocator:
     # --- connections and small helpers -----------------------------------------------------------
 
     @contextlib.contextmanager
-    def _admin(self) -> Iterator[psycopg.Connection[Any]]:
+    def _admin(self, *, reuse: bool = True) -> Iterator[psycopg.Connection[Any]]:
+        """An autocommit admin connection with ``statement_timeout`` set.
+
+        The allocator keeps one and lends it to one caller at a time: a new connection per call
+        was ~5 ms of a ~12 ms warm-spare allocation. A nested caller (``_settle`` needs one other
+        than the busy one), a concurrent one (another thread) and ``reuse=False`` (callers that
+        take session advisory locks) get a new connection, closed after. The kept one goes back
+        only as it was lent: the body raised nothing (an interrupt may leave a statement running
+        or a lock held) and it is idle and unbroken; before it is lent again, one that the server
+        ended meanwhile (a restart, ``pg_terminate_backend``) is replaced (:func:`_reusable`)."""
+        if not reuse or not self._admin_lock.acquire(blocking=False):
+            fresh = self._connect_admin()
+            try:
+                yield fresh
+            finally:
+                fresh.close()
+            return
+        try:
+            conn, self._admin_slot.conn = self._admin_slot.conn, None
+            if conn is None or not _reusable(conn):
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+                conn = self._connect_admin()
+            clean = False
+            try:
+                yield conn
+                clean = True
+            finally:
+                if clean and _reusable(conn, probe=False):
+                    self._admin_slot.conn = conn
+                else:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+        finally:
+            self._admin_lock.release()
+
+    def _connect_admin(self) -> psycopg.Connection[Any]:
         conn = connect(self.admin, purpose="admin")
         try:
             # A deadline for every statement here (CREATE / DROP DATABASE wait on locks and on
@@ -719,9 +796,44 @@ class DatabaseAllocator:
                 "SELECT set_config('statement_timeout', %s, false)",
                 (f"{max(1, round(self.build_timeout * 1000))}ms",),
             )
-            yield conn
-        finally:
+        except BaseException:
             conn.close()
+            raise
+        return conn
+
+    def _fingerprint(self, migrations: Runner, seeds: Runner, seed: str, major: int) -> str:
+        """:func:`fingerprint`, remembered by the inputs' file stamps (name, size, mtime, ctime,
+        inode: ``stat`` instead of reading and hashing every file on each allocation).
+
+        A long-lived allocator must never hand out a stale template, so the stamps are taken on
+        every call (a file added, removed, rewritten or replaced changes them), and a result is
+        remembered only when every input is older than :data:`_RACY_SECONDS`: a second write
+        within one timestamp tick, of the same size, would leave the stamp as it was (git's
+        "racy clean" rule). A runner without ``stamp`` is hashed every time."""
+        stamps = []
+        for runner in (migrations, seeds):
+            stamp = getattr(runner, "stamp", None)
+            if stamp is None:
+                return fingerprint(migrations, seeds, seed, major)
+            stamps.append((type(runner).__name__, stamp()))
+        key = (*stamps, seed, major)
+        known = self._fingerprints.get(key)
+        if known is not None:
+            return known
+        fp = fingerprint(migrations, seeds, seed, major)
+        times = [
+            t
+            for _kind, stamp in stamps
+            for part in stamp
+            if isinstance(part, tuple)
+            for t in part[2:4]
+        ]
+        settled = time.time_ns() - _RACY_SECONDS * 1_000_000_000
+        if all(t < settled for t in times):
+            if len(self._fingerprints) >= 16:
+                self._fingerprints.clear()  # inputs changed many times: forget the old ones
+            self._fingerprints[key] = fp
+        return fp
 
     def _server_error(self, exc: psycopg.Error, action: str) -> E2EInfraError:
         """A one-line, masked error for a psycopg error that reached the library edge."""
@@ -1538,6 +1650,25 @@ class DatabaseAllocator:
                 return f"live (host {host} {how})"
             return "live (no lease here: another host or state folder)"
         return "live"
+
+
+def _reusable(conn: psycopg.Connection[Any], *, probe: bool = True) -> bool:
+    """Whether the kept admin connection can serve another call: open, unbroken, idle, and (with
+    ``probe``) with nothing to read -- an idle connection that has something to read was ended by
+    the server (a restart, ``pg_terminate_backend``: the notice, then EOF); a zero-timeout
+    ``poll`` sees that without a round trip."""
+    if conn.closed or conn.broken:
+        return False
+    if conn.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return False
+    if not probe:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        return not poller.poll(0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
 
 
 def _join(*parts: str) -> str:

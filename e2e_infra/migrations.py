@@ -157,6 +157,13 @@ class SqlDirectoryRunner:
     def inputs(self) -> list[tuple[str, bytes]]:
         return [(self.record_prefix + path.name, path.read_bytes()) for path in self.files()]
 
+    def stamp(self) -> tuple[object, ...]:
+        """What identifies :meth:`inputs` without reading them (see :func:`_file_stamp`)."""
+        return (
+            str(self.directory),
+            *(_file_stamp(self.record_prefix + p.name, p) for p in self.files()),
+        )
+
     def apply(self, target: ConnInfo) -> None:
         files = [(self.record_prefix + p.name, p, p.read_bytes()) for p in self.files()]
         with connect(target, purpose=self.what) as conn:
@@ -281,6 +288,11 @@ class CommandRunner:
             return path.relative_to(self.cwd).as_posix()
         return path.as_posix()
 
+    def stamp(self) -> tuple[object, ...]:
+        """What identifies :meth:`inputs` without reading them (see :func:`_file_stamp`)."""
+        files = self._input_files()
+        return (self.command, *(_file_stamp(self._input_name(p), p) for p in files))
+
     def inputs(self) -> list[tuple[str, bytes]]:
         out = [("command", self.command.encode("utf-8"))]
         for path in self._input_files():
@@ -352,6 +364,14 @@ def _stop(proc: subprocess.Popen[bytes], output: bytes, *, grace: float) -> byte
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=_REAP_TIMEOUT)
     return output
+
+
+def _file_stamp(name: str, path: Path) -> tuple[str, int, int, int, int]:
+    """(name, size, mtime, ctime, inode) of an input file: a rewrite, a replace (new inode) or a
+    ``touch`` changes it. Not content: callers must not trust a stamp whose times are within a
+    timestamp tick of now (a second write in that tick, of the same size, would not show)."""
+    st = path.stat()
+    return (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def migration_runner(config: Config) -> Runner:

@@ -3,8 +3,10 @@ capped, counted, never handed out from an old template, swept when half-made."""
 
 from __future__ import annotations
 
+import select
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,35 @@ def test_a_release_prepares_a_spare_and_the_next_allocation_is_that_spare_rename
     allocator.release("beta")
     allocator.close()
     assert len(spares_of(pg_cluster, allocator)) == 1  # topped up again, never beyond the cap
+
+
+def test_one_admin_connection_serves_the_allocator_and_one_the_server_ended_is_replaced(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    allocator = make_allocator(spares=1)
+    allocator.allocate("alpha", Owner.current())
+    allocator.release("alpha")
+    allocator.close()  # joins the spare; closes the admin connection too
+    assert allocator._admin_slot.conn is None
+    allocator.allocate("beta", Owner.current())
+    kept = allocator._admin_slot.conn
+    assert kept is not None and not kept.closed
+    assert kept.info.host.startswith("/")  # the embedded cluster's unix socket, not TCP
+    allocator.release("beta")
+    assert allocator._admin_slot.conn is kept  # the same connection, lent again
+    allocator.close()
+    assert kept.closed and allocator._admin_slot.conn is None
+
+    got = allocator.allocate("gamma", Owner.current())
+    kept = allocator._admin_slot.conn
+    assert kept is not None
+    admin_execute(pg_cluster, "SELECT pg_terminate_backend(%s)", kept.info.backend_pid)
+    deadline = time.monotonic() + 5
+    while not select.select([kept.pgconn.socket], [], [], 0)[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert allocator.release("gamma") == [got.name]  # a new connection, no error
+    assert allocator._admin_slot.conn is not None and allocator._admin_slot.conn is not kept
+    allocator.close()
 
 
 def test_spares_are_capped_per_template_and_count_toward_max_databases(

@@ -119,6 +119,54 @@ def test_fingerprint_is_stable_and_changes_with_everything_that_shapes_the_data(
     assert len({base, *variants}) == len(variants) + 1
 
 
+def test_the_remembered_fingerprint_follows_every_change_to_the_input_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from e2e_infra import databases
+
+    # Files written just now are "racy" (see _RACY_SECONDS); pretend they settled long ago.
+    monkeypatch.setattr(databases, "_RACY_SECONDS", -3600)
+    allocator = make_allocator(tmp_path)
+    mig_dir, seed_dir = tmp_path / "mig", tmp_path / "seeds" / "default"
+    mig_dir.mkdir()
+    seed_dir.mkdir(parents=True)
+    first = mig_dir / "0001.sql"
+    first.write_text("CREATE TABLE a ()")
+    (seed_dir / "0001.sql").write_text("INSERT ...")
+    old = 1_000_000_000  # 2001: long settled, so the result may be remembered
+    for path in (first, seed_dir / "0001.sql"):
+        os.utime(path, (old, old))
+
+    def fp() -> str:
+        seeds = SqlDirectoryRunner(seed_dir, record_prefix="seed:default/", what="seed")
+        return allocator._fingerprint(SqlDirectoryRunner(mig_dir), seeds, "default", 15)
+
+    def direct() -> str:
+        seeds = SqlDirectoryRunner(seed_dir, record_prefix="seed:default/", what="seed")
+        return fingerprint(SqlDirectoryRunner(mig_dir), seeds, "default", 15)
+
+    base = fp()
+    assert base == direct() and fp() == base and len(allocator._fingerprints) == 1
+    # Same size, same mtime, new content: a replace (new inode, new ctime) is seen.
+    replacement = mig_dir / "0001.tmp"
+    replacement.write_text("CREATE TABLE b ()")
+    os.utime(replacement, (old, old))
+    replacement.replace(first)
+    assert fp() == direct() != base
+    # An added file is seen.
+    (mig_dir / "0002.sql").write_text("CREATE TABLE c ()")
+    assert fp() == direct()
+    # A file changed just now is hashed again on every call, never remembered: a second write
+    # of the same size in the same timestamp tick would not change its stamp.
+    monkeypatch.setattr(databases, "_RACY_SECONDS", 2)
+    (mig_dir / "0002.sql").write_text("CREATE TABLE d ()")
+    remembered = len(allocator._fingerprints)
+    assert fp() == direct()
+    assert len(allocator._fingerprints) == remembered
+
+
 def test_fingerprint_covers_the_kind_of_runner_not_only_its_files(tmp_path: Path) -> None:
     (tmp_path / "0001.sql").write_text("CREATE TABLE a ()")
     sql_runner = SqlDirectoryRunner(tmp_path)
