@@ -1022,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http", daemon=True
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="http", daemon=True
     )
     thread.start()
     bound_host, bound_port = server.server_address[:2]
