@@ -48,6 +48,7 @@ from .errors import (
     ServerStartTimeoutError,
 )
 from .health import POLL_CAP, HealthCheck, wait_healthy
+from .ports import port_is_free
 
 __all__ = [
     "ProcessRecord",
@@ -367,18 +368,6 @@ def bind_listen_socket(port: int, host: str = "127.0.0.1", backlog: int = 128) -
     return sock
 
 
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a listener could bind ``host:port`` now (TIME_WAIT leftovers do not count)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _group_listens(record: ProcessRecord, port: int) -> bool | None:
     """Whether a process of the group listens on ``port``; None when that cannot be seen."""
     seen = False
@@ -630,7 +619,11 @@ class ServerProcess:
             return False
         if _ADDR_IN_USE.search(_read_end(self.log_path, self._log_offset)):
             return True
-        return self.port is not None and not self.pass_fds and not _port_free(self.port)
+        return (
+            self.port is not None
+            and not self.pass_fds
+            and not port_is_free(self.port, ("127.0.0.1",))
+        )
 
     def _signal_group(self, signum: int, record: ProcessRecord) -> None:
         assert self._proc is not None
