@@ -35,6 +35,9 @@ def _load() -> e2e_infra.Config | None:
         return e2e_infra.load_config(path)
     except e2e_infra.E2EInfraError as exc:
         print(f"nox: e2e sessions unavailable: {exc.one_line()}", file=sys.stderr)
+        if any("e2e" in arg for arg in sys.argv[1:]):
+            # e2e sessions were asked for: the config error is the answer, not "no sessions".
+            sys.exit(exc.exit_code)
         return None
 
 
@@ -46,7 +49,11 @@ def _e2e_session(project: str) -> None:
         assert CONFIG is not None
         # status.json at each phase: `invoke e2e.all` shows it live while nox -j runs.
         status = e2e_infra.StatusWriter(CONFIG)
-        result = e2e_infra.run_project(CONFIG, project, session.posargs, on_phase=status)
+        try:
+            result = e2e_infra.run_project(CONFIG, project, session.posargs, on_phase=status)
+        except e2e_infra.E2EInfraError as exc:  # an interrupt: released already; one line
+            status.finish(project, "interrupted")
+            session.error(f"{project}: {exc.one_line()}")
         status.finish(project, result.result)
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items())
         session.log(f"{project}: {result.result} in {result.duration:.2f}s ({phases})")

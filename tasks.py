@@ -620,10 +620,11 @@ def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> i
 
 @task(
     name="run",
+    auto_shortflags=False,  # so that `-k` is never taken for --keep
     help={
         "project": "the project to run, e.g. auth_tests",
         "args": 'extra arguments for the suite, e.g. "-k login"',
-        "keep": "keep the database if the suite fails (E2E_KEEP_ON_FAILURE=1)",
+        "keep": "keep the database if the suite fails (E2E_KEEP_ON_FAILURE=1); see db.url",
     },
 )
 @cli
@@ -636,7 +637,9 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
     except ValueError as exc:
         raise e2e_infra.UsageError(f"--args {args!r} cannot be split: {exc}") from None
     result = e2e_infra.run_project(config, project, suite_args, keep_on_failure=keep or None)
-    e2e_infra.print_summary(config, e2e_infra.collect_runs(config, since=result.started_at))
+    runs = e2e_infra.collect_runs(config, since=result.started_at)
+    e2e_infra.print_summary(config, runs)
+    print(f"report: {e2e_infra.write_html_report(config, runs)}", file=sys.stderr)
     if not result.passed:
         detail = f": {result.error}" if result.error else ""
         raise Exit(f"error: {project} {result.result}{detail}", code=_exit_code(result.returncode))
@@ -666,9 +669,13 @@ def e2e_all(c: Context, jobs: str = "auto", projects: str = "", shard: str = "")
     if not chosen:
         print("no projects to run", file=sys.stderr)
         return
+    started = time.time()
     code = _run_projects(config, chosen, jobs)
     if code != 0:
-        raise Exit(f"error: nox exited with {code}", code=code)
+        runs = e2e_infra.collect_runs(config, since=started, projects=chosen)
+        failed = sorted({run.project for run in runs if run.result != "passed"})
+        what = f"{len(failed)} of {len(chosen)} projects did not pass: {', '.join(failed)}"
+        raise Exit(f"error: {what if failed else f'nox exited with {code}'}", code=code)
 
 
 @task(name="list", help={"json": "print one JSON document on stdout"})

@@ -256,7 +256,7 @@ _SERVER_KEYS = {
     "listen_socket",
 }
 _PROJECT_KEYS = {"command", "cwd", "servers", "database", "seed", "env", "paths", "timeout"}
-_OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID"}
+_OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID", "E2E_SUMMARY"}
 
 #: Every environment variable the tool reads, for documentation and the unknown-key check.
 ENVIRONMENT_VARIABLES = frozenset(

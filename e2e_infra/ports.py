@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from .config import Config, PortRange, validate_name
+from .config import RESERVED_PROJECT_NAMES, Config, PortRange, validate_name
 from .errors import PortRangeError, PortsExhaustedError, UsageError
 from .leases import Lease, Owner, Registry, Transaction
 
@@ -176,8 +176,13 @@ class PortAllocator:
         return _by_port(released)
 
     def release_all(self, *, kind: str = PORT_KIND) -> list[Lease]:
+        """Drop every port lease but a live embedded cluster's own (``pg.stop`` releases it)."""
         with self.registry.transaction() as txn:
-            released = txn.find(kind)
+            released = [
+                lease
+                for lease in txn.find(kind)
+                if lease.project not in RESERVED_PROJECT_NAMES or txn.stale_reason(lease)
+            ]
             for lease in released:
                 txn.remove(lease)
         return _by_port(released)

@@ -349,3 +349,12 @@ def test_ephemeral_port_range_reads_the_kernel_file_format(tmp_path: Path) -> No
         good.write_text(text)
         assert ephemeral_port_range(good) is None, text
     assert ephemeral_port_range(tmp_path / "missing") is None
+
+
+def test_release_all_keeps_a_live_clusters_own_lease(registry: Registry, me: Owner) -> None:
+    ports = allocator(registry)
+    ports.allocate("postgres", ["postgres"], me)  # what the embedded cluster files its port under
+    ports.allocate("web", ["backend"], me)
+    released = ports.release_all()
+    assert [lease.project for lease in released] == ["web"]
+    assert [lease.project for lease in ports.leases()] == ["postgres"]
