@@ -24,13 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 import pytest
+from psycopg import sql
 
 from e2e_infra.config import Config, load_config
 from e2e_infra.conninfo import ConnInfo
+from e2e_infra.databases import parse_marker
 from e2e_infra.leases import Owner, Registry
 from e2e_infra.ports import PortAllocator
 from e2e_infra.postgres import LocalCluster
+from e2e_infra.session import make_registry as make_registry  # re-exported for the tests
 from e2e_infra.testing import toml_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -129,13 +133,40 @@ def make_config(
     return load_config(path, environ=clean_environ(environ))
 
 
-def make_registry(config: Config) -> Registry:
-    return Registry(
-        config.state_dir,
-        host=config.host_id,
-        lock_timeout=config.lock_timeout,
-        ttl=config.lease_ttl,
-    )
+def marked_databases(admin: ConnInfo, prefix: str) -> dict[str, dict[str, Any] | None]:
+    """Every database whose name starts with ``prefix``, with its parsed e2e-infra marker."""
+    with psycopg.connect(admin.conninfo(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+            "WHERE starts_with(datname, %s)",
+            (prefix,),
+        ).fetchall()
+    return {name: parse_marker(comment) for name, comment in rows}
+
+
+def run_processes(results_dir: Path) -> list[psutil.Process]:
+    """Live processes started by runs whose results go under ``results_dir`` (servers, suites)."""
+    marker = str(results_dir)
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("E2E_RESULTS_DIR", "").startswith(marker):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def drop_databases(admin: ConnInfo, prefix: str) -> None:
+    """Drop every database whose name starts with ``prefix``, templates included."""
+    with psycopg.connect(admin.conninfo(), autocommit=True) as conn:
+        names = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
+        ).fetchall()
+        for (name,) in names:
+            ident = sql.Identifier(name)
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
 # --- clusters, with a record that lets the next run clean up after a crashed one ----------------

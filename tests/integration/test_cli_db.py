@@ -12,8 +12,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import PgCluster, clean_environ, make_config, make_registry, write_pyproject
-from psycopg import sql
+from conftest import (
+    PgCluster,
+    clean_environ,
+    drop_databases,
+    make_config,
+    make_registry,
+    write_pyproject,
+)
 
 from e2e_infra.databases import database_allocator
 from e2e_infra.leases import Owner
@@ -27,17 +33,6 @@ FIXTURES = REPO / "tests" / "fixtures" / "db"
 DEMO = REPO / "demo"
 
 Invoke = Callable[..., subprocess.CompletedProcess[str]]
-
-
-def drop_base(admin: str, base: str) -> None:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        names = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (base + "_",)
-        ).fetchall()
-        for (name,) in names:
-            ident = sql.Identifier(name)
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
 @pytest.fixture
@@ -70,7 +65,7 @@ def invoke(pg_cluster: PgCluster, tmp_path: Path) -> Iterator[Invoke]:
         )
 
     yield run
-    drop_base(pg_cluster.admin.conninfo(), base)
+    drop_databases(pg_cluster.admin, base + "_")
 
 
 def test_allocate_json_carries_the_real_url_and_human_output_masks_it(

@@ -14,10 +14,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import PgCluster, make_config, make_registry
+from conftest import PgCluster, drop_databases, make_config, make_registry, marked_databases
 from psycopg import sql
 
-from e2e_infra.databases import DatabaseAllocator, fingerprint, parse_marker, template_name
+from e2e_infra.databases import DatabaseAllocator, fingerprint, template_name
 from e2e_infra.errors import (
     CloneError,
     DatabaseError,
@@ -45,14 +45,7 @@ def dead_owner() -> Owner:
 
 
 def databases(pg: PgCluster, prefix: str) -> dict[str, dict[str, Any] | None]:
-    """Every database whose name starts with ``prefix``, with its parsed marker."""
-    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
-            "WHERE starts_with(datname, %s)",
-            (prefix,),
-        ).fetchall()
-    return {name: parse_marker(comment) for name, comment in rows}
+    return marked_databases(pg.admin, prefix)
 
 
 def admin_execute(pg: PgCluster, query: sql.Composable | str, *params: Any) -> None:
@@ -77,15 +70,8 @@ def make_allocator(pg_cluster: PgCluster, tmp_path: Path) -> Iterator[Factory]:
         )
 
     yield factory
-    with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as conn:
-        for base in bases:
-            names = conn.execute(
-                "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (base + "_",)
-            ).fetchall()
-            for (name,) in names:
-                ident = sql.Identifier(name)
-                conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    for base in bases:
+        drop_databases(pg_cluster.admin, base + "_")
 
 
 def test_allocated_database_has_the_demo_schema_and_seed_and_a_marker(

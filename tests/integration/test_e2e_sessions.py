@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
-from conftest import running_cluster
+from conftest import run_processes, running_cluster
 
 import e2e_infra
 from e2e_infra.testing import copy_config
@@ -75,15 +75,7 @@ class Leftovers:
         return [lease for lease in registry.snapshot() if lease.project != "postgres"]
 
     def processes(self) -> list[psutil.Process]:
-        marker = str(self.config.results_dir)
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get("E2E_RESULTS_DIR", "").startswith(marker):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+        return run_processes(self.config.results_dir)
 
     def databases(self) -> list[str]:
         registry = e2e_infra.make_registry(self.config)

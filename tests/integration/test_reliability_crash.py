@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import clean_environ, running_cluster, write_pyproject
+from conftest import clean_environ, run_processes, running_cluster, write_pyproject
 
 import e2e_infra
 from e2e_infra.leases import Lease, Owner, process_start_time
@@ -149,15 +149,7 @@ class Leftovers:
         ]
 
     def processes(self) -> list[psutil.Process]:
-        marker = str(self.config.results_dir)
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get("E2E_RESULTS_DIR", "").startswith(marker):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
+        return run_processes(self.config.results_dir)
 
     def databases(self) -> list[str]:
         ports = e2e_infra.PortAllocator.from_config(self.config, self.registry)

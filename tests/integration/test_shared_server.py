@@ -20,11 +20,18 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import REPO_ROOT, PgCluster, clean_environ, make_config, make_registry
-from psycopg import sql
+from conftest import (
+    REPO_ROOT,
+    PgCluster,
+    clean_environ,
+    drop_databases,
+    make_config,
+    make_registry,
+    marked_databases,
+)
 
 from e2e_infra.config import Config
-from e2e_infra.databases import DatabaseAllocator, host_tag, parse_marker
+from e2e_infra.databases import DatabaseAllocator, host_tag
 from e2e_infra.leases import Owner
 from e2e_infra.testing import FakeClock
 
@@ -55,13 +62,7 @@ HOST = textwrap.dedent(
 
 
 def server_databases(pg: PgCluster, prefix: str) -> dict[str, dict[str, Any] | None]:
-    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
-            "WHERE starts_with(datname, %s)",
-            (prefix,),
-        ).fetchall()
-    return {name: parse_marker(comment) for name, comment in rows}
+    return marked_databases(pg.admin, prefix)
 
 
 def holders(pg: PgCluster) -> list[str]:
@@ -78,14 +79,7 @@ def base(pg_cluster: PgCluster) -> Iterator[str]:
     """A fresh name base; every database of it is dropped afterwards."""
     name = f"s{uuid.uuid4().hex[:8]}"
     yield name
-    with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (name + "_",)
-        ).fetchall()
-        for (db,) in rows:
-            ident = sql.Identifier(db)
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+    drop_databases(pg_cluster.admin, name + "_")
 
 
 def host_config(tmp_path: Path, pg: PgCluster, base: str, host: str, **extra: Any) -> Config:
