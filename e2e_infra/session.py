@@ -472,22 +472,14 @@ class ProjectSession:
                 finally:
                     if listener is not None:
                         listener.close()  # the server holds its own copy now
-                lease = Lease(
-                    kind=SERVER_KIND,
-                    resource=f"{self.project.name}/{server.name}/{record.pid}",
-                    project=self.project.name,
-                    owner=self.owner,
-                    data={
-                        "name": server.name,
-                        "pid": record.pid,
-                        "pgid": record.pgid,
-                        "start_time": record.start_time,
-                        "port": port,
-                        "log": str(process.log_path),
-                    },
+                lease = self._lease_process(
+                    server.name,
+                    record.pid,
+                    pgid=record.pgid,
+                    start_time=record.start_time,
+                    port=port,
+                    log=str(process.log_path),
                 )
-                with self.registry.transaction() as txn:
-                    txn.add(lease)
                 self._servers.append((process, lease))
             try:
                 with self.phase("health"):
@@ -583,18 +575,22 @@ class ProjectSession:
         next run or ``e2e.cleanup`` ends it too. It shares our process group, so only its own
         process tree may be ended (``scope: tree``), never the rest of the group."""
         start = process_start_time(proc.pid)
+        return self._lease_process(
+            "suite",
+            proc.pid,
+            pgid=os.getpgrp(),
+            start_time=start if start is not None else 0.0,
+            scope="tree",
+        )
+
+    def _lease_process(self, name: str, pid: int, **data: Any) -> Lease:
+        """Record a process of this run (``pgid``, ``start_time``...) for a later reclaim."""
         lease = Lease(
             kind=SERVER_KIND,
-            resource=f"{self.project.name}/suite/{proc.pid}",
+            resource=f"{self.project.name}/{name}/{pid}",
             project=self.project.name,
             owner=self.owner,
-            data={
-                "name": "suite",
-                "pid": proc.pid,
-                "pgid": os.getpgrp(),
-                "start_time": start if start is not None else 0.0,
-                "scope": "tree",
-            },
+            data={"name": name, "pid": pid, **data},
         )
         with self.registry.transaction() as txn:
             return txn.add(lease)
