@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import *  # noqa: F403 -- the whole exception tree is public
 from .errors import __all__ as _errors_all
 
+__version__ = "0.2.0"
+
 if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first use
     from .affected import (
         Affected,
@@ -57,8 +59,10 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first
         find_binaries,
     )
     from .progress import StatusWriter, follow_run, use_live_display
+    from .reclaim import reclaim
     from .report import RunSummary, collect_runs, merge_junit, print_summary
-    from .session import ProjectEnv, ProjectSession, RunResult, make_registry, reclaim, run_project
+    from .session import ProjectEnv, ProjectSession, RunResult, run_project
+    from .workspace import Workspace, make_registry
 
 # public name -> the submodule that defines it; tests/unit/test_init.py checks it against
 # __all__ and the imports above.
@@ -126,8 +130,9 @@ _LAZY: dict[str, str] = {
     "ProjectEnv": "session",
     "ProjectSession": "session",
     "RunResult": "session",
-    "make_registry": "session",
-    "reclaim": "session",
+    "make_registry": "workspace",
+    "Workspace": "workspace",
+    "reclaim": "reclaim",
     "run_project": "session",
 }
 
@@ -161,6 +166,7 @@ __all__ = [
     "RunSummary",
     "collect_runs",
     "make_registry",
+    "Workspace",
     "merge_junit",
     "print_summary",
     "reclaim",

@@ -2,7 +2,8 @@
 
 A project is affected when a changed file matches one of its ``paths`` globs (relative to the
 config root; ``**`` spans folders), when migrations or seeds changed and it uses the database, or
-when the tool itself changed (``e2e_infra/``, ``tasks.py``, ``noxfile.py``, the config file), which
+when the tool itself changed (``tasks.py``, ``noxfile.py``, the config file, ``.env.e2e``, and the
+``e2e_infra`` package when it lives inside the repository, as in the tool's own checkout), which
 affects every project.
 
 The changed files come from git: between two revisions given by hand, or from the lines git hands a
@@ -49,8 +50,16 @@ __all__ = [
 ]
 
 ZERO_SHA = "0" * 40
-#: Files of the tool itself, relative to the config root: a change there affects every project.
-TOOL_PATHS: tuple[str, ...] = ("e2e_infra/**", "tasks.py", "noxfile.py", ".env.e2e")
+#: Files of the tool in an adopting repository, relative to the config root: a change there
+#: affects every project. The package itself counts only where it lives in the repository
+#: (:func:`_package_dir`); an installed one changes with the lock file that pins it.
+TOOL_PATHS: tuple[str, ...] = ("tasks.py", "noxfile.py", ".env.e2e")
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
 _GIT_TIMEOUT = 60.0
 
 
@@ -205,6 +214,7 @@ def affected_projects(
         )
 
     source = config.source.resolve() if config.source else None
+    package = _package_dir()
     db = config.database
     db_dirs = [d.resolve() for d in (db.migrations_dir, db.seeds_dir) if d is not None]
     reasons: dict[str, list[str]] = {name: [] for name in names}
@@ -213,7 +223,9 @@ def affected_projects(
     for path in files:
         rel = _relative(path, root)
         if tool_change is None and (
-            path == source or (rel is not None and any(match_path(rel, g) for g in TOOL_PATHS))
+            path == source
+            or _under(path, package)
+            or (rel is not None and any(match_path(rel, g) for g in TOOL_PATHS))
         ):
             tool_change = rel or str(path)
         if db_change is None and (
@@ -401,26 +413,26 @@ def _hooks_dir(top: Path) -> Path:
     return path if path.is_absolute() else top / path
 
 
-def hook_script(*, python: str, tasks_dir: Path, config: str, remote_arg: str = '"$1"') -> str:
-    """The pre-push script: skip on E2E_SKIP, cd to the repo root, exec ``invoke e2e.affected``.
+def hook_script(*, python: str, config: str, remote_arg: str = '"$1"') -> str:
+    """The pre-push script: skip on E2E_SKIP, cd to the repo root, exec ``e2e.affected``.
+
+    It runs the installed package (``python -m e2e_infra``), so it needs no ``tasks.py``.
 
     ``config`` is the shell expression of the config file (``"$PWD"/pyproject.toml`` when it
     lives in the repository, so a moved checkout keeps working).
     """
-    invoke = " ".join(
-        shlex.quote(part) for part in (python, "-m", "invoke", "--search-root", str(tasks_dir))
-    )
+    command = " ".join(shlex.quote(part) for part in (python, "-m", "e2e_infra"))
     return f"""#!/bin/sh
 # {HOOK_MARKER}
-# Runs the E2E projects this push affects: `invoke e2e.affected --pre-push` (see docs/workflow.md).
-# Written by `invoke hooks.install`; `invoke hooks.uninstall` removes it.
+# Runs the E2E projects this push affects: `e2e-infra e2e.affected --pre-push` (docs/workflow.md).
+# Written by `e2e-infra hooks.install`; `e2e-infra hooks.uninstall` removes it.
 # Skip it once: E2E_SKIP=1 git push   (git push --no-verify skips every pre-push hook)
 case "${{E2E_SKIP:-}}" in
   1|true|yes|on) echo "e2e-infra: E2E_SKIP is set: not running the E2E projects" >&2; exit 0 ;;
 esac
 cd "$(git rev-parse --show-toplevel)" || exit 1
 if [ -z "${{E2E_CONFIG:-}}" ]; then E2E_CONFIG={config}; export E2E_CONFIG; fi
-exec {invoke} e2e.affected --pre-push --remote {remote_arg}
+exec {command} e2e.affected --pre-push --remote {remote_arg}
 """
 
 
@@ -432,7 +444,7 @@ def is_our_hook(path: Path) -> bool:
 
 
 def install_pre_push_hook(
-    repo: Path, *, python: str, tasks_dir: Path, config: Path, force: bool = False
+    repo: Path, *, python: str, config: Path, force: bool = False
 ) -> HookChange:
     """Write ``<git dir>/hooks/pre-push``; a hook we did not write needs ``force`` (kept aside)."""
     top = git_toplevel(repo)
@@ -443,7 +455,7 @@ def install_pre_push_hook(
             raise UsageError(
                 f"{path} exists and was not written by e2e-infra; pass --force to replace it "
                 f"(it is kept as {path.name}{_BACKUP_SUFFIX} and restored by hooks.uninstall), "
-                'or call `invoke e2e.affected --pre-push --remote "$1"` from it yourself'
+                'or call `e2e-infra e2e.affected --pre-push --remote "$1"` from it yourself'
             )
         backup = path.with_name(path.name + _BACKUP_SUFFIX)
         os.replace(path, backup)
@@ -454,9 +466,7 @@ def install_pre_push_hook(
         shown = shlex.quote(str(config))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(
-        hook_script(python=python, tasks_dir=tasks_dir.resolve(), config=shown), encoding="utf-8"
-    )
+    tmp.write_text(hook_script(python=python, config=shown), encoding="utf-8")
     tmp.chmod(0o755)
     os.replace(tmp, path)
     return HookChange(path, backup)

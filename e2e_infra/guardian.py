@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s; leaving its leases to `invoke e2e.cleanup`", exc)
         return 0
     # The owner is gone without stopping us: it crashed or was killed. Reclaim its run.
-    from .session import reclaim
+    from .reclaim import reclaim
 
     try:
         report = reclaim(load_config(), run_id=args.run_id)

@@ -400,6 +400,21 @@ def seed_profiles(config: Config) -> list[str]:
     return sorted(names)
 
 
+class NoSeed:
+    """The default seed of a repository that configures none: adds nothing."""
+
+    description = "no seed (none configured)"
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def stamp(self) -> tuple[object, ...]:
+        return ()
+
+    def apply(self, target: ConnInfo) -> None:
+        return None
+
+
 def seed_runner(config: Config, profile: str) -> Runner:
     """The runner of seed ``profile``; SeedProfileNotFoundError names the available ones."""
     validate_name(profile, "seed profile")
@@ -410,6 +425,8 @@ def seed_runner(config: Config, profile: str) -> Runner:
         return SqlDirectoryRunner(
             db.seeds_dir / profile, record_prefix=f"seed:{profile}/", what="seed"
         )
+    if db.seeds_dir is None and not db.seed_commands and profile == db.default_seed:
+        return NoSeed()  # a repository without seeds: the migrations alone shape the database
     available = seed_profiles(config)
     where = f"{db.seeds_dir}/{profile}/*.sql" if db.seeds_dir else "database.seeds_dir"
     raise SeedProfileNotFoundError(

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,16 +39,17 @@ from .errors import (
     ServerExitedError,
     SuiteFailedError,
 )
+from .interrupts import Interrupts, signals_deferred
 from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id, process_start_time
-from .ports import PortAllocator, port_is_free
+from .ports import port_is_free
+from .reclaim import SERVER_KIND, reclaim
+from .workspace import Workspace
 
 __all__ = [
     "PHASES",
     "ProjectEnv",
     "ProjectSession",
     "RunResult",
-    "make_registry",
-    "reclaim",
     "run_project",
     "server_order",
 ]
@@ -57,17 +57,7 @@ __all__ = [
 log = logging.getLogger("e2e_infra")
 
 PHASES = ("ports", "database", "servers", "health", "suite", "teardown")
-SERVER_KIND = "server"
 PhaseCallback = Callable[[str, str], None]  # (project, phase)
-
-
-def make_registry(config: Config) -> Registry:
-    return Registry(
-        config.state_dir,
-        host=config.host_id,
-        lock_timeout=config.lock_timeout,
-        ttl=config.lease_ttl,
-    )
 
 
 def server_order(config: Config, names: Sequence[str]) -> list[list[str]]:
@@ -150,78 +140,6 @@ class RunResult:
         }
 
 
-class _Interrupts:
-    """SIGINT/SIGTERM/SIGHUP become :class:`Interrupted`, but never inside a critical section.
-
-    A signal that arrives while the session spawns a process and records its lease (or stops one
-    and forgets it) is held until the section ends and raised there, so no process can be
-    started without a lease or lose its lease while it still runs.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending: int | None = None
-
-    @staticmethod
-    def error(signum: int) -> Interrupted:
-        return Interrupted(
-            f"interrupted by {signal.Signals(signum).name}; released what the run held",
-            signum=signum,
-        )
-
-    def handler(self, signum: int, _frame: types.FrameType | None) -> None:
-        if self.depth:
-            self.pending = self.pending or signum
-            return
-        raise self.error(signum)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if sys.platform == "win32" or not _in_main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handler) for sig in self.SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if self.depth == 0 and self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise self.error(signum)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Ignore SIGINT/SIGTERM while tearing down, so a second Ctrl-C cannot leave leftovers."""
-    if sys.platform == "win32" or not _in_main_thread():
-        yield
-        return
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 class ProjectSession:
     """Acquire everything one project needs; release it all on exit."""
 
@@ -232,6 +150,7 @@ class ProjectSession:
         *,
         run_id: str | None = None,
         registry: Registry | None = None,
+        workspace: Workspace | None = None,
         clock: Clock | None = None,
         keep_on_failure: bool | None = None,
         on_phase: PhaseCallback | None = None,
@@ -241,7 +160,8 @@ class ProjectSession:
         self.config = config
         self.project: ProjectConfig = config.project(project)
         self.run_id = run_id or new_run_id()
-        self.registry = registry or make_registry(config)
+        self.workspace = workspace or Workspace(config, registry=registry)
+        self.registry = self.workspace.registry
         self.clock = clock or SystemClock()
         self.keep_on_failure = (
             config.keep_on_failure if keep_on_failure is None else keep_on_failure
@@ -250,7 +170,7 @@ class ProjectSession:
         self.use_guardian = guardian
         self.teardown_grace = teardown_grace
         self.owner = Owner.current(host=config.host_id, run_id=self.run_id)
-        self.ports = PortAllocator.from_config(config, self.registry)
+        self.ports = self.workspace.ports
         self.result = RunResult(project=project, run_id=self.run_id, started_at=time.time())
         self.results_dir = config.project_dir(project)
         self.failed = False
@@ -262,7 +182,7 @@ class ProjectSession:
         self._phase_start = 0.0
         self._started = self.clock.monotonic()
         self.env: ProjectEnv | None = None
-        self._interrupts = _Interrupts()
+        self._interrupts = Interrupts()
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -346,9 +266,7 @@ class ProjectSession:
         database_url = ""
         if project.database:
             with self.phase("database"):
-                from .databases import database_allocator
-
-                self._allocator = database_allocator(self.config, self.registry, self.ports)
+                self._allocator = self.workspace.databases
                 self._database = self._allocator.allocate(
                     project.name, self.owner, seed=project.seed
                 )
@@ -554,12 +472,12 @@ class ProjectSession:
                     returncode=proc.returncode if proc.returncode is not None else -1,
                 ) from None
             except BaseException:
-                with _signals_deferred():
+                with signals_deferred():
                     _terminate(proc, grace=2.0)
                 raise
             finally:
                 if proc.returncode is not None:  # a suite that may still run keeps its lease
-                    with _signals_deferred(), self.registry.transaction() as txn:
+                    with signals_deferred(), self.registry.transaction() as txn:
                         txn.remove(suite_lease)
         self.result.returncode = returncode
         self.result.junit = str(junit) if junit.exists() else None
@@ -606,7 +524,7 @@ class ProjectSession:
 
     def _release(self) -> None:
         errors: list[str] = []
-        with _signals_deferred(), self.phase("teardown"):
+        with signals_deferred(), self.phase("teardown"):
             # Servers first, the dependents before what they depend on: SIGTERM all, then wait.
             for process, _lease in reversed(self._servers):
                 with contextlib.suppress(Exception):
@@ -649,7 +567,7 @@ class ProjectSession:
             # Last, off the recorded run: join the warm spare being prepared (if any) and close
             # the connections whose locks proved the database alive on a shared server.
             with contextlib.suppress(Exception):
-                self._allocator.close()
+                self.workspace.close()
         if errors:
             log.error(
                 "%s: could not release everything (%s); run `invoke e2e.cleanup`",
@@ -744,125 +662,3 @@ def run_project(
     except E2EInfraError:
         pass  # recorded by the session (result "failed" or "error", masked message)
     return session.result
-
-
-# --- reclaiming what dead owners left -------------------------------------------------------------
-
-
-@dataclass
-class ReclaimReport:
-    servers: list[tuple[str, str]] = field(default_factory=list)  # (what, reason)
-    databases: list[tuple[str, str]] = field(default_factory=list)
-    ports: list[tuple[str, str]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.servers or self.databases or self.ports)
-
-    def to_json(self) -> dict[str, Any]:
-        def rows(items: list[tuple[str, str]]) -> list[dict[str, str]]:
-            return [{"resource": what, "reason": why} for what, why in items]
-
-        return {
-            "servers": rows(self.servers),
-            "databases": rows(self.databases),
-            "ports": rows(self.ports),
-            "errors": self.errors,
-        }
-
-
-def reclaim(
-    config: Config,
-    *,
-    registry: Registry | None = None,
-    run_id: str | None = None,
-    databases: bool = True,
-) -> ReclaimReport:
-    """Reclaim everything whose owner is provably gone (only ``run_id``'s, when given).
-
-    Orphan server process groups are killed only if they are still ours (pid + start time);
-    marked databases without a live lease are dropped (never unmarked ones); stale port leases are
-    released. The local PostgreSQL cluster is not started just to clean up.
-    """
-    from .servers import ProcessRecord, kill_group_if_ours, kill_tree_if_ours
-
-    registry = registry or make_registry(config)
-    report = ReclaimReport()
-    with registry.transaction() as txn:
-        stale_servers = [
-            (lease, why)
-            for lease, why in txn.stale(SERVER_KIND)
-            if run_id is None or lease.owner.run_id == run_id
-        ]
-    for lease, why in stale_servers:
-        data = lease.data
-        try:
-            record = ProcessRecord(
-                pid=int(data["pid"]), pgid=int(data["pgid"]), start_time=float(data["start_time"])
-            )
-            # A suite shares the group of the run that started it: end its own tree only.
-            kill = kill_tree_if_ours if data.get("scope") == "tree" else kill_group_if_ours
-            killed = kill(record, grace=2.0)
-        except (KeyError, TypeError, ValueError) as exc:
-            report.errors.append(f"server lease {lease.id} is malformed: {exc}")
-            killed = False
-        with registry.transaction() as txn:
-            txn.remove(lease)
-        state = "killed its process group" if killed else "its processes were already gone"
-        report.servers.append((f"{lease.project}/{data.get('name', '?')}", f"{why}; {state}"))
-    ports = PortAllocator.from_config(config, registry)
-    # Ports before databases: reaching the local cluster allocates its port, which would reclaim
-    # the stale port leases on the way without reporting them.
-    for lease, why in ports.reclaim_stale():
-        if run_id is None or lease.owner.run_id == run_id:
-            report.ports.append((f"{lease.resource} ({lease.project})", why))
-    if databases:
-        _reclaim_databases(config, registry, ports, report, run_id)
-    return report
-
-
-def _reclaim_databases(
-    config: Config,
-    registry: Registry,
-    ports: PortAllocator,
-    report: ReclaimReport,
-    run_id: str | None,
-) -> None:
-    from .databases import database_allocator
-
-    leases = registry.snapshot()
-    db_leases = [lease for lease in leases if lease.kind == "database"]
-    if config.database.admin_url is None and not _local_cluster_running(config, registry, ports):
-        if db_leases:
-            report.errors.append(
-                "the local PostgreSQL cluster is not running, so its databases were not checked; "
-                "run `invoke pg.start` then `invoke db.cleanup`"
-            )
-        return
-    try:
-        allocator = database_allocator(config, registry, ports)
-        if run_id is None:
-            report.databases.extend(allocator.cleanup())
-        else:
-            with registry.transaction() as txn:
-                # A kept database outlives its run on purpose: db.cleanup drops it once expired.
-                mine = [
-                    lease
-                    for lease, _why in txn.stale("database")
-                    if lease.owner.run_id == run_id and not lease.data.get("keep_until")
-                ]
-            for lease in mine:
-                for name in allocator.release(name=lease.resource):
-                    report.databases.append((name, f"owner of run {run_id} is gone"))
-    except E2EInfraError as exc:
-        report.errors.append(exc.one_line())
-
-
-def _local_cluster_running(config: Config, registry: Registry, ports: PortAllocator) -> bool:
-    from .postgres import LocalCluster
-
-    try:
-        return LocalCluster(config, registry, ports).status().running
-    except E2EInfraError:
-        return False

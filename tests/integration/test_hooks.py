@@ -3,8 +3,8 @@
 The monorepo has its own ``pyproject.toml`` with three projects whose suites only append their
 name to a file (servers none, no database), so these tests need no PostgreSQL. The hook is
 installed with ``invoke -r <this checkout> hooks.install`` run inside the monorepo: it records this
-Python, this checkout's ``tasks.py`` and the monorepo's config, and ``git push`` runs the real
-``invoke e2e.affected --pre-push`` (which runs the projects through this checkout's noxfile).
+Python and the monorepo's config, and ``git push`` runs the real ``python -m e2e_infra
+e2e.affected --pre-push`` (the monorepo has no noxfile: the package's own runs the projects).
 """
 
 from __future__ import annotations
@@ -158,13 +158,13 @@ def hooked(mono: Monorepo) -> Monorepo:
     return mono
 
 
-def test_install_writes_an_executable_hook_that_records_python_tasks_and_config(
+def test_install_writes_an_executable_hook_that_records_python_and_config(
     hooked: Monorepo,
 ) -> None:
     text = hooked.hook.read_text()
     assert os.access(hooked.hook, os.X_OK)
     assert sys.executable in text
-    assert f"--search-root {ROOT}" in text
+    assert f"{sys.executable} -m e2e_infra e2e.affected" in text  # the package, no tasks.py
     assert '"$PWD"/pyproject.toml' in text  # relative to the repo: a moved checkout still works
     assert "e2e.affected --pre-push" in text
     # Installing again (ours) is fine and idempotent.

@@ -127,10 +127,22 @@ def test_migrations_seeds_and_migrate_inputs_affect_every_database_project(tmp_p
 
 def test_the_tool_itself_affects_every_project(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    for changed in ("pyproject.toml", "tasks.py", "noxfile.py", "e2e_infra/session.py"):
+    for changed in ("pyproject.toml", "tasks.py", "noxfile.py", ".env.e2e"):
         found = affected_projects(config, [tmp_path / changed])
         assert found.projects == ("web", "api", "docs"), changed
         assert found.everything and changed in found.everything
+
+
+def test_the_package_counts_where_it_is_not_in_the_repository(tmp_path: Path) -> None:
+    """An adopting repository has no e2e_infra/ of its own: a folder of that name is just code,
+    and the package counts as the tool wherever it is installed (here: this checkout)."""
+    import e2e_infra
+
+    config = write_config(tmp_path)
+    assert affected_projects(config, [tmp_path / "e2e_infra/session.py"]).projects == ()
+    package_file = Path(e2e_infra.__file__).resolve().parent / "session.py"
+    found = affected_projects(config, [package_file])
+    assert found.projects == ("web", "api", "docs")
 
 
 def test_files_outside_the_config_root_match_no_project(tmp_path: Path) -> None:
@@ -186,9 +198,10 @@ def test_a_new_branch_without_shared_history_affects_everything(tmp_path: Path) 
 
 
 def test_the_hook_script_skips_on_e2e_skip_and_runs_from_the_repo_root(tmp_path: Path) -> None:
-    script = hook_script(python="/opt/py 3/python", tasks_dir=tmp_path, config='"$PWD"/p.toml')
+    script = hook_script(python="/opt/py 3/python", config='"$PWD"/p.toml')
     assert script.startswith("#!/bin/sh\n")
-    assert "'/opt/py 3/python' -m invoke --search-root" in script  # quoted for the shell
+    # the installed package's own entry point, quoted for the shell: no tasks.py needed
+    assert "exec '/opt/py 3/python' -m e2e_infra e2e.affected --pre-push" in script
     assert 'cd "$(git rev-parse --show-toplevel)"' in script
     assert "E2E_SKIP" in script and "--no-verify" in script
 

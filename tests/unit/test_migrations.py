@@ -207,3 +207,16 @@ def test_a_command_that_ignores_sigterm_and_leaves_its_output_open_is_still_boun
     finally:
         with contextlib.suppress(psutil.Error, OSError, ValueError):
             psutil.Process(int((tmp_path / "child.pid").read_text())).kill()
+
+
+def test_a_repository_without_seeds_gets_an_empty_default_seed(tmp_path: Path) -> None:
+    from e2e_infra.config import load_config
+    from e2e_infra.migrations import NoSeed, seed_runner
+    from e2e_infra.testing import config_toml
+
+    (tmp_path / "pyproject.toml").write_text(config_toml({}), encoding="utf-8")
+    config = load_config(tmp_path / "pyproject.toml", environ={})
+    runner = seed_runner(config, config.database.default_seed)
+    assert isinstance(runner, NoSeed) and runner.inputs() == []
+    with pytest.raises(SeedProfileNotFoundError):
+        seed_runner(config, "auth_only")  # a named profile still has to exist

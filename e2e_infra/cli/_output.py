@@ -1,0 +1,140 @@
+"""What every task shares: one error line and exit code, JSON, tables, the CLI owner.
+
+The only place that turns the library's exception tree into what a person sees at a terminal:
+``error: <one line naming the fix>`` on stderr and the error's exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+
+import e2e_infra
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JSON_HELP = "print one JSON document on stdout"
+OWNER_HELP = (
+    "pid of the live process that uses the ports; default E2E_OWNER_PID, else the process that "
+    "ran the command (your shell or script). The lease lasts while that process lives"
+)
+
+
+def setup_logging() -> None:
+    root = logging.getLogger("e2e_infra")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def cli(fn: F) -> F:
+    """Turn library errors into one line on stderr and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(c: Context, *args: Any, **kwargs: Any) -> Any:
+        setup_logging()
+        try:
+            return fn(c, *args, **kwargs)
+        except e2e_infra.E2EInfraError as exc:
+            raise Exit(f"error: {exc.one_line()}", code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted: everything this command held was released", code=130) from None
+        except Exit:
+            raise
+        except Exception as exc:  # a defect of ours: still one masked line, never a traceback
+            message = e2e_infra.mask_secrets(" ".join(f"{type(exc).__name__}: {exc}".split()))
+            raise Exit(
+                f"error: unexpected {message[:500]} (a bug in e2e-infra: please report it; "
+                "run `invoke e2e.cleanup` if anything was left behind)",
+                code=1,
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def exit_code(returncode: int | None) -> int:
+    """A process exit status for a child's return code (-N, killed by signal N: 128 + N)."""
+    if not returncode:
+        return 1
+    return 128 - returncode if returncode < 0 else min(returncode, 255)
+
+
+def emit_json(document: Any) -> None:
+    """Print one JSON document on stdout, and nothing else there."""
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load() -> e2e_infra.Config:
+    return e2e_infra.load_config()
+
+
+def workspace(config: e2e_infra.Config | None = None) -> e2e_infra.Workspace:
+    return e2e_infra.Workspace(config or load())
+
+
+def cli_owner(config: e2e_infra.Config, owner_pid: int) -> e2e_infra.Owner:
+    """The owner of a CLI lease: whoever asked (the command exits as soon as it has printed)."""
+    # Without E2E_RUN_ID the run id is fixed per owner, so asking again returns the same ports.
+    pid = owner_pid or config.owner_pid or os.getppid()
+    run_id = config.run_id or f"cli-{pid}"
+    try:
+        return e2e_infra.Owner.of_pid(pid, host=config.host_id, run_id=run_id)
+    except e2e_infra.RegistryError:
+        raise e2e_infra.UsageError(
+            f"owner process {pid} is not running; pass --owner-pid (or E2E_OWNER_PID) with the pid "
+            "of the live process that will use the ports"
+        ) from None
+
+
+def project_arg(project: str) -> str:
+    """The --project value, validated: the one place a CLI project name is checked."""
+    if not project:
+        raise e2e_infra.UsageError("pass --project NAME, e.g. --project auth_tests")
+    return e2e_infra.validate_project_name(project)
+
+
+def age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def size(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, step in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if nbytes >= step:
+            return f"{nbytes / step:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def console() -> Any:
+    """A rich console for stdout: a fixed wide page when it is not a terminal (CI logs, pipes)."""
+    # rich is imported where it prints, not with the module: `invoke --list` does not need it.
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(*columns, box=box.SIMPLE_HEAD)
+    for row in rows:
+        table.add_row(*row)
+    out = console()
+    out.print(title, markup=False)
+    out.print(table)

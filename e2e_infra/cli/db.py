@@ -1,0 +1,204 @@
+"""``invoke db.*``: per-project databases cloned from fingerprinted templates."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
+
+import e2e_infra
+
+from ._output import (
+    JSON_HELP,
+    OWNER_HELP,
+    age,
+    cli,
+    cli_owner,
+    emit_json,
+    load,
+    print_table,
+    project_arg,
+    size,
+    workspace,
+)
+
+
+def _seed_arg(config: e2e_infra.Config, profile: str) -> str:
+    """The seed profile, checked (name and existence) before anything starts a cluster."""
+    e2e_infra.seed_runner(config, profile)
+    return profile
+
+
+@task(
+    name="allocate",
+    help={
+        "project": "project name: [a-z][a-z0-9_]{0,39}",
+        "seed": "seed profile (default: the project's, else database.default_seed)",
+        "json": "print one JSON document on stdout, with the real database_url",
+        "owner-pid": OWNER_HELP.replace("the ports", "the database"),
+    },
+)
+@cli
+def db_allocate(
+    c: Context, project: str = "", seed: str = "", json_: bool = False, owner_pid: int = 0
+) -> None:
+    """Clone the template into a database of the project's own (built first if missing)."""
+    project_arg(project)
+    config = load()
+    owner = cli_owner(config, owner_pid)
+    if seed:
+        _seed_arg(config, seed)
+    with workspace(config) as ws:
+        got = ws.databases.allocate(project, owner, seed=seed or None)
+    if json_:
+        emit_json(
+            {
+                "project": project,
+                "database": got.name,
+                "database_url": got.url.url,
+                "template": got.template,
+                "seed": got.seed,
+                "run_id": owner.run_id,
+            }
+        )
+        return
+    print(f"database {got.name} for {project} (seed {got.seed}, template {got.template})")
+    print(f"  url: {got.url.masked}  (real URL: invoke db.url --project {project})")
+
+
+@task(
+    name="release",
+    help={
+        "project": "drop this project's databases",
+        "all": "drop every database leased in this state folder",
+        "keep": "keep them for debugging for database.keep_hours, then db.cleanup drops them",
+    },
+)
+@cli
+def db_release(c: Context, project: str = "", all_: bool = False, keep: bool = False) -> None:
+    """Drop a project's databases (--project NAME) or all (--all), or --keep them; idempotent."""
+    if bool(project) == all_:
+        raise e2e_infra.UsageError("pass either --project NAME or --all")
+    if project:
+        project_arg(project)  # before the allocator, which may start the local cluster
+    with workspace() as ws:
+        allocator = ws.databases
+        names = allocator.release_all(keep=keep) if all_ else allocator.release(project, keep=keep)
+    if not names:
+        print(f"no databases to release{f' for project {project}' if project else ''}")
+    for name in names:
+        if keep:
+            url = allocator.client.with_dbname(name).masked
+            hours = allocator.config.database.keep_hours
+            print(f"kept {name} for {hours:g}h: {url}")
+        else:
+            print(f"dropped {name}")
+
+
+@task(name="list", help={"json": JSON_HELP})
+@cli
+def db_list(c: Context, json_: bool = False) -> None:
+    """Show e2e databases and templates: kind, project, size, lease status, owner, run, expiry."""
+    with workspace() as ws:
+        infos = ws.databases.list()
+    if json_:
+        emit_json({"databases": [dataclasses.asdict(info) for info in infos]})
+        return
+    if not infos:
+        print("no e2e databases")
+        return
+    now = time.time()
+    print_table(
+        f"{len(infos)} e2e database(s)",
+        ["name", "kind", "project", "seed", "size", "owner pid", "run id", "age", "status"],
+        [
+            [
+                info.name,
+                info.kind,
+                info.project or "-",
+                info.seed or "-",
+                size(info.size),
+                str(info.owner_pid or "-"),
+                info.run_id or "-",
+                age(max(0.0, now - info.created_at)) if info.created_at else "-",
+                info.status,
+            ]
+            for info in infos
+        ],
+    )
+
+
+@task(name="cleanup", help={"json": JSON_HELP})
+@cli
+def db_cleanup(c: Context, json_: bool = False) -> None:
+    """Drop marked databases whose owner is gone or whose keep expired, and old templates."""
+    with workspace() as ws:
+        dropped = ws.databases.cleanup()
+    if json_:
+        emit_json({"dropped": [{"database": name, "reason": why} for name, why in dropped]})
+    elif not dropped:
+        print("nothing to drop")
+    else:
+        for name, why in dropped:
+            print(f"dropped {name}: {why}")
+
+
+@task(name="migrate", help={"project": "the project whose live database to migrate"})
+@cli
+def db_migrate(c: Context, project: str = "") -> None:
+    """Apply pending migrations to a project's live database."""
+    project_arg(project)  # before the allocator, which may start the local cluster
+    with workspace() as ws:
+        got = ws.databases.migrate(project)
+    print(f"migrated {got.name}")
+
+
+@task(
+    name="seed",
+    help={"project": "the project whose live database to seed", "seed": "the seed profile"},
+)
+@cli
+def db_seed(c: Context, project: str = "", seed: str = "") -> None:
+    """Apply a seed profile (default: the project's) to a project's live database."""
+    project_arg(project)
+    config = load()
+    known = config.projects.get(project)
+    profile = _seed_arg(config, seed or (known.seed if known else config.database.default_seed))
+    with workspace(config) as ws:
+        got = ws.databases.seed(project, profile)
+    print(f"seeded {got.name} with {profile}")
+
+
+@task(
+    name="template",
+    help={
+        "rebuild": "drop and build the template again even if it exists",
+        "seed": "seed profile (default: database.default_seed)",
+    },
+)
+@cli
+def db_template(c: Context, rebuild: bool = False, seed: str = "") -> None:
+    """Build the template of the current migrations and a seed profile, unless it exists."""
+    config = load()
+    profile = _seed_arg(config, seed or config.database.default_seed)
+    with workspace(config) as ws:
+        name = ws.databases.ensure_template(profile, rebuild=rebuild)
+    print(name)
+
+
+@task(name="url", help={"project": "the project whose database URL to print"})
+@cli
+def db_url(c: Context, project: str = "") -> None:
+    """Print the real URL (with password) of a project's live database, and nothing else."""
+    project_arg(project)  # before the allocator, which may start the local cluster
+    with workspace() as ws:
+        got = ws.databases.find(project)
+    print(got.url.url)
+
+
+db = Collection(
+    "db", db_allocate, db_release, db_list, db_cleanup, db_migrate, db_seed, db_template, db_url
+)

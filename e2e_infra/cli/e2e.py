@@ -1,0 +1,373 @@
+"""``invoke e2e.*``: run projects (one, all, affected), list, clean up, plan CI shards, doctor."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+import e2e_infra
+
+from ._output import (
+    JSON_HELP,
+    cli,
+    console,
+    emit_json,
+    exit_code,
+    load,
+    print_table,
+)
+
+
+def _nox_argv(config: e2e_infra.Config, *extra: str) -> list[str]:
+    noxfile = config.root / "noxfile.py"
+    if not noxfile.is_file():  # no noxfile next to the config: the one shipped in the package
+        noxfile = Path(__file__).resolve().parent / "noxfile.py"
+    return [sys.executable, "-m", "nox", "-f", str(noxfile), *extra]
+
+
+def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> int:
+    """Run ``projects`` in parallel through nox with a live status; summary, JUnit, report.html.
+
+    The status line per project comes from the ``status.json`` files the nox sessions write. On a
+    terminal (and CI unset) nox's own output goes to ``<results>/nox.log`` so the live table stays
+    readable; elsewhere it passes through, between plain status lines.
+    """
+    if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
+        raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
+    started = time.time()
+    argv = _nox_argv(config, "-j", jobs, "-s", *(f"e2e-{p}" for p in projects))
+    env = {**os.environ, "E2E_SUMMARY": "0"}
+    if config.source is not None:  # the sessions read the same config, wherever nox runs them
+        env["E2E_CONFIG"] = str(config.source)
+    live = e2e_infra.use_live_display(sys.stderr)
+    log_path = config.results_dir / "nox.log"
+    if live:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(
+                argv, cwd=config.root, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+    else:
+        proc = subprocess.Popen(argv, cwd=config.root, env=env)
+    try:
+        e2e_infra.follow_run(
+            config, projects, started, lambda: proc.poll() is not None, live=live, file=sys.stderr
+        )
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached nox too: let it release everything before we exit.
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=10)
+        raise
+    code = proc.wait()
+    runs = e2e_infra.collect_runs(config, since=started)
+    e2e_infra.print_summary(config, runs)
+    report = e2e_infra.write_html_report(config, runs)
+    print(f"report: {report}", file=sys.stderr)
+    if live and code != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        print(
+            "\n".join(["last lines of nox's output:", *tail, f"(all of it: {log_path})"]),
+            file=sys.stderr,
+        )
+    return code
+
+
+@task(
+    name="run",
+    auto_shortflags=False,  # so that `-k` is never taken for --keep
+    help={
+        "project": "the project to run, e.g. auth_tests",
+        "args": 'extra arguments for the suite, e.g. "-k login"',
+        "keep": "keep the database if the suite fails (E2E_KEEP_ON_FAILURE=1); see db.url",
+    },
+)
+@cli
+def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> None:
+    """Run one E2E project: its own ports, database and servers, then its suite."""
+    config = load()
+    config.project(project)
+    try:
+        suite_args = shlex.split(args)
+    except ValueError as exc:
+        raise e2e_infra.UsageError(f"--args {args!r} cannot be split: {exc}") from None
+    result = e2e_infra.run_project(config, project, suite_args, keep_on_failure=keep or None)
+    runs = e2e_infra.collect_runs(config, since=result.started_at)
+    e2e_infra.print_summary(config, runs)
+    print(f"report: {e2e_infra.write_html_report(config, runs)}", file=sys.stderr)
+    if not result.passed:
+        detail = f": {result.error}" if result.error else ""
+        raise Exit(f"error: {project} {result.result}{detail}", code=exit_code(result.returncode))
+
+
+@task(
+    name="all",
+    help={
+        "jobs": "how many projects at once: a number or auto (one per core); default auto",
+        "projects": "comma-separated projects to run instead of all",
+        "shard": "run only shard i of N (e.g. 2/3), projects spread by their last durations "
+        "(see e2e.matrix)",
+    },
+)
+@cli
+def e2e_all(c: Context, jobs: str = "auto", projects: str = "", shard: str = "") -> None:
+    """Run every E2E project in parallel through nox (-j), with a live status; then a summary."""
+    config = load()
+    selected = [p.strip() for p in projects.split(",") if p.strip()]
+    for name in selected:
+        config.project(name)
+    chosen = selected or list(config.projects)
+    if shard:
+        index, total = e2e_infra.parse_shard(shard)
+        chosen = list(e2e_infra.shard_projects(config, index, total, chosen))
+        print(f"shard {index}/{total}: {', '.join(chosen) or 'no projects'}", file=sys.stderr)
+    if not chosen:
+        print("no projects to run", file=sys.stderr)
+        return
+    started = time.time()
+    code = _run_projects(config, chosen, jobs)
+    if code != 0:
+        runs = e2e_infra.collect_runs(config, since=started, projects=chosen)
+        failed = sorted({run.project for run in runs if run.result != "passed"})
+        what = f"{len(failed)} of {len(chosen)} projects did not pass: {', '.join(failed)}"
+        raise Exit(f"error: {what if failed else f'nox exited with {code}'}", code=code)
+
+
+@task(name="list", help={"json": JSON_HELP})
+@cli
+def e2e_list(c: Context, json_: bool = False) -> None:
+    """List the configured E2E projects: servers, database, seed, last result."""
+    config = load()
+    last = {run.project: run for run in e2e_infra.collect_runs(config)}
+    rows: list[dict[str, Any]] = []
+    for name, project in config.projects.items():
+        run = last.get(name)
+        rows.append(
+            {
+                "project": name,
+                "servers": list(project.servers),
+                "database": project.database,
+                "seed": project.seed if project.database else None,
+                "nox_session": f"e2e-{name}",
+                "last_result": run.result if run else None,
+                "last_duration": round(run.duration, 3) if run else None,
+            }
+        )
+    if json_:
+        emit_json({"projects": rows})
+        return
+    print_table(
+        "E2E projects",
+        ["project", "servers", "database", "last result"],
+        [
+            [
+                row["project"],
+                ", ".join(row["servers"]) or "-",
+                row["seed"] or "none",
+                f"{row['last_result']} ({row['last_duration']}s)" if row["last_result"] else "-",
+            ]
+            for row in rows
+        ],
+    )
+
+
+@task(name="cleanup", help={"json": JSON_HELP})
+@cli
+def e2e_cleanup(c: Context, json_: bool = False) -> None:
+    """Reclaim everything stale on this host: orphan server groups, databases, ports."""
+    report = e2e_infra.reclaim(load())
+    if json_:
+        emit_json(report.to_json())
+    else:
+        rows = [
+            [kind, what, why]
+            for kind, items in (
+                ("server", report.servers),
+                ("database", report.databases),
+                ("port", report.ports),
+            )
+            for what, why in items
+        ]
+        if rows:
+            print_table(f"reclaimed {len(rows)} item(s)", ["kind", "what", "why"], rows)
+        else:
+            print("nothing stale to reclaim")
+    for error in report.errors:
+        print(f"warning: {error}", file=sys.stderr)
+    if report.errors:
+        raise Exit(code=1)
+
+
+@task(
+    name="affected",
+    help={
+        "base": "compare from this revision (default: the merge-base of --head with the "
+        "remote's default branch; none: every project)",
+        "head": "compare up to this revision (default HEAD)",
+        "json": "print the affected projects and why as one JSON document; run nothing",
+        "dry-run": "show the affected projects and why; run nothing",
+        "jobs": "how many projects at once: a number or auto; default auto",
+        "pre-push": "read git's pre-push lines ('<local ref> <sha> <remote ref> <sha>') on stdin",
+        "remote": "the remote pushed to (its default branch is the base of a new branch)",
+    },
+)
+@cli
+def e2e_affected(
+    c: Context,
+    base: str = "",
+    head: str = "",
+    json_: bool = False,
+    dry_run: bool = False,
+    jobs: str = "auto",
+    pre_push: bool = False,
+    remote: str = "origin",
+) -> None:
+    """Run the projects a change affects: their paths changed, or migrations/seeds, or the tool."""
+    config = load()
+    repo = config.root
+    remote = remote or "origin"
+    if pre_push:
+        if base or head:
+            raise e2e_infra.UsageError(
+                "--pre-push reads the revisions on stdin: drop --base/--head"
+            )
+        refs = e2e_infra.parse_pre_push(sys.stdin.read())
+        ranges, everything = e2e_infra.push_ranges(repo, refs, remote)
+        if not ranges:
+            print("e2e-infra: this push sends no commits (deleted refs only)", file=sys.stderr)
+            return
+    else:
+        head = head or "HEAD"
+        start = base or e2e_infra.default_branch_base(repo, head, remote)
+        ranges, everything = [(start, head)], None
+    found = e2e_infra.affected_by_ranges(config, repo, ranges, everything)
+    if json_:
+        emit_json(found.to_json())
+        return
+    out = sys.stderr if not dry_run else sys.stdout
+    if not found.projects:
+        print(f"e2e-infra: no project affected ({len(found.changed)} file(s) changed)", file=out)
+        return
+    print(f"e2e-infra: {len(found.projects)} project(s) affected:", file=out)
+    for name in found.projects:
+        reasons = found.reasons.get(name, ())
+        shown = ", ".join(reasons[:3]) + (
+            f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
+        )
+        print(f"  {name}: {shown}", file=out)
+    if dry_run:
+        return
+    code = _run_projects(config, list(found.projects), jobs)
+    if code != 0:
+        hint = " (push aborted; E2E_SKIP=1 git push to skip)" if pre_push else ""
+        raise Exit(f"error: affected E2E projects failed{hint}", code=code)
+
+
+@task(
+    name="matrix",
+    help={
+        "shards": "how many CI jobs to spread the projects over (default 2)",
+        "json": 'print the GitHub Actions matrix {"include": [...]} as one JSON document',
+    },
+)
+@cli
+def e2e_matrix(c: Context, shards: int = 2, json_: bool = False) -> None:
+    """Spread the projects over N CI shards by their last durations (longest first)."""
+    config = load()
+    names = list(config.projects)
+    durations = e2e_infra.last_durations(config, names)
+    plan = e2e_infra.plan_shards(names, durations, shards)
+    if json_:
+        emit_json({"include": [shard.to_json() for shard in plan]})
+        return
+    unknown = [name for name in names if name not in durations]
+    print_table(
+        f"{len(names)} project(s) over {shards} shard(s) "
+        f"(run each with: invoke e2e.all --shard i/{shards})",
+        ["shard", "projects", "estimate"],
+        [[s.label, ", ".join(s.projects) or "-", f"{s.estimate:.1f}s"] for s in plan],
+    )
+    if unknown:
+        print(f"no recorded duration yet (median assumed): {', '.join(unknown)}")
+
+
+@task(name="doctor", help={"json": JSON_HELP})
+@cli
+def e2e_doctor(c: Context, json_: bool = False) -> None:
+    """Check binaries, PostgreSQL, ports, registry, stale leases, free ports: what to fix."""
+    try:
+        config = load()
+    except e2e_infra.ConfigError as exc:
+        report = e2e_infra.DoctorReport(
+            (e2e_infra.Check("config", "fail", exc.one_line(), "fix the configuration"),)
+        )
+    else:
+        report = e2e_infra.run_doctor(config)
+    if json_:
+        emit_json(report.to_json())
+    else:
+        from rich import box
+        from rich.table import Table
+
+        marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]"}
+        table = Table("", "check", "detail", "fix", box=box.SIMPLE_HEAD)
+        for check in report.checks:
+            table.add_row(
+                marks.get(check.status, check.status), check.name, check.detail, check.fix
+            )
+        out = console()
+        out.print(table)
+        verdict = (
+            f"{len(report.failures)} problem(s) to fix"
+            if report.failures
+            else f"ready ({len(report.warnings)} warning(s))"
+        )
+        out.print(verdict, markup=False)
+    if report.exit_code:
+        raise Exit(code=report.exit_code)
+
+
+@task(
+    name="init",
+    help={
+        "dry-run": "print what would be written; write nothing",
+        "root": "the repository to set up (default: the current folder)",
+    },
+)
+@cli
+def e2e_init(c: Context, dry_run: bool = False, root: str = "") -> None:
+    """Set up a repository: tasks.py, noxfile.py, [tool.e2e_infra], .env.example, .gitignore."""
+    from .. import scaffold
+
+    where = Path(root or ".").resolve()
+    changes = scaffold.plan(where)
+    for change in changes:
+        verb = {"create": "create", "append": "append to", "skip": "skip"}[change.action]
+        prefix = "would " if dry_run and change.writes else ""
+        print(f"{prefix}{verb} {change.path.relative_to(where)}: {change.why}")
+        if dry_run and change.writes:
+            print("".join(f"    {line}\n" for line in change.text.strip("\n").splitlines()))
+    if dry_run:
+        return
+    scaffold.apply(changes)
+    if any(change.writes for change in changes):
+        print("next: edit [tool.e2e_infra] in pyproject.toml, then `e2e-infra e2e.doctor`")
+    else:
+        print("nothing to do: this repository is set up already")
+
+
+e2e = Collection(
+    "e2e", e2e_run, e2e_all, e2e_list, e2e_cleanup, e2e_affected, e2e_matrix, e2e_doctor, e2e_init
+)

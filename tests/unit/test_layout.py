@@ -1,0 +1,62 @@
+"""The package's shape: thin root adapters, invoke and nox only in e2e_infra/cli, small modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "e2e_infra"
+MAX_MODULE_LINES = 700
+MAX_CLASS_LINES = 500
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("name", ["tasks.py", "noxfile.py"])
+def test_the_root_files_an_adopter_copies_are_a_few_lines(name: str) -> None:
+    lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 20, f"{name} has {len(lines)} lines"
+    assert "from e2e_infra.cli import" in "\n".join(lines)
+
+
+def test_the_root_tasks_file_is_the_one_init_writes() -> None:
+    template = PACKAGE / "templates" / "tasks.py.tmpl"
+    assert (ROOT / "tasks.py").read_text() == template.read_text()
+
+
+def test_the_env_example_is_the_one_init_writes() -> None:
+    template = PACKAGE / "templates" / "env.example"
+    assert (ROOT / ".env.example").read_text() == template.read_text()
+
+
+def test_only_the_cli_subpackage_imports_invoke_or_nox() -> None:
+    offenders = []
+    for path in _modules():
+        if path.is_relative_to(PACKAGE / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {n}"
+                for n in names
+                if n.split(".")[0] in ("invoke", "nox")
+            ]
+    assert offenders == []
+
+
+def test_the_version_lives_in_one_place() -> None:
+    import e2e_infra
+
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'dynamic = ["version"]' in pyproject
+    assert 'version = { attr = "e2e_infra.__version__" }' in pyproject
+    assert e2e_infra.__version__.count(".") == 2
