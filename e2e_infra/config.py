@@ -603,8 +603,9 @@ def load_config(
     return Config(
         root=root,
         source=source,
-        state_dir=_resolve(root, top.get("state_dir", "test-results/.e2e", _as_str)),
-        results_dir=_resolve(root, top.get("results_dir", "test-results", _as_str)),
+        # Not under test-results/: Playwright empties that folder at every start.
+        state_dir=_resolve(root, top.get("state_dir", ".e2e-infra", _as_str)),
+        results_dir=_resolve(root, top.get("results_dir", "e2e-results", _as_str)),
         port_range=port_range,
         port_names=port_names,
         allow_ephemeral_overlap=top.get("allow_ephemeral_overlap", False, _as_bool),

@@ -10,6 +10,7 @@ what to do next, so the command-line adapters can print ``str(exc)`` on one line
     |   +-- InvalidNameError            a project / port / profile / database name is malformed
     +-- ConfigError                     exit 2: a bad key or value, names the key and the file
     +-- DeadlineExceeded                a wait ran out of time; names what it waited for
+    +-- FolderError                     a state / results folder cannot be made or written
     +-- RegistryError                   the lease registry could not be read or written
     |   +-- LockTimeoutError            the registry lock was held too long by someone else
     +-- PortError
@@ -46,6 +47,7 @@ __all__ = [
     "DatabaseNotFoundError",
     "DeadlineExceeded",
     "E2EInfraError",
+    "FolderError",
     "Interrupted",
     "InvalidNameError",
     "LockTimeoutError",
@@ -101,6 +103,14 @@ class DeadlineExceeded(E2EInfraError):
         super().__init__(message)
         self.what = what
         self.timeout = timeout
+
+
+class FolderError(E2EInfraError):
+    """A folder the tool keeps state or results in cannot be created or written: names it."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class RegistryError(E2EInfraError):

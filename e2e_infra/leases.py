@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import tempfile
 import time
 import uuid
@@ -31,7 +32,7 @@ from typing import Any
 import filelock
 import psutil
 
-from .errors import LockTimeoutError, RegistryError
+from .errors import FolderError, LockTimeoutError, RegistryError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -95,11 +96,39 @@ def process_state(pid: int, start_time: float) -> str:
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with the leaf private to this user (0700)."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Make ``path`` (and parents) if missing: private to this user (0700) and ignoring itself
+    (a ``.gitignore`` of ``*``, as ``.pytest_cache`` does), so no checkout commits it.
+
+    An existing folder's mode is left as it is: a shared 1777 folder given as ``E2E_STATE_DIR``
+    stays shared (a group- or world-writable one without the sticky bit gets a warning). A path
+    that cannot be a folder is one :class:`FolderError` naming it and the fix.
+    """
+    try:
+        path.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise FolderError(
+                f"{path} exists and is not a folder; point E2E_STATE_DIR (state_dir) elsewhere "
+                "or remove it",
+                path=str(path),
+            ) from None
+        with contextlib.suppress(OSError):
+            mode = path.stat().st_mode
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                log.warning(
+                    "%s is writable by other users and not sticky: anyone there can change the "
+                    "tool's leases; chmod 700 it or choose another state_dir",
+                    path,
+                )
+        return path
+    except OSError as exc:
+        raise FolderError(
+            f"cannot create the folder {path} ({exc.strerror}); point E2E_STATE_DIR (state_dir) "
+            "at a writable place",
+            path=str(path),
+        ) from None
     with contextlib.suppress(OSError):
-        if path.stat().st_uid == os.geteuid() and path.stat().st_mode & 0o077:
-            path.chmod(0o700)
+        (path / ".gitignore").write_text("# made by e2e-infra: ignore this folder\n*\n")
     return path
 
 

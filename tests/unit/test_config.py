@@ -44,7 +44,8 @@ def test_defaults_fill_everything_not_configured(tmp_path: Path) -> None:
     assert config.port_names == ("backend", "frontend")
     assert config.lease_ttl is None
     assert config.allow_ephemeral_overlap is False
-    assert config.state_dir == tmp_path / "test-results/.e2e"
+    assert config.state_dir == tmp_path / ".e2e-infra"
+    assert config.results_dir == tmp_path / "e2e-results"
     assert config.run_id is None and config.owner_pid is None
 
 

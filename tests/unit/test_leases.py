@@ -72,7 +72,7 @@ def test_writes_leave_no_temporary_files_and_keep_the_folder_private(
             txn.add(lease(me, resource=str(20000 + index)))
 
     names = sorted(path.name for path in registry.state_dir.iterdir())
-    assert names == ["leases.json", "leases.json.lock"]
+    assert names == [".gitignore", "leases.json", "leases.json.lock"]
     assert stat.S_IMODE(registry.state_dir.stat().st_mode) == 0o700
 
 
@@ -263,3 +263,33 @@ def test_an_owner_that_cannot_be_inspected_is_not_proof_of_death(
         assert txn.stale() == []
     monkeypatch.undo()
     assert process_state(os.getpid(), 0.0) == "reused"
+
+
+def test_a_new_state_folder_is_private_and_ignores_itself(tmp_path: Path) -> None:
+    from e2e_infra.leases import ensure_private_dir
+
+    state = ensure_private_dir(tmp_path / "repo" / ".e2e-infra")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert (state / ".gitignore").read_text().splitlines()[-1] == "*"
+
+
+def test_an_existing_shared_folder_keeps_its_mode(tmp_path: Path) -> None:
+    from e2e_infra.leases import ensure_private_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    ensure_private_dir(shared)
+    Registry(shared, host="h").snapshot()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+
+def test_a_state_path_under_a_regular_file_is_one_folder_error(tmp_path: Path) -> None:
+    from e2e_infra.errors import FolderError
+    from e2e_infra.leases import ensure_private_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FolderError, match="state_dir"):
+        ensure_private_dir(tmp_path / "file" / "state")
+    with pytest.raises(FolderError, match="is not a folder"):
+        ensure_private_dir(tmp_path / "file")
