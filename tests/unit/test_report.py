@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -186,7 +187,7 @@ def test_the_page_lists_projects_by_start_and_shows_what_failed(tmp_path: Path) 
 def test_only_the_latest_run_of_a_project_has_a_row(tmp_path: Path) -> None:
     config = make_config(tmp_path, ["a", "b"])
     old = write_run(config, "a", 100.0)
-    new = old.__class__(**{**old.__dict__, "started_at": 300.0, "run_id": "r2"})
+    new = dataclasses.replace(old, started_at=300.0, run_id="r2")
     b = write_run(config, "b", 200.0)
     assert latest_per_project([old, new, b]) == [(b, 0), (new, 1)]
 
