@@ -1,23 +1,42 @@
-"""What a run leaves to look at: the summary table and the merged JUnit file.
+"""What a run leaves to look at: the summary table, the merged JUnit file, and what to link.
 
 Reads the ``run.json`` files the sessions wrote (:mod:`e2e_infra.session`), so it works the same
 after ``nox -j auto -t e2e`` (whose sessions run in separate processes) as after ``invoke e2e.all``.
+Each run's JUnit file gives its test counts and failing tests (:mod:`e2e_infra.junit`);
+:func:`find_artifacts` finds the screenshots, traces and Playwright HTML reports its suite wrote.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .conninfo import mask_secrets
+from .junit import JUnitSummary, read_junit
 
-__all__ = ["RunSummary", "collect_runs", "merge_junit", "print_summary", "summary_rows"]
+__all__ = [
+    "RunSummary",
+    "artifact_kind",
+    "collect_runs",
+    "find_artifacts",
+    "merge_junit",
+    "print_summary",
+    "run_artifacts",
+    "summary_rows",
+]
+
+_TAIL_LINES = 12  # of a failed server's log, in the terminal
+_MAX_ARTIFACTS = 40  # per project; a suite that writes more has its own report
+_PRUNE = frozenset({".git", "node_modules", "__pycache__", ".venv", ".nox"})
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,9 @@ class RunSummary:
     phases: dict[str, float]
     junit: str | None
     path: Path
+    error: str | None = None
+    log_tail: str | None = None
+    logs: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def slowest_phase(self) -> str:
@@ -38,10 +60,21 @@ class RunSummary:
         name = max(self.phases, key=lambda k: self.phases[k])
         return f"{name} {self.phases[name]:.2f}s"
 
+    @property
+    def folder(self) -> Path:
+        """The folder the run wrote its files to (its ``run.json``, logs, JUnit)."""
+        return self.path.parent
+
+    @cached_property
+    def tests(self) -> JUnitSummary:
+        """What its JUnit file says; ``problem`` is set when there is none or it is unreadable."""
+        return read_junit(self.junit)
+
     @classmethod
     def load(cls, path: Path) -> RunSummary | None:
         try:
             data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            logs = data.get("logs") or {}
             return cls(
                 project=str(data["project"]),
                 run_id=str(data["run_id"]),
@@ -51,8 +84,12 @@ class RunSummary:
                 phases={str(k): float(v) for k, v in dict(data.get("phases") or {}).items()},
                 junit=data.get("junit"),
                 path=path,
+                # run.json masks them already; masked again in case an older writer did not.
+                error=mask_secrets(str(data["error"])) if data.get("error") else None,
+                log_tail=mask_secrets(str(data["log_tail"])) if data.get("log_tail") else None,
+                logs={str(k): str(v) for k, v in logs.items()} if isinstance(logs, dict) else {},
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
 
@@ -75,8 +112,121 @@ def collect_runs(
     return sorted(runs, key=lambda r: (r.project, r.started_at))
 
 
-def summary_rows(runs: Sequence[RunSummary]) -> list[tuple[str, str, str, str]]:
-    return [(run.project, run.result, f"{run.duration:.2f}s", run.slowest_phase) for run in runs]
+def by_start(runs: Iterable[RunSummary]) -> list[RunSummary]:
+    """Runs in the order they started (then by name), the order a person reads a run in."""
+    return sorted(runs, key=lambda r: (r.started_at, r.project))
+
+
+def summary_rows(runs: Sequence[RunSummary]) -> list[tuple[str, str, str, str, str]]:
+    """``(project, result, tests, duration, slowest phase)`` per run, in start order."""
+    return [
+        (run.project, run.result, run.tests.text(), f"{run.duration:.2f}s", run.slowest_phase)
+        for run in by_start(runs)
+    ]
+
+
+# --- what the suite left to look at ---------------------------------------------------------------
+
+
+def artifact_kind(path: Path) -> str | None:
+    """``screenshot``, ``trace``, ``video``, ``error context``, ``Playwright report`` or None."""
+    name = path.name.lower()
+    if name == "index.html":
+        return "Playwright report" if path.parent.name.startswith("playwright-report") else None
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        return "screenshot"
+    if path.suffix.lower() == ".zip" and "trace" in name:
+        return "trace"
+    if path.suffix.lower() == ".webm":
+        return "video"
+    if name == "error-context.md":  # Playwright Test's page snapshot at the failure
+        return "error context"
+    return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _test_slugs(tests: Iterable[str]) -> list[str]:
+    # pytest-playwright names a test's folder slugify(nodeid) ("tests-test-login-py-test-login-
+    # chromium"); Playwright Test "<file>-<title>-<project>", the title cut in the middle when
+    # long. The test's own name (after "::"), or its first 24 characters, is in both.
+    slugs = {_slug(test.rpartition("::")[2])[:24] for test in tests}
+    return sorted(slug for slug in slugs if len(slug) >= 3)
+
+
+def _walk(folder: Path, depth: int = 6) -> Iterator[Path]:
+    """Files below ``folder``, sorted, not below other runs' folders nor inside a report's data."""
+    base = len(folder.parts)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        level = len(here.parts) - base
+        if here.name.startswith("playwright-report") or level >= depth:
+            dirnames[:] = []  # a report's data folder holds copies of the same attachments
+        else:
+            dirnames[:] = sorted(
+                d for d in dirnames if d not in _PRUNE and not (level == 0 and d == "runs")
+            )
+        for name in sorted(filenames):
+            yield here / name
+
+
+def find_artifacts(
+    folders: Sequence[Path],
+    *,
+    tests: Sequence[str] | None = None,
+    since: float | None = None,
+) -> list[Path]:
+    """Screenshots, traces, videos and Playwright HTML reports found in ``folders``.
+
+    Without ``tests``, everything of those kinds below each folder (a project's own results
+    folder; ``runs/`` there holds other runs and is skipped). With ``tests`` (failing test
+    names), only what lies in ``<folder>/test-results/<name>/`` for one of those tests: for a
+    folder shared with other projects, such as the suite's working directory, where
+    pytest-playwright and Playwright Test write by default. With ``since``, only files modified
+    since then (what an earlier run left is not this run's).
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    slugs = _test_slugs(tests) if tests is not None else []
+    for folder in folders:
+        if tests is None:
+            roots = [folder]
+        else:
+            results = folder / "test-results"
+            try:
+                subs = sorted(p for p in results.iterdir() if p.is_dir())
+            except OSError:
+                continue
+            roots = [p for p in subs if any(slug in _slug(p.name) for slug in slugs)]
+        for root in roots:
+            for path in _walk(root):
+                if path in seen or artifact_kind(path) is None:
+                    continue
+                try:
+                    if since is not None and path.stat().st_mtime < since:
+                        continue
+                except OSError:
+                    continue
+                seen.add(path)
+                found.append(path)
+                if len(found) >= _MAX_ARTIFACTS:
+                    return found
+    return found
+
+
+def run_artifacts(config: Config | None, run: RunSummary) -> list[Path]:
+    """What ``run``'s suite left: in its results folder, and for its failing tests, in the
+    ``test-results/`` folder of the suite's working directory."""
+    found = find_artifacts([run.folder])
+    project = config.projects.get(run.project) if config is not None else None
+    failing = [failure.name for failure in run.tests.failures]
+    if project is not None and failing:
+        # 1 s of slack: some file systems keep mtimes to the second.
+        shared = find_artifacts([project.cwd], tests=failing, since=run.started_at - 1.0)
+        found += [path for path in shared if path not in found]
+    return found
 
 
 def merge_junit(runs: Sequence[RunSummary], out: Path) -> Path | None:
@@ -110,19 +260,54 @@ def merge_junit(runs: Sequence[RunSummary], out: Path) -> Path | None:
     return out
 
 
+def _tail(text: str, lines: int) -> list[str]:
+    return text.rstrip().splitlines()[-lines:]
+
+
 def print_summary(config: Config, runs: Sequence[RunSummary], *, file: Any = None) -> Path | None:
-    """Print the summary table (rich) and write ``<results>/junit.xml``; return its path."""
+    """Print the summary table (rich), then what failed and why; write ``<results>/junit.xml``
+    and return its path."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=file or sys.stderr, highlight=False)
     table = Table(title="e2e run summary", title_justify="left")
-    for column in ("project", "result", "duration", "slowest phase"):
-        table.add_column(column)
+    for column in ("project", "result", "tests", "duration"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("slowest phase")
     styles = {"passed": "green", "failed": "red", "error": "red", "interrupted": "yellow"}
-    for project, result, duration, slowest in summary_rows(runs):
-        table.add_row(project, f"[{styles.get(result, 'white')}]{result}[/]", duration, slowest)
+    ordered = by_start(runs)
+    for run in ordered:
+        tests = run.tests
+        if tests.problem:
+            counts = f"[dim]{escape(tests.problem)}[/]"
+        else:
+            colours = {"passed": "green", "failed": "red", "errors": "red", "skipped": "yellow"}
+            counts = ", ".join(f"[{colours[k]}]{n} {k}[/]" for k, n in tests.counts())
+            counts = counts or "0 tests"
+        table.add_row(
+            escape(run.project),
+            f"[{styles.get(run.result, 'white')}]{escape(run.result)}[/]",
+            counts,
+            f"{run.duration:.2f}s",
+            escape(run.slowest_phase),
+        )
     console.print(table)
+    for run in ordered:
+        if run.result == "passed" and not run.tests.failures:
+            continue
+        lines = [f"[bold]{escape(run.project)}[/] {escape(run.result)}"]
+        if run.error:
+            lines.append(f"  {escape(run.error)}")
+        for failure in run.tests.failures[:10]:
+            lines.append(f"  [red]✗[/] {escape(failure.name)}: {escape(failure.first_line)}")
+        if len(run.tests.failures) > 10:
+            lines.append(f"  ... and {len(run.tests.failures) - 10} more (see the report)")
+        if run.log_tail:
+            lines.append("  last lines of the server's log:")
+            lines += [f"    {escape(line)}" for line in _tail(run.log_tail, _TAIL_LINES)]
+        console.print("\n".join(lines), soft_wrap=True)  # a log keeps whole lines
     merged = merge_junit(runs, config.results_dir / "junit.xml")
     if merged is not None:
         console.print(f"merged JUnit: {merged}")

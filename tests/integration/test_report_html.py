@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from conftest import clean_environ
 
+from e2e_infra.html_report import nice_ticks
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +36,8 @@ name, code, junit = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 time.sleep(0.3)
 with open(junit, "w") as out:
     out.write(f'<testsuite name="{name}" tests="1" failures="{int(code != 0)}">'
-              f'<testcase name="t"/></testsuite>')
+              '<testcase classname="suite" name="t">'
+              + (f'<failure message="exit {code}"/>' if code else "") + '</testcase></testsuite>')
 sys.exit(code)
 """
 
@@ -87,7 +90,7 @@ class Page(HTMLParser):
                     "links": [],
                 }
             )
-        elif self.rows and tag == "div" and a.get("class") == "phase":
+        elif self.rows and tag == "div" and "phase" in a.get("class", "").split():
             self.rows[-1]["phases"].append((a["data-phase"], a["style"]))
         elif self.rows and tag == "a":
             self.rows[-1]["links"].append(a["href"])
@@ -207,49 +210,131 @@ def test_nox_in_parallel_writes_the_report_at_exit(tmp_path: Path) -> None:
     for row in page.rows:
         first_style = row["phases"][0][1]
         left = float(first_style.split("left:")[1].split("%")[0])
-        expected = 100 * (records[row["project"]]["started_at"] - t0) / (end - t0)
+        axis = nice_ticks(end - t0)[-1]  # the axis ends on its last round tick
+        expected = 100 * (records[row["project"]]["started_at"] - t0) / axis
         assert abs(left - expected) < 0.01, (row["project"], left, expected)
 
 
-def chromium() -> str | None:
-    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None)
+# --- what a person sees: a run with a passed, a failed and a broken project, in real Chromium ----
+
+FIXTURES = ROOT / "tests" / "fixtures" / "report"
+VISUAL_PROJECTS = {"web_api": "pass", "checkout_ui": "fail", "reports": "broken"}
 
 
-@pytest.mark.skipif(chromium() is None, reason="optional: chromium is not installed here")
-def test_the_report_renders_in_a_headless_browser(tmp_path: Path) -> None:
-    """Optional visual check; skipped only when no chromium binary is on PATH."""
-    config = write_config(tmp_path)
-    subprocess.run(
+def write_visual_config(folder: Path) -> Path:
+    body = textwrap.dedent(
+        f"""
+        [tool.e2e_infra]
+        state_dir = "{folder / "state"}"
+        results_dir = "{folder / "results"}"
+        port_range = "19300-19399"
+
+        [tool.e2e_infra.servers.api]
+        command = "{{python}} {FIXTURES / "broken_server.py"}"
+        cwd = "{folder}"
+        port = "backend"
+        startup_timeout = 5
+        """
+    )
+    for name, mode in VISUAL_PROJECTS.items():
+        body += textwrap.dedent(
+            f"""
+            [tool.e2e_infra.projects.{name}]
+            command = "{{python}} {FIXTURES / "suite.py"} {mode} {{results_dir}}"
+            cwd = "{folder}"
+            servers = {'["api"]' if mode == "broken" else "[]"}
+            database = false
+            """
+        )
+    (folder / "pyproject.toml").write_text(body)
+    return folder / "pyproject.toml"
+
+
+def chromium() -> str:
+    """Chromium for the visual check: CHROMIUM_PATH or on PATH. Required, never skipped."""
+    found = os.environ.get("CHROMIUM_PATH") or next(
+        filter(None, map(shutil.which, ("chromium", "chromium-browser"))), None
+    )
+    if not found:
+        pytest.fail(
+            "the report is checked in a real browser: install Chromium "
+            "(apt-get install chromium) or set CHROMIUM_PATH"
+        )
+    return found
+
+
+def test_a_failed_run_reads_well_in_chromium(tmp_path: Path) -> None:
+    browser_path = chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the visual check drives Chromium with playwright: pip install -e '.[dev]'")
+    config = write_visual_config(tmp_path)
+    proc = subprocess.run(
         [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all"],
         cwd=tmp_path,
         env=clean_environ({"E2E_CONFIG": str(config)}),
         capture_output=True,
+        text=True,
         timeout=180,
     )
+    assert proc.returncode != 0, proc.stderr
+    # The terminal summary says it too: the counts, the failing test and its message.
+    assert "3 passed, 1 failed, 1 skipped" in proc.stderr, proc.stderr
+    failing = "tests.test_orders::test_order_total[chromium]"
+    assert f"{failing}: AssertionError: the order total shows 41.00" in proc.stderr
+    assert 'relation "orders" does not exist' in proc.stderr
     report = tmp_path / "results" / "report.html"
-    shot = tmp_path / "report.png"
-    browser = chromium()
-    assert browser is not None
-    proc = subprocess.run(
-        [
-            browser,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--window-size=1200,400",
-            f"--screenshot={shot}",
-            report.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert shot.stat().st_size > 5000  # a real picture, not an empty page
-    dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", report.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    assert dom.count('class="run"') == len(PROJECTS)
+    text = report.read_text(encoding="utf-8")
+    assert "s3cret-pw" not in text and "s3cret-pw" not in proc.stderr
+    started = {
+        name: json.loads((tmp_path / "results" / name / "run.json").read_text())["started_at"]
+        for name in VISUAL_PROJECTS
+    }
+    rows = [row["project"] for row in parse(report).rows]
+    assert rows == sorted(started, key=lambda name: started[name])  # in the order they started
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path)
+        try:
+            tab = browser.new_page(viewport={"width": 1400, "height": 900})
+            tab.goto(report.as_uri())
+            assert tab.locator("tr.run").count() == 3
+            failed = tab.locator('tr.run[data-project="checkout_ui"]')
+            assert "status-red" in (failed.get_attribute("class") or "").split()
+            assert "bar-red" in (failed.locator(".track").get_attribute("class") or "")
+            red = failed.locator(".phase.result").evaluate("e => getComputedStyle(e).background")
+            assert "rgb(211, 47, 47)" in red  # the suite's bar is red, not a passed green
+            passed = tab.locator('tr.run[data-project="web_api"]')
+            assert "status-green" in (passed.get_attribute("class") or "").split()
+            assert failed.locator("td.tests").inner_text() == "3 passed, 1 failed, 1 skipped"
+            # The failing test, its message and its screenshot.
+            detail = tab.locator('tr.detail[data-project="checkout_ui"]')
+            assert detail.locator(".test").inner_text() == failing
+            message = detail.locator("pre.message").inner_text()
+            assert "the order total shows 41.00, expected 42.00" in message
+            href = detail.locator('a[data-kind="screenshot"]').get_attribute("href") or ""
+            assert not href.startswith(("/", "file:")), href  # relative: the folder travels
+            target = (report.parent / href).resolve()
+            assert target.is_file() and target.name == "test-failed-1.png", target
+            kinds = failed.locator("td.files a.artifact").evaluate_all(
+                "links => links.map(a => a.dataset.kind)"
+            )
+            assert {"screenshot", "trace", "Playwright report"} <= set(kinds), kinds
+            # The broken server: its error and the tail of its log.
+            broken = tab.locator('tr.detail[data-project="reports"]')
+            assert 'relation "orders" does not exist' in broken.locator("pre.log").inner_text()
+            # Every phase can be seen and hovered, however short.
+            for bar in tab.locator(".phase").all():
+                box = bar.bounding_box()
+                assert box is not None and box["width"] >= 3.5, bar.get_attribute("title")
+                assert " s (from +" in (bar.get_attribute("title") or "")
+            # Round tick labels: 0 s, then steps of 1, 2 or 5 x 10^n.
+            labels = tab.locator(".axis span").all_inner_texts()
+            values = [float(label.removesuffix(" s")) for label in labels]
+            assert values[0] == 0 and len(values) >= 3, labels
+            assert f"{values[1]:e}"[0] in "125" and set(f"{values[1]:e}"[1:5]) <= {".", "0"}
+            tab.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
