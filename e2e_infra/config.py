@@ -18,7 +18,7 @@ import shlex
 import socket
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -187,6 +187,19 @@ class Config:
     postgres: PostgresConfig = PostgresConfig()
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     projects: Mapping[str, ProjectConfig] = field(default_factory=dict)
+    run: str | None = None  # the run whose results this config reads and writes (for_run)
+
+    def for_run(self, run: str) -> Config:
+        """This config, its results going to ``<results_dir>/<run>/``: one folder per run (a
+        ``nox`` call, an ``e2e.all``), so two runs in one checkout never mix."""
+        if _RUN_ID_PATTERN.fullmatch(run) is None:
+            raise ConfigError(f"run id {run[:70]!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return replace(self, run=run)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's results go: ``<results_dir>/<run>`` (``results_dir`` with no run)."""
+        return self.results_dir / self.run if self.run else self.results_dir
 
     def project(self, name: str) -> ProjectConfig:
         validate_project_name(name)
@@ -202,7 +215,7 @@ class Config:
             ) from None
 
     def project_dir(self, project: str) -> Path:
-        return self.results_dir / project
+        return self.run_dir / project
 
 
 # --- reading --------------------------------------------------------------------------------------

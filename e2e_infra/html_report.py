@@ -374,7 +374,7 @@ def write_html_report(
     out: Path | None = None,
 ) -> Path:
     """Write ``<results>/report.html`` (atomically) for ``runs`` (default: the latest runs)."""
-    out = out or config.results_dir / REPORT_FILE
+    out = out or config.run_dir / REPORT_FILE
     if runs is None:
         runs = collect_runs(config, since=since)
     rows = [_Row(run, run_artifacts(config, run), extra) for run, extra in latest_per_project(runs)]

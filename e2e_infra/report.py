@@ -8,6 +8,7 @@ Each run's JUnit file gives its test counts and failing tests (:mod:`e2e_infra.j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,16 +25,19 @@ from .conninfo import mask_secrets
 from .junit import JUnitSummary, read_junit
 
 __all__ = [
+    "LATEST",
     "RunSummary",
     "artifact_kind",
     "collect_runs",
     "find_artifacts",
     "merge_junit",
+    "point_latest",
     "print_summary",
     "run_artifacts",
     "summary_rows",
 ]
 
+LATEST = "latest"  # <results_dir>/latest -> the newest run's folder
 _TAIL_LINES = 12  # of a failed server's log, in the terminal
 _MAX_ARTIFACTS = 40  # per project; a suite that writes more has its own report
 _PRUNE = frozenset({".git", "node_modules", "__pycache__", ".venv", ".nox"})
@@ -96,20 +100,46 @@ class RunSummary:
 def collect_runs(
     config: Config, *, since: float | None = None, projects: Iterable[str] | None = None
 ) -> list[RunSummary]:
-    """The latest run of each project (and concurrent extra runs), optionally since a time."""
+    """The runs of ``config.run`` (each project's, and concurrent extra runs), optionally since
+    a time; with no run set, each project's newest run of any run folder."""
     wanted = set(projects) if projects is not None else set(config.projects)
     runs: list[RunSummary] = []
     for project in sorted(wanted):
-        folder = config.project_dir(project)
-        paths = [folder / "run.json", *sorted(folder.glob("runs/*/run.json"))]
-        for path in paths:
-            if not path.is_file():
-                continue
-            run = RunSummary.load(path)
-            if run is None or (since is not None and run.started_at < since):
-                continue
-            runs.append(run)
+        candidates: list[RunSummary | None]
+        if config.run is None:
+            candidates = [_newest_run(config, project)]
+        else:
+            folder = config.project_dir(project)
+            paths = [folder / "run.json", *sorted(folder.glob("runs/*/run.json"))]
+            candidates = [RunSummary.load(path) for path in paths if path.is_file()]
+        for run in candidates:
+            if run is not None and (since is None or run.started_at >= since):
+                runs.append(run)
     return sorted(runs, key=lambda r: (r.project, r.started_at))
+
+
+def _newest_run(config: Config, project: str) -> RunSummary | None:
+    paths = [
+        *config.results_dir.glob(f"{project}/run.json"),  # runs without a run folder
+        *config.results_dir.glob(f"{project}/runs/*/run.json"),
+        *config.results_dir.glob(f"*/{project}/run.json"),
+        *config.results_dir.glob(f"*/{project}/runs/*/run.json"),
+    ]
+    loaded = [run for run in map(RunSummary.load, paths) if run is not None]
+    return max(loaded, key=lambda r: r.started_at, default=None)
+
+
+def point_latest(config: Config) -> None:
+    """Make ``<results_dir>/latest`` point at this run's folder (atomically; best effort)."""
+    if config.run is None:
+        return
+    link = config.results_dir / LATEST
+    tmp = config.results_dir / f".{LATEST}.{os.getpid()}.tmp"
+    with contextlib.suppress(OSError):
+        config.results_dir.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(config.run, target_is_directory=True)
+        os.replace(tmp, link)
 
 
 def by_start(runs: Iterable[RunSummary]) -> list[RunSummary]:
@@ -308,7 +338,7 @@ def print_summary(config: Config, runs: Sequence[RunSummary], *, file: Any = Non
             lines.append("  last lines of the server's log:")
             lines += [f"    {escape(line)}" for line in _tail(run.log_tail, _TAIL_LINES)]
         console.print("\n".join(lines), soft_wrap=True)  # a log keeps whole lines
-    merged = merge_junit(runs, config.results_dir / "junit.xml")
+    merged = merge_junit(runs, config.run_dir / "junit.xml")
     if merged is not None:
         console.print(f"merged JUnit: {merged}")
     return merged

@@ -43,6 +43,7 @@ from .interrupts import Interrupts, signals_deferred
 from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id, process_start_time
 from .ports import port_is_free
 from .reclaim import SERVER_KIND, reclaim
+from .report import point_latest
 from .workspace import Workspace
 
 __all__ = [
@@ -301,6 +302,7 @@ class ProjectSession:
         if others:
             self.results_dir = self.results_dir / "runs" / self.run_id
         self.results_dir.mkdir(parents=True, exist_ok=True)
+        point_latest(self.config)
         if not others:
             for stale in ("run.json", "junit.xml", *(f"{s}.log" for s in self.config.servers)):
                 with contextlib.suppress(FileNotFoundError):

@@ -35,6 +35,11 @@ def _nox_argv(config: e2e_infra.Config, *extra: str) -> list[str]:
     return [sys.executable, "-m", "nox", "-f", str(noxfile), *extra]
 
 
+def _for_run(config: e2e_infra.Config) -> e2e_infra.Config:
+    """The config of a new run: E2E_RUN_ID if set, else a fresh id (results in its folder)."""
+    return config.for_run(config.run or config.run_id or e2e_infra.new_run_id())
+
+
 def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> int:
     """Run ``projects`` in parallel through nox with a live status; summary, JUnit, report.html.
 
@@ -45,12 +50,13 @@ def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> i
     if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
         raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
     started = time.time()
+    config = _for_run(config)
     argv = _nox_argv(config, "-j", jobs, "-s", *(f"e2e-{p}" for p in projects))
-    env = {**os.environ, "E2E_SUMMARY": "0"}
+    env = {**os.environ, "E2E_SUMMARY": "0", "E2E_RUN_ID": str(config.run)}
     if config.source is not None:  # the sessions read the same config, wherever nox runs them
         env["E2E_CONFIG"] = str(config.source)
     live = e2e_infra.use_live_display(sys.stderr)
-    log_path = config.results_dir / "nox.log"
+    log_path = config.run_dir / "nox.log"
     if live:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "wb") as log_file:
@@ -97,7 +103,7 @@ def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> i
 @cli
 def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> None:
     """Run one E2E project: its own ports, database and servers, then its suite."""
-    config = load()
+    config = _for_run(load())
     config.project(project)
     try:
         suite_args = shlex.split(args)

@@ -76,6 +76,11 @@ def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> li
             return []
         config = loaded
     nox.options.default_venv_backend = "none"
+    # One run id for this nox call: its results go to <results_dir>/<run id>/. Set in the
+    # environment, so the parallel workers (started after this file is loaded) share it.
+    run = config.run or os.environ.get("E2E_RUN_ID") or e2e_infra.new_run_id()
+    os.environ["E2E_RUN_ID"] = run
+    config = config.for_run(run)
     if not _registered and "--parallel-worker" not in sys.argv:
         # The main nox process prints the summary; parallel workers (one session each) do not.
         atexit.register(_summary_at_exit)

@@ -157,6 +157,22 @@ def run_processes(results_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def run_folder(results_dir: Path) -> Path:
+    """The newest run's results folder (``<results_dir>/latest``), or ``results_dir`` itself for
+    a run without a run folder (a ProjectSession used directly)."""
+    latest = results_dir / "latest"
+    return latest if latest.exists() else results_dir
+
+
+def project_folder(results_dir: Path, project: str) -> Path:
+    """The results folder of ``project``'s newest run, whichever run folder holds it."""
+    folders = {p.resolve() for p in (results_dir / project, *results_dir.glob(f"*/{project}"))}
+    with_record = [f for f in folders if (f / "run.json").is_file()]
+    if not with_record:
+        return run_folder(results_dir) / project
+    return max(with_record, key=lambda f: (f / "run.json").stat().st_mtime)
+
+
 def drop_databases(admin: ConnInfo, prefix: str) -> None:
     """Drop every database whose name starts with ``prefix``, templates included."""
     with psycopg.connect(admin.conninfo(), autocommit=True) as conn:

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
-from conftest import run_processes, running_cluster
+from conftest import project_folder, run_folder, run_processes, running_cluster
 
 import e2e_infra
 from e2e_infra.testing import copy_config
@@ -136,7 +136,9 @@ def config(workspace: Path) -> e2e_infra.Config:
 
 
 def run_json(config: e2e_infra.Config, project: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((config.results_dir / project / "run.json").read_text())
+    data: dict[str, Any] = json.loads(
+        (project_folder(config.results_dir, project) / "run.json").read_text()
+    )
     return data
 
 
@@ -149,9 +151,9 @@ def test_one_project_passes_through_nox_and_leaves_nothing(
     assert record["result"] == "passed"
     assert record["seed"] == "auth_only"
     assert set(record["phases"]) >= {"ports", "database", "servers", "health", "suite", "teardown"}
-    assert (config.results_dir / "auth_tests" / "junit.xml").is_file()
+    assert (project_folder(config.results_dir, "auth_tests") / "junit.xml").is_file()
     # The backend inherited its listening socket on the leased port (listen_socket = true).
-    log = (config.results_dir / "auth_tests" / "backend.log").read_text()
+    log = (project_folder(config.results_dir, "auth_tests") / "backend.log").read_text()
     assert "--fd " in log and f"127.0.0.1:{record['ports']['backend']}" in log
     Leftovers(config).assert_none()
 
@@ -175,7 +177,7 @@ def test_every_demo_project_passes_in_parallel(workspace: Path, config: e2e_infr
         if project != "static_pages":
             databases.add(record["database"])
     assert len(databases) == 5  # each project had its own database
-    merged = config.results_dir / "junit.xml"
+    merged = run_folder(config.results_dir) / "junit.xml"
     assert merged.is_file() and merged.read_text().count("<testsuite ") == len(demo)
     assert "e2e run summary" in proc.stderr
     Leftovers(config).assert_none()
@@ -201,8 +203,7 @@ def test_same_project_twice_at_once_gets_two_databases_and_port_sets(
     records = [
         json.loads(path.read_text())
         for path in [
-            config.results_dir / "work_orders" / "run.json",
-            *(config.results_dir / "work_orders").glob("runs/*/run.json"),
+            *{p.resolve() for p in config.results_dir.glob("*/work_orders/run.json")},
         ]
     ]
     latest = sorted(records, key=lambda r: r["started_at"])[-2:]

@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import clean_environ
+from conftest import clean_environ, project_folder, run_folder
 
 pytestmark = pytest.mark.integration
 
@@ -178,9 +178,11 @@ def test_a_push_touching_one_project_runs_only_that_project(hooked: Monorepo) ->
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert hooked.ran() == ["alpha"]
     assert hooked.remote_sha("main") == hooked.local_sha()
-    record = json.loads((hooked.repo / "test-results" / "alpha" / "run.json").read_text())
+    record = json.loads(
+        (project_folder(hooked.repo / "test-results", "alpha") / "run.json").read_text()
+    )
     assert record["result"] == "passed"
-    assert (hooked.repo / "test-results" / "report.html").is_file()
+    assert (run_folder(hooked.repo / "test-results") / "report.html").is_file()
 
 
 def test_a_push_touching_nothing_of_a_project_runs_nothing(hooked: Monorepo) -> None:

@@ -21,7 +21,13 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import clean_environ, run_processes, running_cluster, write_pyproject
+from conftest import (
+    clean_environ,
+    project_folder,
+    run_processes,
+    running_cluster,
+    write_pyproject,
+)
 
 import e2e_infra
 from e2e_infra.leases import Lease, Owner, process_start_time
@@ -178,12 +184,16 @@ class Leftovers:
 
 def wait_for_suite(config: e2e_infra.Config, project: str, proc: Nox) -> int:
     """Wait until the project's suite runs (its server is up); return the suite's pid."""
-    pid_file = config.project_dir(project) / "suite.pid"
 
     def ready() -> int | None:
         if proc.poll() is not None:
             raise AssertionError(f"nox exited early: {proc.wait()}")
-        if not pid_file.exists() or not pid_file.read_text():
+        results = config.results_dir
+        found = [*results.glob(f"{project}/suite.pid"), *results.glob(f"*/{project}/suite.pid")]
+        if not found:
+            return None
+        pid_file = max(found, key=lambda path: path.stat().st_mtime)  # this run's, the newest
+        if not pid_file.read_text():
             return None
         return int(pid_file.read_text())
 
@@ -330,7 +340,7 @@ def test_sigkilled_test_runner_fails_the_run_and_everything_is_released(
     os.kill(suite_pid, signal.SIGKILL)
     returncode, out = proc.wait()
     assert returncode != 0, out
-    record = json.loads((config.project_dir("runnerkill") / "run.json").read_text())
+    record = json.loads((project_folder(config.results_dir, "runnerkill") / "run.json").read_text())
     assert record["result"] == "failed"
     assert record["returncode"] == -signal.SIGKILL
     leftovers = Leftovers(config)
@@ -351,7 +361,7 @@ def test_sigkilled_server_fails_the_suite_and_release_still_works(
     returncode, out = proc.wait()
     assert returncode != 0, out
     assert "server unreachable" in out
-    record = json.loads((config.project_dir("serverkill") / "run.json").read_text())
+    record = json.loads((project_folder(config.results_dir, "serverkill") / "run.json").read_text())
     assert record["result"] == "failed" and record["returncode"] == 1
     leftovers = Leftovers(config)
     assert leftovers.nothing(ports), leftovers.describe()

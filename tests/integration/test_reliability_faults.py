@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import clean_environ, make_config, write_pyproject
+from conftest import clean_environ, make_config, project_folder, write_pyproject
 
 import e2e_infra
 from e2e_infra.leases import Owner, process_start_time
@@ -147,7 +147,7 @@ def test_postgres_stopped_mid_migration_fails_fast_and_leaves_nothing_half_made(
             proc.wait()
     output = (tmp_path / "nox.out").read_text()
     assert returncode != 0 and took < 20, output
-    record = json.loads((config.project_dir("pgdown") / "run.json").read_text())
+    record = json.loads((project_folder(config.results_dir, "pgdown") / "run.json").read_text())
     assert record["result"] == "error"
     assert "0001_slow.sql" in record["error"] or "cannot connect" in record["error"], record
     assert "Traceback" not in output
@@ -216,7 +216,7 @@ def test_postgres_stopped_during_the_suite_fails_release_clearly_then_cleanup_dr
             proc.wait()
     output = (tmp_path / "nox.out").read_text()
     assert returncode != 0 and took < 20, output
-    record = json.loads((config.project_dir("pgaway") / "run.json").read_text())
+    record = json.loads((project_folder(config.results_dir, "pgaway") / "run.json").read_text())
     assert record["result"] == "error"
     assert f"database {dbname}" in record["error"] and "cannot connect" in record["error"]
     assert "Traceback" not in output and admin.password not in output + json.dumps(record)
@@ -335,7 +335,10 @@ def test_port_taken_between_allocation_and_server_start_restarts_the_server_on_a
         assert session.run_suite() == 0
     assert session.result.result == "passed"
     assert session.result.ports["backend"] != taken[0]
-    assert "Address already in use" in (config.project_dir("raced") / "web.log").read_text()
+    assert (
+        "Address already in use"
+        in (project_folder(config.results_dir, "raced") / "web.log").read_text()
+    )
     assert project_leases(config) == []
 
 
@@ -384,4 +387,4 @@ def test_a_server_that_hangs_before_healthy_and_ignores_sigterm_is_killed_within
         for p in psutil.process_iter(["cmdline"])
         if "hanging" in " ".join(p.info["cmdline"] or []) and process_start_time(p.pid) is not None
     ]
-    assert os.path.exists(config.project_dir("hung") / "run.json")
+    assert os.path.exists(project_folder(config.results_dir, "hung") / "run.json")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import clean_environ
+from conftest import clean_environ, project_folder, run_folder
 
 from e2e_infra.html_report import nice_ticks
 
@@ -136,14 +136,14 @@ def test_invoke_e2e_all_shows_plain_status_lines_and_writes_the_report(tmp_path:
         timeout=180,
     )
     assert proc.returncode != 0  # gamma failed
-    report = tmp_path / "results" / "report.html"
+    report = run_folder(tmp_path / "results") / "report.html"
     check_page(report)
     assert f"report: {report}" in proc.stderr
     # Not a terminal: one plain line per phase change, ending with each project's result.
     for name in PROJECTS:
         assert f"] {name}: suite (" in proc.stderr
     assert "] alpha: passed in" in proc.stderr and "] gamma: failed in" in proc.stderr
-    status = json.loads((tmp_path / "results" / "gamma" / "status.json").read_text())
+    status = json.loads((project_folder(tmp_path / "results", "gamma") / "status.json").read_text())
     assert status["done"] is True and status["phase"] == "failed"
 
 
@@ -182,8 +182,8 @@ def test_on_a_terminal_the_status_is_a_live_table_and_nox_output_goes_to_a_log(
     # nox's chatter went to the log; only its tail is shown, after the run, as it failed.
     during, _, after = screen.partition("last lines of nox's output:")
     assert "Running session e2e-" not in during and "nox.log" in after
-    assert "Running session e2e-alpha" in (tmp_path / "results" / "nox.log").read_text()
-    check_page(tmp_path / "results" / "report.html")
+    assert "Running session e2e-alpha" in (run_folder(tmp_path / "results") / "nox.log").read_text()
+    check_page(run_folder(tmp_path / "results") / "report.html")
 
 
 def test_nox_in_parallel_writes_the_report_at_exit(tmp_path: Path) -> None:
@@ -197,10 +197,10 @@ def test_nox_in_parallel_writes_the_report_at_exit(tmp_path: Path) -> None:
         timeout=180,
     )
     assert proc.returncode != 0
-    page = check_page(tmp_path / "results" / "report.html")
+    page = check_page(run_folder(tmp_path / "results") / "report.html")
     # One time axis for every project: each row's first bar starts at its own start time.
     records = {
-        name: json.loads((tmp_path / "results" / name / "run.json").read_text())
+        name: json.loads((project_folder(tmp_path / "results", name) / "run.json").read_text())
         for name in PROJECTS
     }
     t0 = min(r["started_at"] for r in records.values())
@@ -284,11 +284,13 @@ def test_a_failed_run_reads_well_in_chromium(tmp_path: Path) -> None:
     failing = "tests.test_orders::test_order_total[chromium]"
     assert f"{failing}: AssertionError: the order total shows 41.00" in proc.stderr
     assert 'relation "orders" does not exist' in proc.stderr
-    report = tmp_path / "results" / "report.html"
+    report = run_folder(tmp_path / "results") / "report.html"
     text = report.read_text(encoding="utf-8")
     assert "s3cret-pw" not in text and "s3cret-pw" not in proc.stderr
     started = {
-        name: json.loads((tmp_path / "results" / name / "run.json").read_text())["started_at"]
+        name: json.loads((project_folder(tmp_path / "results", name) / "run.json").read_text())[
+            "started_at"
+        ]
         for name in VISUAL_PROJECTS
     }
     rows = [row["project"] for row in parse(report).rows]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import clean_environ, running_cluster, write_pyproject
+from conftest import clean_environ, project_folder, running_cluster, write_pyproject
 
 import e2e_infra
 
@@ -170,7 +170,7 @@ def test_no_password_appears_in_logs_errors_human_output_or_run_json(
     outputs.append(run_cli("nox", path, "-s", "e2e-fine", E2E_ADMIN_DATABASE_URL=lost))
     # The runs and errors really happened: a passed run, a failed one, an error, two bad logins.
     results = {
-        p: json.loads((tmp_path / "results" / p / "run.json").read_text())["result"]
+        p: json.loads((project_folder(tmp_path / "results", p) / "run.json").read_text())["result"]
         for p in ("fine", "fails", "crashes")
     }
     assert results == {
