@@ -81,12 +81,12 @@ from .errors import (
 from .leases import Lease, Owner, Registry, Transaction, process_start_time
 from .migrations import (
     Runner,
-    _server_message,
     advisory_lock,
     connect,
     migration_runner,
     seed_runner,
 )
+from .pgerrors import server_message
 
 if TYPE_CHECKING:
     from .ports import PortAllocator
@@ -839,7 +839,7 @@ class DatabaseAllocator:
         """A one-line, masked error for a psycopg error that reached the library edge."""
         secrets = tuple(p for p in (self.admin.password, self.client.password) if p)
         reason = (
-            _server_message(exc, secrets)
+            server_message(exc, secrets)
             if exc.diag.message_primary
             else " ".join(mask_secrets(str(exc), secrets).split())
         )
