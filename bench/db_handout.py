@@ -107,7 +107,7 @@ def run(
     build = time.perf_counter() - started
     conn = psycopg.connect(admin.conninfo(application_name="e2e-infra bench"), autocommit=True)
     fsync = str(conn.execute("SHOW fsync").fetchone()[0])  # type: ignore[index]
-    strategy = allocator._strategy(fsync, conn.info.server_version // 10000) or "default"
+    strategy = allocator.catalog.strategy(fsync, conn.info.server_version // 10000) or "default"
     major = conn.info.server_version // 10000
     stats = conn.execute(
         sql.SQL("SELECT pg_database_size({})").format(sql.Literal(template))
@@ -195,7 +195,7 @@ def run(
         warm.append(timed(lambda g=got: g.append(warm_allocator.allocate("warm", owner).name)))
         spare_hits += spares_before - _count_spares(conn)
         warm_allocator.release(name=got[0])
-        warm_allocator._join_spares(config.database.clone_timeout)
+        warm_allocator.spares.join(config.database.clone_timeout)
     warm_allocator.release_all()
     warm_allocator.close()
     # A new allocator per allocation, as a session makes one: the first call connects.

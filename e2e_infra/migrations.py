@@ -36,7 +36,8 @@ from psycopg import pq, sql
 from .clock import Clock, wait_until
 from .config import NAME_PATTERN, Config, validate_name
 from .conninfo import ConnInfo, mask_secrets
-from .errors import ConfigError, MigrationError, SeedProfileNotFoundError, ServerUnreachableError
+from .errors import ConfigError, MigrationError, SeedProfileNotFoundError
+from .pgerrors import ErrorContext, Phase, map_errors
 
 __all__ = [
     "MIGRATIONS_TABLE",
@@ -64,7 +65,7 @@ _APPLY_LOCK_KEY = int.from_bytes(
 def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg.Connection[Any]:
     """Open a connection named ``e2e-infra <purpose>`` (so a leak can be named), or raise
     :class:`ServerUnreachableError` with the masked URL and the fix."""
-    try:
+    with map_errors(ErrorContext(Phase.CONNECT, info)):
         return psycopg.connect(
             info.conninfo(
                 application_name=f"e2e-infra {purpose} {os.getpid()}"[:63],
@@ -72,14 +73,6 @@ def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg
             ),
             autocommit=autocommit,
         )
-    except psycopg.OperationalError as exc:
-        secrets = (info.password,) if info.password else ()
-        reason = " ".join(mask_secrets(str(exc), secrets).split())
-        raise ServerUnreachableError(
-            f"cannot connect to PostgreSQL at {info.masked} ({reason}); start the local cluster "
-            "with `invoke pg.start`, or fix E2E_ADMIN_DATABASE_URL",
-            url=info.masked,
-        ) from None
 
 
 def advisory_lock(
@@ -116,16 +109,6 @@ class Runner(Protocol):
     def apply(self, target: ConnInfo) -> None:
         """Apply to ``target``; raise MigrationError naming the file and the server's message."""
         ...
-
-
-def _server_message(exc: psycopg.Error, secrets: tuple[str, ...]) -> str:
-    diag = exc.diag
-    text = diag.message_primary or str(exc)
-    if diag.sqlstate:
-        text += f" [SQLSTATE {diag.sqlstate}]"
-    if diag.statement_position and diag.message_primary:
-        text += f" at character {diag.statement_position}"
-    return " ".join(mask_secrets(text, secrets).split())
 
 
 class SqlDirectoryRunner:
@@ -189,7 +172,6 @@ class SqlDirectoryRunner:
         target: ConnInfo,
         files: list[tuple[str, Path, bytes]],
     ) -> None:
-        secrets = (target.password,) if target.password else ()
         table = sql.Identifier(MIGRATIONS_TABLE)
         with conn.transaction():
             conn.execute(
@@ -221,26 +203,13 @@ class SqlDirectoryRunner:
                     file=str(path),
                     dbname=target.dbname,
                 ) from None
-            try:
-                with conn.transaction():
-                    conn.execute(text.encode("utf-8"))
-                    conn.execute(
-                        sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(table),
-                        (name, checksum),
-                    )
-            except psycopg.Error as exc:
-                if isinstance(exc, psycopg.OperationalError) and conn.closed:
-                    raise ServerUnreachableError(
-                        f"lost the connection to PostgreSQL at {target.masked} while "
-                        f"applying {path}; check the server and retry",
-                        url=target.masked,
-                    ) from None
-                raise MigrationError(
-                    f"{self.what} {path} failed on database {target.dbname!r}: "
-                    f"{_server_message(exc, secrets)}; fix the file and retry",
-                    file=str(path),
-                    dbname=target.dbname,
-                ) from None
+            applying = ErrorContext(Phase.APPLY, target, file=str(path), what=self.what)
+            with map_errors(applying, conn=conn), conn.transaction():
+                conn.execute(text.encode("utf-8"))
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(table),
+                    (name, checksum),
+                )
 
 
 def _expand(command: str) -> list[str]:

@@ -259,7 +259,7 @@ def test_cloning_a_busy_template_gives_up_naming_the_blocking_session(
         pytest.raises(CloneError) as info,
     ):
         # The server itself waits about 5 s before it reports 55006.
-        allocator._create(conn, f"{allocator.base}_clone", source, "FILE_COPY")
+        allocator.catalog.create(conn, f"{allocator.base}_clone", source, "FILE_COPY")
     message = info.value.one_line()
     assert "leaky-debugger" in message and source in message
     assert info.value.blockers and "leaky-debugger" in info.value.blockers[0]
@@ -307,7 +307,7 @@ def test_an_interrupt_during_create_database_leaves_no_database_and_no_lease(
         seen.append(name)
         raise Interrupt
 
-    monkeypatch.setattr(allocator, "_create", interrupted_create)
+    monkeypatch.setattr(allocator.catalog, "create", interrupted_create)
     with pytest.raises(Interrupt):
         allocator.allocate("billing", Owner.current())
     assert seen == [f"{allocator.base}_billing"]

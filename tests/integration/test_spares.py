@@ -78,25 +78,25 @@ def test_one_admin_connection_serves_the_allocator_and_one_the_server_ended_is_r
     allocator.allocate("alpha", Owner.current())
     allocator.release("alpha")
     allocator.close()  # joins the spare; closes the admin connection too
-    assert allocator._admin_slot.conn is None
+    assert allocator.connections.kept is None
     allocator.allocate("beta", Owner.current())
-    kept = allocator._admin_slot.conn
+    kept = allocator.connections.kept
     assert kept is not None and not kept.closed
     assert kept.info.host.startswith("/")  # the embedded cluster's unix socket, not TCP
     allocator.release("beta")
-    assert allocator._admin_slot.conn is kept  # the same connection, lent again
+    assert allocator.connections.kept is kept  # the same connection, lent again
     allocator.close()
-    assert kept.closed and allocator._admin_slot.conn is None
+    assert kept.closed and allocator.connections.kept is None
 
     got = allocator.allocate("gamma", Owner.current())
-    kept = allocator._admin_slot.conn
+    kept = allocator.connections.kept
     assert kept is not None
     admin_execute(pg_cluster, "SELECT pg_terminate_backend(%s)", kept.info.backend_pid)
     deadline = time.monotonic() + 5
     while not select.select([kept.pgconn.socket], [], [], 0)[0] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert allocator.release("gamma") == [got.name]  # a new connection, no error
-    assert allocator._admin_slot.conn is not None and allocator._admin_slot.conn is not kept
+    assert allocator.connections.kept is not None and allocator.connections.kept is not kept
     allocator.close()
 
 

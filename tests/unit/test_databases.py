@@ -3,8 +3,10 @@ name reservation, the database cap and the sweep decisions."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,17 +18,20 @@ from e2e_infra.config import Config, DatabaseConfig
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.databases import (
     DatabaseAllocator,
-    _Marked,
+    MarkedDatabase,
+    Marker,
     database_name,
     fingerprint,
     host_tag,
     parse_marker,
     spare_name,
+    sweep,
     template_name,
     validate_dbname,
 )
+from e2e_infra.databases.markers import stale_spares
 from e2e_infra.errors import DatabaseLimitError, InvalidNameError, UsageError
-from e2e_infra.leases import Lease, Owner, Registry
+from e2e_infra.leases import Lease, Owner, Registry, Transaction
 from e2e_infra.migrations import CommandRunner, SqlDirectoryRunner
 from e2e_infra.testing import FakeClock
 
@@ -124,10 +129,10 @@ def test_the_remembered_fingerprint_follows_every_change_to_the_input_files(
 ) -> None:
     import os
 
-    from e2e_infra import databases
+    from e2e_infra.databases import names
 
     # Files written just now are "racy" (see _RACY_SECONDS); pretend they settled long ago.
-    monkeypatch.setattr(databases, "_RACY_SECONDS", -3600)
+    monkeypatch.setattr(names, "_RACY_SECONDS", -3600)
     allocator = make_allocator(tmp_path)
     mig_dir, seed_dir = tmp_path / "mig", tmp_path / "seeds" / "default"
     mig_dir.mkdir()
@@ -141,14 +146,14 @@ def test_the_remembered_fingerprint_follows_every_change_to_the_input_files(
 
     def fp() -> str:
         seeds = SqlDirectoryRunner(seed_dir, record_prefix="seed:default/", what="seed")
-        return allocator._fingerprint(SqlDirectoryRunner(mig_dir), seeds, "default", 15)
+        return allocator.fingerprints.get(SqlDirectoryRunner(mig_dir), seeds, "default", 15)
 
     def direct() -> str:
         seeds = SqlDirectoryRunner(seed_dir, record_prefix="seed:default/", what="seed")
         return fingerprint(SqlDirectoryRunner(mig_dir), seeds, "default", 15)
 
     base = fp()
-    assert base == direct() and fp() == base and len(allocator._fingerprints) == 1
+    assert base == direct() and fp() == base and len(allocator.fingerprints.known) == 1
     # Same size, same mtime, new content: a replace (new inode, new ctime) is seen.
     replacement = mig_dir / "0001.tmp"
     replacement.write_text("CREATE TABLE b ()")
@@ -160,11 +165,11 @@ def test_the_remembered_fingerprint_follows_every_change_to_the_input_files(
     assert fp() == direct()
     # A file changed just now is hashed again on every call, never remembered: a second write
     # of the same size in the same timestamp tick would not change its stamp.
-    monkeypatch.setattr(databases, "_RACY_SECONDS", 2)
+    monkeypatch.setattr(names, "_RACY_SECONDS", 2)
     (mig_dir / "0002.sql").write_text("CREATE TABLE d ()")
-    remembered = len(allocator._fingerprints)
+    remembered = len(allocator.fingerprints.known)
     assert fp() == direct()
-    assert len(allocator._fingerprints) == remembered
+    assert len(allocator.fingerprints.known) == remembered
 
 
 def test_fingerprint_covers_the_kind_of_runner_not_only_its_files(tmp_path: Path) -> None:
@@ -196,11 +201,11 @@ def test_only_e2e_infra_markers_are_recognised() -> None:
 
 def test_auto_clone_strategy_follows_fsync_and_explicit_choice_wins(tmp_path: Path) -> None:
     auto = make_allocator(tmp_path)
-    assert auto._strategy("off", 15) == "FILE_COPY"
-    assert auto._strategy("on", 15) == "WAL_LOG"
-    assert auto._strategy("off", 14) is None  # no STRATEGY clause before 15
+    assert auto.catalog.strategy("off", 15) == "FILE_COPY"
+    assert auto.catalog.strategy("on", 15) == "WAL_LOG"
+    assert auto.catalog.strategy("off", 14) is None  # no STRATEGY clause before 15
     forced = make_allocator(tmp_path, clone_strategy="wal_log")
-    assert forced._strategy("off", 15) == "WAL_LOG"
+    assert forced.catalog.strategy("off", 15) == "WAL_LOG"
 
 
 # --- reservation and the cap ----------------------------------------------------------------------
@@ -209,20 +214,24 @@ def test_auto_clone_strategy_follows_fsync_and_explicit_choice_wins(tmp_path: Pa
 def test_second_live_lease_of_a_project_gets_a_suffixed_name(tmp_path: Path) -> None:
     allocator = make_allocator(tmp_path)
     me = Owner.current(run_id="run-a")
-    first, _ = allocator._reserve("auth_tests", me, "tpl", "default", marked=0)
-    second, _ = allocator._reserve(
+    first, _ = allocator.clones.reserve("auth_tests", me, "tpl", "default", marked=0)
+    second, _ = allocator.clones.reserve(
         "auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=1
     )
     assert first.resource == "e2e_db_auth_tests"
     assert second.resource.startswith("e2e_db_auth_tests_") and second.resource != first.resource
-    third, _ = allocator._reserve("auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=2)
+    third, _ = allocator.clones.reserve(
+        "auth_tests", Owner.current(run_id="run-b"), "tpl", "d", marked=2
+    )
     assert third.resource not in {first.resource, second.resource}
 
 
 def test_a_dead_owners_lease_gives_its_name_back(tmp_path: Path) -> None:
     allocator = make_allocator(tmp_path)
-    stale, _ = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
-    fresh, dead = allocator._reserve("auth_tests", Owner.current(), "tpl", "default", marked=1)
+    stale, _ = allocator.clones.reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
+    fresh, dead = allocator.clones.reserve(
+        "auth_tests", Owner.current(), "tpl", "default", marked=1
+    )
     assert fresh.resource == stale.resource == "e2e_db_auth_tests"
     # The dead owner's lease stays until the new database is marked: if that owner died while
     # creating its database, the lease is the proof that an unmarked one of that name is ours.
@@ -234,25 +243,31 @@ def test_a_dead_owners_lease_gives_its_name_back(tmp_path: Path) -> None:
 def test_a_kept_database_keeps_its_name_until_it_expires(tmp_path: Path) -> None:
     clock = FakeClock()
     allocator = make_allocator(tmp_path, clock=clock)
-    kept, _ = allocator._reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
+    kept, _ = allocator.clones.reserve("auth_tests", dead_owner(), "tpl", "default", marked=0)
     with allocator.registry.transaction() as txn:
         txn.update(kept.with_data(keep_until=clock.time() + 60))
-    during, _ = allocator._reserve("auth_tests", Owner.current(run_id="r1"), "t", "d", marked=1)
+    during, _ = allocator.clones.reserve(
+        "auth_tests", Owner.current(run_id="r1"), "t", "d", marked=1
+    )
     assert during.resource != kept.resource
     clock.advance(61)
-    after, _ = allocator._reserve("auth_tests", Owner.current(run_id="r2"), "t", "d", marked=2)
+    after, _ = allocator.clones.reserve(
+        "auth_tests", Owner.current(run_id="r2"), "t", "d", marked=2
+    )
     assert after.resource == kept.resource
 
 
 def test_the_cap_on_live_databases_is_a_clear_error(tmp_path: Path) -> None:
     allocator = make_allocator(tmp_path, max_databases=2)
-    allocator._reserve("one", Owner.current(), "tpl", "default", marked=0)
+    allocator.clones.reserve("one", Owner.current(), "tpl", "default", marked=0)
     with pytest.raises(DatabaseLimitError, match=r"max_databases = 2.*db.cleanup") as info:
-        allocator._reserve("two", Owner.current(), "tpl", "default", marked=2)  # server count
+        allocator.clones.reserve("two", Owner.current(), "tpl", "default", marked=2)  # server count
     assert info.value.limit == 2
-    allocator._reserve("two", Owner.current(), "tpl", "default", marked=1)
+    allocator.clones.reserve("two", Owner.current(), "tpl", "default", marked=1)
     with pytest.raises(DatabaseLimitError):
-        allocator._reserve("three", Owner.current(), "tpl", "default", marked=0)  # leases count
+        allocator.clones.reserve(
+            "three", Owner.current(), "tpl", "default", marked=0
+        )  # leases count
 
 
 # --- release without a server ---------------------------------------------------------------------
@@ -278,7 +293,7 @@ def test_release_rejects_a_malformed_name_before_anything_else(tmp_path: Path) -
 # --- what cleanup may drop ------------------------------------------------------------------------
 
 
-def marked(kind: str, owner: Owner, lease_id: str = "nolease", **extra: object) -> _Marked:
+def marked(kind: str, owner: Owner, lease_id: str = "nolease", **extra: object) -> MarkedDatabase:
     marker = {
         "tool": "e2e-infra",
         "base": "e2e_db",
@@ -289,7 +304,19 @@ def marked(kind: str, owner: Owner, lease_id: str = "nolease", **extra: object) 
         "start": owner.start_time,
         **extra,
     }
-    return _Marked("e2e_db_x", marker, is_template=False)
+    return MarkedDatabase("e2e_db_x", Marker.from_json(marker), is_template=False)
+
+
+def why_drop(
+    allocator: DatabaseAllocator,
+    txn: Transaction,
+    item: MarkedDatabase,
+    lease: Lease | None,
+    now: float,
+    *,
+    lock_free: Callable[[str], bool] | None = None,
+) -> str | None:
+    return sweep.why_drop(txn, item, lease, now, shared=allocator.shared, lock_free=lock_free)
 
 
 def test_sweep_drops_only_on_proof_of_death_or_expiry(tmp_path: Path) -> None:
@@ -301,7 +328,7 @@ def test_sweep_drops_only_on_proof_of_death_or_expiry(tmp_path: Path) -> None:
     stale_lease = replace(live_lease, owner=dead)
     other_host = replace(dead, host="elsewhere")
     with allocator.registry.transaction() as txn:
-        why = allocator._why_drop
+        why = functools.partial(why_drop, allocator)
         assert why(txn, marked("database", alive, live_lease.id), live_lease, now) is None
         assert "stale" in (why(txn, marked("database", dead), stale_lease, now) or "")
         assert "no lease" in (why(txn, marked("database", dead), None, now) or "")
@@ -328,9 +355,15 @@ def test_on_a_shared_server_names_carry_the_host_and_hosts_never_meet(tmp_path: 
     a = shared_allocator(tmp_path / "a", "runner-1")
     b = shared_allocator(tmp_path / "b", "runner-2")
     assert host_tag("runner-1") != host_tag("runner-2") and len(host_tag("x")) == 4
-    first, _ = a._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=0)
-    other, _ = b._reserve("auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=1)
-    again, _ = a._reserve("auth_tests", Owner.current(run_id="r2"), "tpl", "default", marked=2)
+    first, _ = a.clones.reserve(
+        "auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=0
+    )
+    other, _ = b.clones.reserve(
+        "auth_tests", Owner.current(run_id="r1"), "tpl", "default", marked=1
+    )
+    again, _ = a.clones.reserve(
+        "auth_tests", Owner.current(run_id="r2"), "tpl", "default", marked=2
+    )
     assert first.resource == f"e2e_db_auth_tests_{host_tag('runner-1')}"
     assert other.resource == f"e2e_db_auth_tests_{host_tag('runner-2')}"
     assert again.resource.startswith(first.resource + "_")
@@ -351,7 +384,7 @@ def test_another_hosts_database_goes_only_on_lock_proof_or_after_the_ttl(tmp_pat
         return True
 
     with allocator.registry.transaction() as txn:
-        why = allocator._why_drop
+        why = functools.partial(why_drop, allocator)
         assert why(txn, held, None, now, lock_free=lambda name: False) is None  # owner holds it
         assert "holds no lock" in (why(txn, held, None, now, lock_free=free) or "")
         assert why(txn, held, None, now) is None  # no probe: never proven
@@ -360,15 +393,14 @@ def test_another_hosts_database_goes_only_on_lock_proof_or_after_the_ttl(tmp_pat
         assert asked == ["e2e_db_x"]  # the lock is asked only about databases that hold it
         kept = marked("kept", other, hold=False, keep_until=now + 10)
         assert why(txn, kept, None, now, lock_free=free) is None  # a keep is honoured first
-        mine = marked("database", dead_owner(), hold=True)
-        mine.marker["host"] = "runner-1"
+        mine = marked("database", replace(dead_owner(), host="runner-1"), hold=True)
         assert "gone" in (why(txn, mine, None, now, lock_free=lambda name: False) or "")
 
 
 # --- warm spares ----------------------------------------------------------------------------------
 
 
-def spare(name: str, template: str, oid: int, created: float) -> _Marked:
+def spare(name: str, template: str, oid: int, created: float) -> MarkedDatabase:
     marker = {
         "tool": "e2e-infra",
         "base": "e2e_db",
@@ -377,10 +409,10 @@ def spare(name: str, template: str, oid: int, created: float) -> _Marked:
         "template_oid": oid,
         "created_at": created,
     }
-    return _Marked(name, marker, is_template=False)
+    return MarkedDatabase(name, Marker.from_json(marker), is_template=False)
 
 
-def template(name: str, seed: str, oid: int, created: float) -> _Marked:
+def template(name: str, seed: str, oid: int, created: float) -> MarkedDatabase:
     marker = {
         "tool": "e2e-infra",
         "base": "e2e_db",
@@ -388,7 +420,7 @@ def template(name: str, seed: str, oid: int, created: float) -> _Marked:
         "seed": seed,
         "created_at": created,
     }
-    return _Marked(name, marker, is_template=True, oid=oid)
+    return MarkedDatabase(name, Marker.from_json(marker), is_template=True, oid=oid)
 
 
 def test_spare_names_are_unique_and_carry_the_fingerprint() -> None:
@@ -411,7 +443,9 @@ def test_only_spares_of_the_newest_build_of_a_seed_within_the_cap_survive(tmp_pa
         spare("s_new2", "tpl_new", 20, 4.0),  # beyond spares = 1
         spare("s_auth", "tpl_auth", 30, 1.0),
     ]
-    verdicts = {item.name: why for item, why in allocator._stale_spares(items)}
+    verdicts = {
+        item.name: why for item, why in stale_spares(items, allocator.config.database.spares)
+    }
     assert set(verdicts) == {"s_old", "s_rebuilt", "s_gone", "s_new2"}
     assert "newest" in verdicts["s_old"] and "earlier build" in verdicts["s_rebuilt"]
     assert "gone" in verdicts["s_gone"] and "beyond spares = 1" in verdicts["s_new2"]
@@ -428,8 +462,8 @@ def test_close_waits_for_the_spare_thread_only_until_its_deadline(
 
     allocator = make_allocator(tmp_path, clone_timeout=0.2)
     release = threading.Event()
-    allocator._spare_thread = threading.Thread(target=release.wait, args=(30,))
-    allocator._spare_thread.start()
+    allocator.spares._thread = threading.Thread(target=release.wait, args=(30,))
+    allocator.spares._thread.start()
     started = time.monotonic()
     try:
         allocator.close()
@@ -445,10 +479,9 @@ def test_a_privilege_error_at_the_edge_is_one_masked_line_naming_the_fix(tmp_pat
     from e2e_infra.errors import DatabaseError
 
     allocator = make_allocator(tmp_path)
-    error = allocator._server_error(
-        pgerrors.InsufficientPrivilege("permission denied to create database"), "build a template"
-    )
-    assert isinstance(error, DatabaseError)
+    with pytest.raises(DatabaseError) as info, allocator.catalog.errors("build a template"):
+        raise pgerrors.InsufficientPrivilege("permission denied to create database")
+    error = info.value
     line = error.one_line()
     assert "needs CREATEDB: ALTER ROLE postgres CREATEDB" in line
     assert "permission denied to create database" in line and "pw" not in line.split("@")[0]

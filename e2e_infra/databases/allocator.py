@@ -1,0 +1,364 @@
+"""The allocator: the one object the rest of the library uses for databases.
+
+:class:`DatabaseAllocator` composes the parts of this package -- names and fingerprints, the
+admin connection, markers and their policy, templates, clones, warm spares, the locks of a shared
+server, sweeping -- behind allocate / release / find / cleanup / list, and maps every psycopg error
+at its public methods to one masked line of the exception tree (:mod:`e2e_infra.pgerrors`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+
+from psycopg import errors as sqlerrors
+
+from ..clock import Clock, SystemClock
+from ..config import Config, validate_name
+from ..conninfo import ConnInfo
+from ..errors import DatabaseNotFoundError, RegistryError, UsageError
+from ..leases import Lease, Owner, Registry
+from ..migrations import migration_runner, seed_runner
+from .admin import AdminConnections
+from .catalog import Catalog
+from .clones import Cloner
+from .markers import Kind
+from .names import FingerprintCache, spare_prefix, template_name, validate_dbname
+from .shared import Holds
+from .spares import Spares
+from .sweep import DatabaseInfo, Sweeper
+from .templates import Templates
+
+if TYPE_CHECKING:
+    from ..ports import PortAllocator
+
+__all__ = ["AllocatedDatabase", "DatabaseAllocator", "database_allocator"]
+
+LEASE_KIND = Kind.DATABASE.value
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _server_errors(
+    action: str,
+) -> Callable[
+    [Callable[Concatenate[DatabaseAllocator, _P], _R]],
+    Callable[Concatenate[DatabaseAllocator, _P], _R],
+]:
+    """A public method's edge: see :meth:`Catalog.errors`."""
+
+    def decorate(
+        fn: Callable[Concatenate[DatabaseAllocator, _P], _R],
+    ) -> Callable[Concatenate[DatabaseAllocator, _P], _R]:
+        @functools.wraps(fn)
+        def wrapper(self: DatabaseAllocator, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with self.catalog.errors(action):
+                return fn(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class AllocatedDatabase:
+    name: str
+    project: str
+    seed: str
+    template: str
+    url: ConnInfo  # the client ConnInfo with dbname set: what DATABASE_URL gets
+    lease: Lease
+
+
+class DatabaseAllocator:
+    """Allocates, releases, lists and sweeps the isolated databases of one configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        admin: ConnInfo,
+        *,
+        client: ConnInfo | None = None,
+        clock: Clock | None = None,
+        build_timeout: float = 600.0,
+        shared: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.admin = admin
+        self.client = client or admin
+        self.clock = clock or SystemClock()
+        self.build_timeout = build_timeout
+        self.base = config.database.name_base
+        # A shared server (admin_url set) is used by other hosts too: host-tagged names and
+        # liveness proven by advisory locks. The embedded cluster is this host's alone.
+        self.shared = config.database.admin_url is not None if shared is None else shared
+        self.connections = AdminConnections(admin, statement_timeout=build_timeout)
+        self.catalog = Catalog(
+            config,
+            registry,
+            self.connections,
+            client=self.client,
+            clock=self.clock,
+            shared=self.shared,
+        )
+        self.holds = Holds(
+            admin, enabled=self.shared, timeout=config.database.clone_timeout, clock=self.clock
+        )
+        self.fingerprints = FingerprintCache()
+        self.templates = Templates(self.catalog)
+        self.clones = Cloner(self.catalog, self.holds)
+        self.spares = Spares(self.catalog)
+        self.sweeper = Sweeper(self.catalog, self.templates)
+
+    @_server_errors("allocate a database")
+    def allocate(self, project: str, owner: Owner, *, seed: str | None = None) -> AllocatedDatabase:
+        """Clone the template of ``seed`` (default: the project's) into a database of its own."""
+        validate_name(project, "project")
+        seed = seed or self._project_seed(project)
+        migrations = migration_runner(self.config)
+        seeds = seed_runner(self.config, seed)
+        cat, clones = self.catalog, self.clones
+        with self.connections.lend() as conn:
+            major = cat.major(conn)
+            fp = self.fingerprints.get(migrations, seeds, seed, major)
+            template = template_name(self.base, seed, fp)
+            # One round trip: the clone strategy, whether the template is ready (and its OID),
+            # the marked count and the warm spares of this fingerprint.
+            row = conn.execute(
+                "SELECT current_setting('fsync'), t.ready, t.oid, "
+                "(SELECT count(*) FROM pg_database d WHERE NOT d.datistemplate "
+                " AND shobj_description(d.oid, 'pg_database') LIKE 'e2e-infra %%'), "
+                "(SELECT json_agg(json_build_array(d.datname, "
+                " shobj_description(d.oid, 'pg_database'))) "
+                " FROM pg_database d WHERE %s AND starts_with(d.datname, %s)) "
+                "FROM (SELECT (SELECT datistemplate AND NOT datallowconn FROM pg_database "
+                " WHERE datname = %s) AS ready, "
+                " (SELECT oid FROM pg_database WHERE datname = %s) AS oid) t",
+                (self.config.database.spares > 0, spare_prefix(self.base, fp), template, template),
+            ).fetchone()
+            assert row is not None
+            fsync, ready, template_oid, marked, spare_rows = row
+            run = owner.run_id
+
+            def build() -> None:
+                self.templates.ensure(
+                    conn, template, fp, seed, migrations, seeds, rebuild=False, run=run
+                )
+
+            if not ready:
+                build()
+            spares = self.spares.claimable(spare_rows, template, template_oid, fp) if ready else []
+            # A claimed spare turns into the new database: it does not add to the count.
+            count = int(marked) - min(len(spares), 1)
+            lease, dead = clones.reserve(project, owner, template, seed, count)
+            strategy = cat.strategy(str(fsync), major)
+            try:
+                claimed = False
+                if spares:
+                    self.holds.hold(lease)
+                    marker = clones.lease_marker(lease)
+                    claimed = self.spares.claim(conn, lease.resource, marker, spares)
+                if not claimed:
+                    try:
+                        lease, dead = clones.clone(conn, lease, template, strategy, dead)
+                    except sqlerrors.InvalidCatalogName:
+                        # The template was dropped between our check and the clone (pruned or
+                        # rebuilt by another process): build it again, once.
+                        build()
+                        lease, dead = clones.clone(conn, lease, template, strategy, dead)
+            except BaseException:
+                self.holds.release(lease.resource)
+                if lease.id in clones.unsettled:
+                    clones.unsettled.discard(lease.id)  # kept: the proof for cleanup
+                else:
+                    with self.registry.transaction() as txn:
+                        txn.remove(lease)
+                raise
+            if dead:
+                # Records of dead owners of this name: the name is ours now, and marked.
+                with self.registry.transaction() as txn:
+                    for old in dead:
+                        txn.remove(old)
+        return AllocatedDatabase(
+            name=lease.resource,
+            project=project,
+            seed=seed,
+            template=template,
+            url=self.client.with_dbname(lease.resource),
+            lease=lease,
+        )
+
+    @_server_errors("build a template")
+    def ensure_template(self, seed: str, *, rebuild: bool = False) -> str:
+        """Build the template of ``seed`` for the current migrations if needed; its name."""
+        migrations = migration_runner(self.config)
+        seeds = seed_runner(self.config, seed)
+        with self.connections.lend() as conn:
+            fp = self.fingerprints.get(migrations, seeds, seed, self.catalog.major(conn))
+            template = template_name(self.base, seed, fp)
+            self.templates.ensure(
+                conn, template, fp, seed, migrations, seeds, rebuild=rebuild, run=self.config.run_id
+            )
+        return template
+
+    @_server_errors("release databases")
+    def release(
+        self,
+        project: str | None = None,
+        *,
+        name: str | None = None,
+        run_id: str | None = None,
+        keep: bool = False,
+    ) -> builtins.list[str]:
+        """Drop the selected leased databases (or keep them for ``keep_hours``); idempotent."""
+        if project is None and name is None and run_id is None:
+            raise UsageError(
+                "say which databases to release: a project, a database name or a run id "
+                "(or release them all)"
+            )
+        if project is not None:
+            validate_name(project, "project")
+        if name is not None:
+            validate_dbname(name)
+        with self.registry.transaction() as txn:
+            leases = txn.find(LEASE_KIND, project=project, resource=name, run_id=run_id)
+        return self._release(leases, keep=keep)
+
+    @_server_errors("release databases")
+    def release_all(self, *, keep: bool = False) -> builtins.list[str]:
+        """Drop every database leased in this registry, kept ones included (or keep them all)."""
+        with self.registry.transaction() as txn:
+            leases = txn.find(LEASE_KIND)
+        return self._release(leases, keep=keep)
+
+    def find(self, project: str) -> AllocatedDatabase:
+        """The newest live (or kept) database of ``project``; DatabaseNotFoundError if none."""
+        validate_name(project, "project")
+        with self.registry.transaction() as txn:
+            held = [
+                lease
+                for lease in txn.find(LEASE_KIND, project=project)
+                if self.clones.holds_lease(txn, lease)
+            ]
+        if not held:
+            raise DatabaseNotFoundError(
+                f"project {project!r} has no live database; allocate one with "
+                f"`invoke db.allocate --project {project}`",
+                project=project,
+            )
+        lease = max(held, key=lambda item: item.created_at)
+        return AllocatedDatabase(
+            name=lease.resource,
+            project=project,
+            seed=str(lease.data.get("seed", "")),
+            template=str(lease.data.get("template", "")),
+            url=self.client.with_dbname(lease.resource),
+            lease=lease,
+        )
+
+    @_server_errors("migrate a database")
+    def migrate(self, project: str) -> AllocatedDatabase:
+        """Apply pending migrations to the project's live database."""
+        found = self.find(project)
+        migration_runner(self.config).apply(found.url)
+        return found
+
+    @_server_errors("seed a database")
+    def seed(self, project: str, profile: str) -> AllocatedDatabase:
+        """Apply seed ``profile`` to the project's live database."""
+        runner = seed_runner(self.config, profile)
+        found = self.find(project)
+        runner.apply(found.url)
+        return found
+
+    @_server_errors("prepare warm spares")
+    def prepare_spares(self, template: str) -> builtins.list[str]:
+        """Top up the warm spares of ``template`` to ``spares``; the names made.
+
+        Runs after a release, in a background thread (see :meth:`close`); callable directly. Only
+        one process tops up a template at a time (an advisory lock; the others skip), spares of an
+        older template of the same seed are dropped first, and ``max_databases`` is respected.
+        """
+        return self.spares.prepare(template)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait (at most ``timeout``, default ``clone_timeout``) for the spare being prepared and
+        let go of the locks held for live databases (only call it once they are released: on a
+        shared server the locks prove they are in use). Idempotent; a session calls it last,
+        when the suite is long done."""
+        limit = self.config.database.clone_timeout if timeout is None else timeout
+        self.spares.join(limit)
+        self.holds.release_all()
+        self.connections.close(limit)
+
+    @_server_errors("clean up databases")
+    def cleanup(self) -> builtins.list[tuple[str, str]]:
+        """Drop marked databases whose owner is proven gone or whose keep expired, old templates
+        beyond ``keep_templates``, half-built ones whose builder died, and what a process that
+        died before marking it left: an unmarked database named exactly by a stale lease of ours
+        (the lease is the proof it was ours). Never any other unmarked database."""
+        return self.sweeper.cleanup()
+
+    @_server_errors("list databases")
+    def list(self) -> builtins.list[DatabaseInfo]:
+        """Marked databases of this name base, joined with the leases; leases without one too."""
+        return self.sweeper.list()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _project_seed(self, project: str) -> str:
+        configured = self.config.projects.get(project)
+        return configured.seed if configured is not None else self.config.database.default_seed
+
+    def _release(self, leases: builtins.list[Lease], *, keep: bool) -> builtins.list[str]:
+        if not leases:
+            return []
+        names = [lease.resource for lease in leases]
+        if keep:
+            keep_until = self.clock.time() + self.config.database.keep_hours * 3600
+            kept: builtins.list[Lease] = []
+            with self.registry.transaction() as txn:
+                for lease in leases:
+                    with contextlib.suppress(RegistryError):  # released meanwhile
+                        kept.append(txn.update(lease.with_data(keep_until=keep_until)))
+            with self.connections.lend() as conn:
+                for lease in kept:
+                    with contextlib.suppress(
+                        sqlerrors.InvalidCatalogName, sqlerrors.UndefinedObject
+                    ):
+                        marker = self.clones.lease_marker(lease, Kind.KEPT)
+                        self.catalog.mark(conn, lease.resource, marker)
+            for lease in kept:
+                self.holds.release(lease.resource)  # the keep in the marker protects it now
+            return [lease.resource for lease in kept]
+        with self.connections.lend() as conn:
+            for name in names:
+                self.catalog.drop(conn, name)
+        for name in names:
+            self.holds.release(name)
+        with self.registry.transaction() as txn:
+            for lease in leases:
+                txn.remove(lease)
+        templates = {str(lease.data.get("template") or "") for lease in leases} - {""}
+        if self.config.database.spares > 0 and templates:
+            self.spares.prepare_later(sorted(templates))
+        return names
+
+
+def database_allocator(
+    config: Config, registry: Registry, ports: PortAllocator | None = None
+) -> DatabaseAllocator:
+    """The allocator for the configured server (the admin URL, or the embedded local cluster).
+
+    Kept for callers of the earlier API; :class:`~e2e_infra.workspace.Workspace` wires it.
+    """
+    from ..workspace import Workspace
+
+    return Workspace(config, registry=registry).databases

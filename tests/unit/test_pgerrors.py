@@ -1,0 +1,66 @@
+"""Unit tests of e2e_infra.pgerrors: the one table from psycopg errors to the exception tree."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import errors as sqlerrors
+
+from e2e_infra.conninfo import ConnInfo
+from e2e_infra.errors import DatabaseError, MigrationError, ServerUnreachableError
+from e2e_infra.pgerrors import RULES, ErrorContext, Phase, map_errors, to_error
+
+SERVER = ConnInfo(host="db.example", port=5432, user="ci user", password="s3cret", dbname="app")
+
+
+def test_every_phase_ends_in_a_catch_all_or_a_deliberate_gap() -> None:
+    # ADMIN and APPLY map every psycopg error; CONNECT maps only failures to connect.
+    last = {rule.phase: rule for rule in RULES}
+    assert last[Phase.ADMIN].exc is psycopg.Error and last[Phase.APPLY].exc is psycopg.Error
+    assert to_error(psycopg.ProgrammingError("bad"), ErrorContext(Phase.CONNECT, SERVER)) is None
+
+
+def test_admin_errors_are_one_masked_line_naming_the_fix() -> None:
+    context = ErrorContext(
+        Phase.ADMIN,
+        SERVER,
+        action="allocate a database",
+        secrets=("other-pw",),
+        statement_timeout=9,
+    )
+    denied = to_error(
+        sqlerrors.InsufficientPrivilege("permission denied to create database s3cret"), context
+    )
+    assert isinstance(denied, DatabaseError)
+    line = denied.one_line()
+    assert 'ALTER ROLE "ci user" CREATEDB' in line and "could not allocate a database" in line
+    assert "s3cret" not in line and "***" in line
+    canceled = to_error(sqlerrors.QueryCanceled("canceling statement"), context)
+    assert isinstance(canceled, DatabaseError) and "statement_timeout (9s)" in str(canceled)
+    lost = to_error(psycopg.OperationalError("server closed the connection other-pw"), context)
+    assert isinstance(lost, ServerUnreachableError) and lost.url == SERVER.masked
+    assert "other-pw" not in str(lost) and "invoke pg.status" in str(lost)
+
+
+def test_a_failed_connection_names_the_fix_for_its_cause() -> None:
+    context = ErrorContext(Phase.CONNECT, SERVER)
+    refused = to_error(psycopg.OperationalError("connection refused"), context)
+    assert isinstance(refused, ServerUnreachableError) and "invoke pg.start" in str(refused)
+    auth = to_error(
+        psycopg.OperationalError('password authentication failed for user "ci user"'), context
+    )
+    assert auth is not None and "check the user and password" in str(auth)
+
+
+def test_a_failing_file_is_a_migration_error_naming_it() -> None:
+    context = ErrorContext(Phase.APPLY, SERVER, file="migrations/0002.sql", what="migration")
+    with pytest.raises(MigrationError) as info, map_errors(context):
+        raise sqlerrors.UndefinedTable('relation "x" does not exist')
+    assert info.value.file == "migrations/0002.sql" and info.value.dbname == "app"
+    assert str(info.value).startswith("migration migrations/0002.sql failed on database 'app'")
+    assert info.value.__suppress_context__  # the raw server text stays out of the traceback
+
+
+def test_an_error_no_rule_knows_passes_through_unchanged() -> None:
+    with pytest.raises(psycopg.ProgrammingError), map_errors(ErrorContext(Phase.CONNECT, SERVER)):
+        raise psycopg.ProgrammingError("invalid connection option")
