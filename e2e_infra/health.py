@@ -19,11 +19,8 @@ Specs, with placeholders already filled (see :func:`parse_health`)::
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import os
 import shlex
-import signal
 import socket
 import ssl
 import subprocess
@@ -35,6 +32,7 @@ from urllib.parse import urlsplit
 from .clock import Clock, SystemClock, wait_until
 from .conninfo import mask_secrets
 from .errors import ConfigError, DeadlineExceeded, ServerExitedError
+from .processes import KILL, spawn
 
 __all__ = [
     "CommandCheck",
@@ -192,15 +190,7 @@ class CommandCheck:
 
     def probe(self) -> bool:
         try:
-            proc = subprocess.Popen(
-                self.argv,
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            child = spawn(self.argv, cwd=self.cwd, env=self.env, what=self.description)
         except OSError as exc:
             raise ConfigError(
                 f"cannot run the health {self.description}"
@@ -209,11 +199,9 @@ class CommandCheck:
                 key="health",
             ) from None
         try:
-            returncode = proc.wait(timeout=self.timeout)
+            returncode = child.popen.wait(timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)  # still unreaped: the pgid cannot be reused
-            proc.wait()
+            child.stop(KILL)  # a probe needs no grace: kill its whole group and reap
             self.last_error = f"timed out after {self.timeout:g}s"
             return False
         self.last_error = "" if returncode == 0 else f"exit status {returncode}"

@@ -23,12 +23,12 @@ import glob
 import hashlib
 import os
 import shlex
-import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import psycopg
 from psycopg import pq, sql
@@ -38,6 +38,7 @@ from .config import NAME_PATTERN, Config, validate_name
 from .conninfo import ConnInfo, mask_secrets
 from .errors import ConfigError, MigrationError, SeedProfileNotFoundError
 from .pgerrors import ErrorContext, Phase, map_errors
+from .processes import KILL, escalation, spawn
 
 __all__ = [
     "MIGRATIONS_TABLE",
@@ -55,7 +56,6 @@ MIGRATIONS_TABLE = "e2e_infra_migrations"
 CONNECT_TIMEOUT = 10  # seconds, libpq's own deadline for one connection attempt
 _OUTPUT_TAIL = 2000  # characters of a failed command's output kept in the error
 _STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a command that overran its timeout
-_REAP_TIMEOUT = 5.0  # seconds to collect the output of a killed command (a grandchild may hold it)
 # The session advisory lock that serialises the appliers of one database's migration table.
 _APPLY_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"e2e-infra migrations").digest()[:8], "big", signed=True
@@ -271,68 +271,51 @@ class CommandRunner:
     def apply(self, target: ConnInfo) -> None:
         secrets = (target.password,) if target.password else ()
         env = {**os.environ, "DATABASE_URL": target.url}
-        try:
-            proc = subprocess.Popen(
-                _expand(self.command),
-                cwd=self.cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # so a timeout can stop the whole process group
-            )
-        except OSError as exc:
+        # Output goes to a file, not a pipe: a grandchild that keeps the pipe open cannot stall us.
+        with tempfile.TemporaryFile() as output:
+            try:
+                child = spawn(
+                    _expand(self.command),
+                    cwd=self.cwd,
+                    env=env,
+                    log=output,
+                    what=f"the {self.what}",
+                )
+            except OSError as exc:
+                raise MigrationError(
+                    f"cannot run the {self.what} `{self.command}`: {exc.strerror}; fix the command",
+                    file=self.command,
+                    dbname=target.dbname,
+                ) from None
+            try:
+                returncode = child.popen.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                # Stopped by escalation: SIGTERM to its process group, a grace, SIGKILL, reap.
+                child.stop(escalation(self.stop_grace))
+                tail = mask_secrets(_tail(output), secrets)
+                raise MigrationError(
+                    f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
+                    f"database {target.dbname!r} and was stopped; output: {' '.join(tail.split())}",
+                    file=self.command,
+                    dbname=target.dbname,
+                ) from None
+            finally:
+                if child.popen.poll() is None:  # another exception (an interrupt): no orphan
+                    child.stop(KILL)
+            tail = mask_secrets(_tail(output), secrets)
+        if returncode != 0:
             raise MigrationError(
-                f"cannot run the {self.what} `{self.command}`: {exc.strerror}; fix the command",
-                file=self.command,
-                dbname=target.dbname,
-            ) from None
-        try:
-            output, _ = proc.communicate(timeout=self.timeout)
-        except subprocess.TimeoutExpired as exc:
-            output = _stop(proc, exc.output or b"", grace=self.stop_grace)
-            tail = mask_secrets(output.decode("utf-8", "replace")[-_OUTPUT_TAIL:], secrets)
-            raise MigrationError(
-                f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
-                f"database {target.dbname!r} and was stopped; output: {' '.join(tail.split())}",
-                file=self.command,
-                dbname=target.dbname,
-            ) from None
-        finally:
-            if proc.poll() is None:  # an exception other than the timeout: never leave a child
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=_REAP_TIMEOUT)
-        if proc.returncode != 0:
-            tail = mask_secrets(output.decode("utf-8", "replace")[-_OUTPUT_TAIL:], secrets)
-            raise MigrationError(
-                f"the {self.what} `{self.command}` failed with exit code {proc.returncode} on "
+                f"the {self.what} `{self.command}` failed with exit code {returncode} on "
                 f"database {target.dbname!r}: {' '.join(tail.split()) or '(no output)'}",
                 file=self.command,
                 dbname=target.dbname,
             )
 
 
-def _stop(proc: subprocess.Popen[bytes], output: bytes, *, grace: float) -> bytes:
-    """Stop a command that overran by escalation: SIGTERM to its process group, up to ``grace``
-    seconds to exit (its output still drained), SIGKILL, reap. Every wait is bounded: a grandchild
-    that left the group may keep the output pipe open forever. Returns the output collected."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, _REAP_TIMEOUT)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            everything, _ = proc.communicate(timeout=wait)
-        except subprocess.TimeoutExpired as exc:
-            output = exc.output or output  # communicate() keeps (and returns) all it read so far
-            continue
-        return everything or output
-    if proc.stdout is not None:
-        with contextlib.suppress(OSError):
-            proc.stdout.close()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=_REAP_TIMEOUT)
-    return output
+def _tail(output: IO[bytes]) -> str:
+    """The last characters a command wrote to ``output``."""
+    output.seek(max(output.seek(0, os.SEEK_END) - 4 * _OUTPUT_TAIL, 0))
+    return output.read().decode("utf-8", "replace")[-_OUTPUT_TAIL:]
 
 
 def _file_stamp(name: str, path: Path) -> tuple[str, int, int, int, int]:

@@ -8,18 +8,18 @@ One :class:`ServerProcess` is one start of one configured server for one project
 * :meth:`~ServerProcess.wait_healthy` polls the health check and fails fast, with the masked last
   lines of the log, if the process exits first;
 * :meth:`~ServerProcess.stop` sends SIGTERM to the whole group, waits, sends SIGKILL, reaps, and
-  also ends stragglers a server left in its group; calling it twice is fine;
+  also ends stragglers a server left in its group; calling it twice is fine (the mechanism is
+  :mod:`e2e_infra.processes`, and :attr:`~ServerProcess.stop_record` says how it ended);
 * :meth:`~ServerProcess.port_conflict` tells, after an exit, whether a foreign process took the
   port, so the session can restart the server on a fresh one.
 
-:func:`kill_group_if_ours` ends the group of a record left behind by a crashed run, only on proof
-that the processes are still the ones that record describes (pid + start time). Templates are
-filled by :func:`render` / :func:`render_command`.
+:func:`kill_group_if_ours` (re-exported from :mod:`e2e_infra.processes`) ends the group of a
+record left behind by a crashed run, only on proof that the processes are still the ones that record
+describes (pid + start time). Templates are filled by :func:`render` / :func:`render_command`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -29,15 +29,14 @@ import socket
 import string
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import psutil
 
-from .clock import Clock, SystemClock, wait_until
+from .clock import Clock, SystemClock
 from .conninfo import mask_secrets
 from .errors import (
     ConfigError,
@@ -49,6 +48,16 @@ from .errors import (
 )
 from .health import POLL_CAP, HealthCheck, wait_healthy
 from .ports import port_is_free
+from .processes import (
+    Child,
+    ProcessRecord,
+    StopRecord,
+    escalation,
+    group_members,
+    kill_group_if_ours,
+    kill_tree_if_ours,
+    spawn,
+)
 
 __all__ = [
     "ProcessRecord",
@@ -65,11 +74,6 @@ log = logging.getLogger("e2e_infra")
 
 TAIL_LINES = 20
 _TAIL_BYTES = 64 * 1024  # the tail is read from at most this many bytes at the end of the log
-_START_TIME_TOLERANCE = 0.05  # seconds; as in leases.py (psutil's start times have tick precision)
-_KILL_WAIT = 5.0  # after SIGKILL: only a process stuck in the kernel takes longer
-# Polling for a stopped group: while the leader lives a check is one waitpid, so poll finely; the
-# default backoff (up to 250 ms) added ~80 ms to every server's teardown on average.
-_STOP_POLL_FIRST, _STOP_POLL_CAP = 0.005, 0.02
 _ADDR_IN_USE = re.compile(r"EADDRINUSE|address (?:already )?in use", re.IGNORECASE)
 
 
@@ -209,141 +213,7 @@ def log_tail(
     return mask_secrets("\n".join(tail), tuple(secrets))
 
 
-# --- process groups -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    """What identifies a started server for a later cleanup: goes into the server lease data."""
-
-    pid: int
-    pgid: int
-    start_time: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {"pid": self.pid, "pgid": self.pgid, "start_time": self.start_time}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ProcessRecord:
-        pid, pgid, start = data["pid"], data["pgid"], data["start_time"]
-        for name, value in (("pid", pid), ("pgid", pgid)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 1:
-                raise ValueError(f"bad process record {name} {value!r}")
-        if isinstance(start, bool) or not isinstance(start, (int, float)):
-            raise ValueError(f"bad process record start_time {start!r}")
-        return cls(pid=pid, pgid=pgid, start_time=float(start))
-
-
-def _start_time(pid: int) -> float | None:
-    """psutil's start time of ``pid``, zombies included (None when there is no such process)."""
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def _group_members(pgid: int, since: float) -> list[psutil.Process]:
-    """Live (non-zombie) processes in group ``pgid`` started at or after ``since``; never us."""
-    members = []
-    me = os.getpid()
-    for pid in psutil.pids():
-        if pid == me:
-            continue
-        try:
-            if os.getpgid(pid) != pgid:
-                continue
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.create_time() < since - _START_TIME_TOLERANCE:
-                continue
-        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        members.append(proc)
-    return members
-
-
-def _signal_members(members: Sequence[psutil.Process], signum: int) -> None:
-    for proc in members:
-        # psutil re-checks the start time before sending: a reused pid is left alone.
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            proc.send_signal(signum)
-
-
-def _all_gone(members: Sequence[psutil.Process]) -> bool:
-    for proc in members:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return True
-
-
-def kill_group_if_ours(
-    record: ProcessRecord, *, grace: float = 5.0, clock: Clock | None = None
-) -> bool:
-    """End the process group of ``record`` if, and only if, its processes are provably ours.
-
-    Ours means: the leader (``record.pid``) runs with the recorded start time, or, when the leader
-    is gone, processes in group ``record.pgid`` that started at or after the leader (a forked
-    worker that outlived it). A pid reused by an unrelated process is never touched. SIGTERM,
-    ``grace`` seconds, then SIGKILL. Returns True if something was signalled.
-    """
-    leader_start = _start_time(record.pid)
-    if leader_start is not None and abs(leader_start - record.start_time) > _START_TIME_TOLERANCE:
-        # The pid belongs to another process now. Linux does not reuse a pid while it is a live
-        # group's id, so the recorded group is empty; whatever shares the number is not ours.
-        return False
-    members = _group_members(record.pgid, record.start_time)
-    if not members:
-        return False
-    log.info(
-        "ending leftover server process group %d (%s)",
-        record.pgid,
-        ", ".join(str(proc.pid) for proc in members),
-    )
-    _end(members, f"process group {record.pgid}", grace=grace, clock=clock)
-    return True
-
-
-def kill_tree_if_ours(
-    record: ProcessRecord, *, grace: float = 5.0, clock: Clock | None = None
-) -> bool:
-    """End ``record.pid`` and its descendants if its start time proves it is still ours.
-
-    For a process that shares its group with others (a suite runs in the group of the run that
-    started it): the rest of the group is never touched. Returns True if something was signalled.
-    """
-    start = _start_time(record.pid)
-    if start is None or abs(start - record.start_time) > _START_TIME_TOLERANCE:
-        return False
-    try:
-        root = psutil.Process(record.pid)
-        members = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return False
-    log.info("ending leftover process %d and its %d descendants", record.pid, len(members) - 1)
-    _end(members, f"process {record.pid}", grace=grace, clock=clock)
-    return True
-
-
-def _end(
-    members: Sequence[psutil.Process], what: str, *, grace: float, clock: Clock | None
-) -> None:
-    """SIGTERM ``members``, wait ``grace``, SIGKILL the survivors, wait for them to die."""
-    _signal_members(members, signal.SIGTERM)
-    try:
-        wait_until(lambda: _all_gone(members), timeout=grace, what=f"{what} to exit", clock=clock)
-    except DeadlineExceeded:
-        _signal_members(members, signal.SIGKILL)
-        with contextlib.suppress(DeadlineExceeded):
-            wait_until(
-                lambda: _all_gone(members),
-                timeout=_KILL_WAIT,
-                what=f"{what} to die",
-                clock=clock,
-            )
+# --- sockets and ports ----------------------------------------------------------------------------
 
 
 def bind_listen_socket(port: int, host: str = "127.0.0.1", backlog: int = 128) -> socket.socket:
@@ -371,7 +241,7 @@ def bind_listen_socket(port: int, host: str = "127.0.0.1", backlog: int = 128) -
 def _group_listens(record: ProcessRecord, port: int) -> bool | None:
     """Whether a process of the group listens on ``port``; None when that cannot be seen."""
     seen = False
-    for proc in _group_members(record.pgid, record.start_time):
+    for proc in group_members(record.pgid, record.start_time):
         try:
             connections = proc.net_connections(kind="tcp")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -470,11 +340,10 @@ class ServerProcess:
         self.clock: Clock = clock or SystemClock()
         self.secrets = tuple(s for s in secrets if s)
         self.port = port
+        self._child: Child | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._record: ProcessRecord | None = None
         self._log_offset = 0
-        self._stopped = False
-        self._terminated_at: float | None = None
 
     def __repr__(self) -> str:
         state = "not started" if self._record is None else f"pid {self._record.pid}"
@@ -521,16 +390,14 @@ class ServerProcess:
             log_file.flush()
             self._log_offset = log_file.tell()
             try:
-                proc = subprocess.Popen(
+                child = spawn(
                     self.argv,
                     cwd=self.cwd,
                     env=self.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
+                    log=log_file,
                     pass_fds=self.pass_fds,
+                    what=f"server {self.name}",
+                    clock=self.clock,
                 )
             except OSError as exc:
                 raise ServerError(
@@ -538,12 +405,9 @@ class ServerProcess:
                     f"{exc.strerror or exc} (in {self.cwd}); fix servers.{self.name}.command",
                     server=self.name,
                 ) from None
-        self._proc = proc
-        # The child is not reaped yet, so its pid (and its start time) is still its own.
-        start = _start_time(proc.pid)
-        self._record = ProcessRecord(
-            pid=proc.pid, pgid=proc.pid, start_time=start if start is not None else time.time()
-        )
+        self._child = child
+        self._proc = proc = child.popen
+        self._record = child.record
         log.debug("started server %s (pid %d): %s", self.name, proc.pid, shown)
         return self._record
 
@@ -625,77 +489,26 @@ class ServerProcess:
             and not port_is_free(self.port, ("127.0.0.1",))
         )
 
-    def _signal_group(self, signum: int, record: ProcessRecord) -> None:
-        assert self._proc is not None
-        if self._proc.returncode is None:
-            # The leader is not reaped, so the group id is still ours: signal the whole group.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(record.pgid, signum)
-        else:
-            _signal_members(_group_members(record.pgid, record.start_time), signum)
-
-    def _group_done(self, record: ProcessRecord) -> Callable[[], bool]:
-        assert self._proc is not None
-        proc = self._proc
-        return lambda: (
-            proc.poll() is not None and not _group_members(record.pgid, record.start_time)
-        )
-
     def terminate(self) -> None:
         """Send SIGTERM to the group and return at once; :meth:`stop` then waits.
 
         Lets a caller stop several servers in parallel: terminate all, then stop each. The grace
         period of :meth:`stop` counts from the first SIGTERM.
         """
-        if self._proc is None or self._record is None or self._stopped:
-            return
-        if self._terminated_at is None:
-            self._terminated_at = self.clock.monotonic()
-        self._signal_group(signal.SIGTERM, self._record)
+        if self._child is not None:
+            self._child.begin(escalation(self.stop_timeout))
+
+    @property
+    def stop_record(self) -> StopRecord | None:
+        """How :meth:`stop` ended the server (exited, after SIGTERM, after SIGKILL...)."""
+        return None if self._child is None else self._child.stop_record
 
     def stop(self) -> int | None:
         """SIGTERM the group, wait ``stop_timeout``, SIGKILL the group, reap; idempotent.
 
         Returns the leader's return code (None if it was never started or could not be reaped).
         """
-        proc, record = self._proc, self._record
-        if proc is None or record is None:
+        if self._child is None:
             return None
-        if self._stopped:
-            return proc.returncode
-        done = self._group_done(record)
-        self.terminate()
-        assert self._terminated_at is not None
-        grace = self.stop_timeout - (self.clock.monotonic() - self._terminated_at)
-        try:
-            wait_until(
-                done,
-                timeout=max(grace, 0.0),
-                what=f"server {self.name} (pid {record.pid}) to stop",
-                clock=self.clock,
-                first=_STOP_POLL_FIRST,
-                cap=_STOP_POLL_CAP,
-            )
-        except DeadlineExceeded:
-            log.info(
-                "server %s did not stop within %gs of SIGTERM; sending SIGKILL",
-                self.name,
-                self.stop_timeout,
-            )
-            self._signal_group(signal.SIGKILL, record)
-            try:
-                proc.wait(timeout=_KILL_WAIT)
-            except subprocess.TimeoutExpired:
-                log.warning("server %s (pid %d) survived SIGKILL", self.name, record.pid)
-                return None
-            try:
-                wait_until(
-                    done,
-                    timeout=_KILL_WAIT,
-                    what=f"the process group of server {self.name} to die",
-                    clock=self.clock,
-                )
-            except DeadlineExceeded:
-                log.warning("processes of server %s survived SIGKILL", self.name)
-        self._stopped = True
-        return proc.returncode
+        self._child.stop(escalation(self.stop_timeout))
+        return self._child.popen.returncode

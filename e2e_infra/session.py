@@ -623,22 +623,16 @@ class ProjectSession:
 
     def _stop_guardian(self) -> None:
         if self._guardian is not None:
-            _terminate(self._guardian, grace=2.0)
+            _terminate(self._guardian, grace=2.0, own_group=True)
             self._guardian = None
 
 
-def _terminate(proc: subprocess.Popen[Any], *, grace: float) -> None:
-    """SIGTERM, wait ``grace``, SIGKILL, reap."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(timeout=10)
+def _terminate(proc: subprocess.Popen[Any], *, grace: float, own_group: bool = False) -> None:
+    """SIGTERM, wait ``grace``, SIGKILL, reap: its whole group when it leads one (the guardian),
+    else only it and its descendants (the suite shares our group)."""
+    from .processes import Child, escalation
+
+    Child(proc, own_group=own_group).stop(escalation(grace))
 
 
 def run_project(

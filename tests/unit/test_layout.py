@@ -53,6 +53,21 @@ def test_only_the_cli_subpackage_imports_invoke_or_nox() -> None:
     assert offenders == []
 
 
+def test_no_module_or_class_is_too_large() -> None:
+    too_large = []
+    for path in _modules():
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_large.append(f"{path.relative_to(ROOT)}: {lines} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    too_large.append(f"{path.relative_to(ROOT)}: class {node.name} {size} lines")
+    assert too_large == []
+
+
 def test_the_version_lives_in_one_place() -> None:
     import e2e_infra
 

@@ -13,7 +13,8 @@ from e2e_infra.config import Config, PortRange, PostgresConfig
 from e2e_infra.errors import BinariesNotFoundError, ClusterError, ServerUnreachableError
 from e2e_infra.leases import Registry
 from e2e_infra.ports import PortAllocator
-from e2e_infra.postgres import LocalCluster, _ServerUser, find_binaries
+from e2e_infra.postgres import LocalCluster, find_binaries
+from e2e_infra.postgres.layout import ServerUser, make_private_dir, server_settings
 
 FAKE_PG_CTL = '#!/bin/sh\necho "pg_ctl (PostgreSQL) {version} (Fake)"\n'
 
@@ -140,7 +141,7 @@ def test_a_long_state_path_gets_a_short_socket_folder(
 
 def test_settings_are_for_throwaway_data_and_quote_the_socket_folder(tmp_path: Path) -> None:
     cluster = make_cluster(tmp_path, data_dir=tmp_path / "it's")
-    text = cluster._settings(3105)
+    text = server_settings(3105, cluster.socket_dir)
     for line in (
         "fsync = off",
         "synchronous_commit = off",
@@ -188,18 +189,17 @@ def test_an_existing_loose_cluster_folder_is_refused_and_never_chmodded(tmp_path
     if user.dropped:
         os.chown(folder, user.uid, user.gid)
     with pytest.raises(ClusterError, match="chmod 700"):
-        cluster._make_private_dir(folder)
+        make_private_dir(user, folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
 
 
 def test_a_cluster_folder_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
-    cluster = make_cluster(tmp_path, data_dir=tmp_path / "theirs")
     folder = tmp_path / "theirs"
     folder.mkdir(mode=0o700)
     mine = folder.stat().st_uid
-    cluster._user = _ServerUser(name="someone", uid=mine + 1, gid=mine + 1, dropped=False)
+    someone = ServerUser(name="someone", uid=mine + 1, gid=mine + 1, dropped=False)
     with pytest.raises(ClusterError, match=f"belongs to uid {mine}, not to .* someone"):
-        cluster._make_private_dir(folder)
+        make_private_dir(someone, folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
@@ -223,22 +223,22 @@ def test_with_no_system_postgres_the_pip_installed_one_is_found() -> None:
 def test_auto_tmpfs_puts_a_new_cluster_on_dev_shm_when_it_has_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import e2e_infra.postgres as postgres
+    import e2e_infra.postgres.cluster as postgres
 
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
-    monkeypatch.setattr(postgres, "_tmpfs_has_room", lambda folder: True)
+    monkeypatch.setattr(postgres, "tmpfs_has_room", lambda folder: True)
     assert make_cluster(tmp_path).cluster_dir.parent == Path("/dev/shm")
-    monkeypatch.setattr(postgres, "_tmpfs_has_room", lambda folder: False)
+    monkeypatch.setattr(postgres, "tmpfs_has_room", lambda folder: False)
     assert make_cluster(tmp_path).cluster_dir == tmp_path / "state" / "pg"
 
 
 def test_auto_tmpfs_keeps_an_existing_cluster_where_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import e2e_infra.postgres as postgres
+    import e2e_infra.postgres.cluster as postgres
 
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
-    monkeypatch.setattr(postgres, "_tmpfs_has_room", lambda folder: True)
+    monkeypatch.setattr(postgres, "tmpfs_has_room", lambda folder: True)
     existing = tmp_path / "state" / "pg" / "data"
     existing.mkdir(parents=True)
     (existing / "PG_VERSION").write_text("15\n")
