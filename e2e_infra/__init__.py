@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first
         validate_project_name,
     )
     from .conninfo import ConnInfo, mask_secrets
-    from .databases import AllocatedDatabase, DatabaseAllocator, DatabaseInfo, database_allocator
+    from .databases import AllocatedDatabase, DatabaseAllocator, DatabaseInfo
     from .doctor import Check, DoctorReport, run_doctor
     from .html_report import write_html_report
     from .leases import Lease, Owner, Registry, new_run_id
@@ -94,7 +94,6 @@ _LAZY: dict[str, str] = {
     "AllocatedDatabase": "databases",
     "DatabaseAllocator": "databases",
     "DatabaseInfo": "databases",
-    "database_allocator": "databases",
     "Check": "doctor",
     "DoctorReport": "doctor",
     "run_doctor": "doctor",
@@ -192,7 +191,6 @@ __all__ = [
     "SystemClock",
     "admin_conninfo",
     "check_reachable",
-    "database_allocator",
     "ephemeral_port_range",
     "find_binaries",
     "load_config",

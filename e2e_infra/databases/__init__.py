@@ -39,7 +39,7 @@ reaching a public method is mapped at one boundary (:mod:`e2e_infra.pgerrors`).
 
 from __future__ import annotations
 
-from .allocator import AllocatedDatabase, DatabaseAllocator, database_allocator
+from .allocator import AllocatedDatabase, DatabaseAllocator
 from .markers import MARKER_PREFIX, Kind, MarkedDatabase, Marker, parse_marker
 from .names import (
     TEMPLATE_FORMAT_VERSION,
@@ -61,7 +61,6 @@ __all__ = [
     "Kind",
     "MarkedDatabase",
     "Marker",
-    "database_allocator",
     "database_name",
     "fingerprint",
     "host_tag",

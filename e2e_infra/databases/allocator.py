@@ -34,9 +34,9 @@ from .sweep import DatabaseInfo, Sweeper
 from .templates import Templates
 
 if TYPE_CHECKING:
-    from ..ports import PortAllocator
+    pass
 
-__all__ = ["AllocatedDatabase", "DatabaseAllocator", "database_allocator"]
+__all__ = ["AllocatedDatabase", "DatabaseAllocator"]
 
 LEASE_KIND = Kind.DATABASE.value
 
@@ -350,15 +350,3 @@ class DatabaseAllocator:
         if self.config.database.spares > 0 and templates:
             self.spares.prepare_later(sorted(templates))
         return names
-
-
-def database_allocator(
-    config: Config, registry: Registry, ports: PortAllocator | None = None
-) -> DatabaseAllocator:
-    """The allocator for the configured server (the admin URL, or the embedded local cluster).
-
-    Kept for callers of the earlier API; :class:`~e2e_infra.workspace.Workspace` wires it.
-    """
-    from ..workspace import Workspace
-
-    return Workspace(config, registry=registry).databases

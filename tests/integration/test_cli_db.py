@@ -17,14 +17,12 @@ from conftest import (
     clean_environ,
     drop_databases,
     make_config,
-    make_registry,
     write_pyproject,
 )
 
-from e2e_infra.databases import database_allocator
 from e2e_infra.leases import Owner
-from e2e_infra.ports import PortAllocator
 from e2e_infra.postgres import LocalCluster
+from e2e_infra.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 
@@ -212,7 +210,7 @@ def test_eight_processes_from_a_cold_start_share_one_cluster_and_one_template(
         assert tables is not None and tables[0] >= 20
         assert users is not None and users[0] >= 3
         assert orders is not None and orders[0] > 0  # the default seed's rows
-    registry = make_registry(config)
-    allocator = database_allocator(config, registry, PortAllocator.from_config(config, registry))
-    assert sorted(allocator.release_all()) == sorted(doc["database"] for doc in documents)
+    with Workspace(config) as ws:
+        released = ws.databases.release_all()
+    assert sorted(released) == sorted(doc["database"] for doc in documents)
     assert Owner.current().is_alive()

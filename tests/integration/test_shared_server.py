@@ -45,10 +45,7 @@ HOST = textwrap.dedent(
     from pathlib import Path
     import e2e_infra
     config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
-    registry = e2e_infra.make_registry(config)
-    allocator = e2e_infra.database_allocator(
-        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
-    )
+    allocator = e2e_infra.Workspace(config).databases
     print("ready", flush=True)
     sys.stdin.readline()  # go
     owner = e2e_infra.Owner.current(host=config.host_id)
