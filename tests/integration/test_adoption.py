@@ -42,6 +42,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("adoption")
     wheels = base / "wheels"
     env = clean_environ()
+    env.pop("PYTHONPATH", None)  # the package must come from the wheel, not a checkout
     _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
         base, env,
