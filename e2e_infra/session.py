@@ -584,6 +584,10 @@ class ProjectSession:
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(self.result.to_json(), indent=2) + "\n", encoding="utf-8")
             os.replace(tmp, path)
+        if self.result.result in ("passed", "failed"):  # how long the suite takes, for CI plans
+            from .matrix import record_duration
+
+            record_duration(self.config, self.project.name, self.result.duration)
 
     # --- the guardian -----------------------------------------------------------------------------
 

@@ -122,19 +122,22 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
     name="all",
     help={
         "jobs": "how many projects at once: a number or auto (one per core); default auto",
-        "projects": "comma-separated projects to run instead of all",
-        "shard": "run only shard i of N (e.g. 2/3), projects spread by their last durations "
-        "(see e2e.matrix)",
+        "projects": "comma-separated projects to run instead of all (an empty list is an error)",
+        "shard": "run only shard i of N (e.g. 2/3) of the plan e2e.matrix saved, or of a new one "
+        "from the recorded durations; CI passes each shard's --projects instead",
     },
 )
 @cli
-def e2e_all(c: Context, jobs: str = "auto", projects: str = "", shard: str = "") -> None:
+def e2e_all(c: Context, jobs: str = "auto", projects: str | None = None, shard: str = "") -> None:
     """Run every E2E project in parallel through nox (-j), with a live status; then a summary."""
+    from ..matrix import parse_projects
+
     config = load()
-    selected = [p.strip() for p in projects.split(",") if p.strip()]
-    for name in selected:
+    # None: --projects not given (all); "" given explicitly is refused, never taken for "all".
+    selected = parse_projects(projects) if projects is not None else None
+    for name in selected or ():
         config.project(name)
-    chosen = selected or list(config.projects)
+    chosen = selected if selected is not None else list(config.projects)
     if shard:
         index, total = e2e_infra.parse_shard(shard)
         chosen = list(e2e_infra.shard_projects(config, index, total, chosen))
@@ -285,23 +288,29 @@ def e2e_affected(
     name="matrix",
     help={
         "shards": "how many CI jobs to spread the projects over (default 2)",
-        "json": 'print the GitHub Actions matrix {"include": [...]} as one JSON document',
+        "json": 'print the GitHub Actions matrix {"include": [...]} as one JSON document '
+        "(shards with no project left out)",
     },
 )
 @cli
 def e2e_matrix(c: Context, shards: int = 2, json_: bool = False) -> None:
-    """Spread the projects over N CI shards by their last durations (longest first)."""
+    """Spread the projects over N CI shards by their recorded durations (longest first)."""
+    from ..matrix import durations_for_plan, save_plan
+
     config = load()
     names = list(config.projects)
-    durations = e2e_infra.last_durations(config, names)
+    durations = durations_for_plan(config, names)
     plan = e2e_infra.plan_shards(names, durations, shards)
+    save_plan(config, plan)  # what `e2e.all --shard i/N` follows here from now on
     if json_:
-        emit_json({"include": [shard.to_json() for shard in plan]})
+        # Each entry's "projects" is what its job passes to `e2e.all --projects`; a job with an
+        # empty list would be refused, so empty shards are not jobs at all.
+        emit_json({"include": [shard.to_json() for shard in plan if shard.projects]})
         return
     unknown = [name for name in names if name not in durations]
     print_table(
         f"{len(names)} project(s) over {shards} shard(s) "
-        f"(run each with: invoke e2e.all --shard i/{shards})",
+        f"(run each with: invoke e2e.all --projects <its projects>, or --shard i/{shards})",
         ["shard", "projects", "estimate"],
         [[s.label, ", ".join(s.projects) or "-", f"{s.estimate:.1f}s"] for s in plan],
     )

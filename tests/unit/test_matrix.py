@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from e2e_infra.config import load_config
+from e2e_infra.config import Config, load_config
 from e2e_infra.errors import UsageError
 from e2e_infra.matrix import (
     DEFAULT_DURATION,
+    DURATIONS_FILE,
+    KEEP_DURATIONS,
+    durations_for_plan,
     last_durations,
+    merge_durations,
+    parse_projects,
     parse_shard,
     plan_shards,
+    read_durations,
+    record_duration,
+    save_plan,
     shard_projects,
 )
 
@@ -118,3 +128,138 @@ def test_durations_come_from_the_latest_passed_or_failed_run(tmp_path: Path) -> 
     assert last_durations(config) == {"a": 40, "b": 5}
     union = [p for i in (1, 2) for p in shard_projects(config, i, 2)]
     assert sorted(union) == ["a", "b", "c", "d"]
+
+
+# --- explicit project lists -----------------------------------------------------------------------
+
+
+def test_a_project_list_is_split_stripped_and_deduplicated() -> None:
+    assert parse_projects(" b, a,b ,,") == ["b", "a"]
+
+
+@pytest.mark.parametrize("text", ["", " ", ",", " , ,"])
+def test_an_explicitly_empty_project_list_is_an_error_naming_the_fix(text: str) -> None:
+    with pytest.raises(UsageError, match="names no project") as info:
+        parse_projects(text)
+    assert "leave --projects out to run every project" in str(info.value)
+
+
+# --- the durations file ---------------------------------------------------------------------------
+
+
+def make_config(tmp_path: Path, projects: str = "abcdef") -> Config:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.e2e_infra]\nresults_dir = "out"\nstate_dir = "state"\n'
+        + "".join(f'[tool.e2e_infra.projects.{p}]\ncommand = "true"\n' for p in projects)
+    )
+    return load_config(tmp_path / "pyproject.toml", environ={})
+
+
+def stored(config: Config) -> dict[str, list[float]]:
+    data = json.loads((config.results_dir / DURATIONS_FILE).read_text())
+    return {p: [e["seconds"] for e in items] for p, items in data["projects"].items()}
+
+
+def test_a_finished_project_adds_to_its_durations_and_keeps_the_last_few(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    for i in range(KEEP_DURATIONS + 2):
+        assert record_duration(config, "a", 10.0 + i, at=1000.0 + i)
+    assert record_duration(config, "b", 7.0, at=1000.0)
+    assert stored(config) == {
+        "a": [10.0 + i for i in range(2, KEEP_DURATIONS + 2)],  # the oldest two dropped
+        "b": [7.0],
+    }
+    assert read_durations(config) == {"a": 14.0, "b": 7.0}  # the median of a's last five
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_meaningless_duration_is_not_recorded(tmp_path: Path, seconds: float) -> None:
+    config = make_config(tmp_path)
+    assert not record_duration(config, "a", seconds)
+    assert not (config.results_dir / DURATIONS_FILE).exists()
+
+
+def test_concurrent_recorders_lose_nothing(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    projects = "abcdef"
+
+    def record(project: str) -> None:
+        for i in range(3):
+            assert record_duration(config, project, 1.0 + i, at=float(i))
+
+    threads = [threading.Thread(target=record, args=(p,)) for p in projects]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert stored(config) == {p: [1.0, 2.0, 3.0] for p in projects}
+    leftovers = [p.name for p in config.results_dir.iterdir() if p.name != DURATIONS_FILE]
+    assert leftovers == [f".{DURATIONS_FILE}.lock"]  # no temp file; the lock is hidden
+
+
+def test_shard_files_merge_into_the_durations_once_whatever_the_order(tmp_path: Path) -> None:
+    main = make_config(tmp_path / "main")
+    shard1 = make_config(tmp_path / "s1")
+    shard2 = make_config(tmp_path / "s2")
+    record_duration(main, "a", 10.0, at=1.0)
+    record_duration(shard1, "a", 20.0, at=2.0)
+    record_duration(shard2, "b", 5.0, at=2.0)
+    files = [shard2.results_dir / DURATIONS_FILE, shard1.results_dir / DURATIONS_FILE]
+    merge_durations(main, [*files, tmp_path / "missing" / DURATIONS_FILE])
+    merge_durations(main, reversed(files))  # again: nothing doubles
+    assert stored(main) == {"a": [10.0, 20.0], "b": [5.0]}
+
+
+def test_a_broken_durations_file_warns_and_plans_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path)
+    config.results_dir.mkdir()
+    (config.results_dir / DURATIONS_FILE).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="e2e_infra"):
+        assert read_durations(config) == {}
+    assert "unreadable" in caplog.text
+    assert record_duration(config, "a", 3.0)  # and the next record starts it afresh
+    assert read_durations(config) == {"a": 3.0}
+
+
+def test_the_plan_uses_the_durations_file_then_the_latest_run_json(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "ab")
+    folder = config.project_dir("b")
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(
+        json.dumps(
+            {"project": "b", "run_id": "r", "result": "passed", "duration": 8.0, "started_at": 1.0}
+        )
+    )
+    assert durations_for_plan(config, ["a", "b"]) == {"b": 8.0}
+    record_duration(config, "a", 30.0)
+    record_duration(config, "b", 4.0)  # the file wins over run.json
+    assert durations_for_plan(config, ["a", "b"]) == {"a": 30.0, "b": 4.0}
+
+
+# --- `--shard i/N` in one checkout ---------------------------------------------------------------
+
+
+def test_shards_in_one_checkout_follow_one_plan_whatever_they_record(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    for project, seconds in zip("abcdef", (60, 50, 40, 30, 20, 10), strict=True):
+        record_duration(config, project, seconds, at=1.0)
+    first = shard_projects(config, 1, 3)
+    for project in first:  # shard 1 ran: its projects were much quicker this time
+        record_duration(config, project, 1.0, at=2.0)
+    replanned = plan_shards(list(config.projects), read_durations(config), 3)
+    assert replanned[0].projects != first  # a fresh plan would now differ...
+    ran = [*first, *shard_projects(config, 2, 3), *shard_projects(config, 3, 3)]
+    assert sorted(ran) == list("abcdef")  # ...but the round follows its plan: each exactly once
+
+
+def test_a_saved_plan_is_followed_only_for_the_same_projects_and_count(tmp_path: Path) -> None:
+    config = make_config(tmp_path, "abcd")
+    save_plan(config, plan_shards(["a", "b", "c", "d"], {"a": 1, "b": 1, "c": 1, "d": 100}, 2))
+    # No durations are recorded: only the saved plan puts d alone.
+    assert [shard_projects(config, i, 2) for i in (1, 2)] == [("d",), ("a", "b", "c")]
+    # Another shard count or project set plans anew (by the default duration).
+    assert [shard_projects(config, i, 3) for i in (1, 2, 3)] == [("a", "d"), ("b",), ("c",)]
+    assert [shard_projects(config, i, 2, ["b", "a"]) for i in (1, 2)] == [("a",), ("b",)]
