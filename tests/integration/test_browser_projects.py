@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import clean_environ, run_processes, running_cluster
+from conftest import clean_environ, project_folder, run_processes, running_cluster
 
 import e2e_infra
 from e2e_infra.testing import copy_config
@@ -125,7 +125,9 @@ def nox(
 
 
 def run_record(config: e2e_infra.Config, project: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((config.results_dir / project / "run.json").read_text())
+    data: dict[str, Any] = json.loads(
+        (project_folder(config.results_dir, project) / "run.json").read_text()
+    )
     return data
 
 
@@ -163,7 +165,7 @@ def test_both_browser_projects_pass_in_parallel_and_leave_nothing(
         assert record["result"] == "passed", record
         assert record["seed"] == "default"
         databases.add(record["database"])
-        assert junit_counts(config.results_dir / project / "junit.xml") == (tests, 0)
+        assert junit_counts(project_folder(config.results_dir, project) / "junit.xml") == (tests, 0)
     assert len(databases) == 2
     assert_nothing_left(config)
 
@@ -181,7 +183,9 @@ def test_a_failing_browser_test_leaves_its_screenshot_and_trace(
     assert proc.returncode != 0
     record = run_record(config, f"{project}_failing")
     assert record["result"] == "failed"
-    tests, failed = junit_counts(config.results_dir / f"{project}_failing" / "junit.xml")
+    tests, failed = junit_counts(
+        project_folder(config.results_dir, f"{project}_failing") / "junit.xml"
+    )
     assert (tests, failed) == (1, 1), proc.stdout
     # One folder, the failing test's: nothing of an earlier run survives Playwright's wipe.
     kept = [p for p in (workspace.parent / ARTIFACTS[project]).iterdir() if p.is_dir()]
