@@ -291,7 +291,8 @@ class ProjectSession:
         )
 
     def _choose_results_dir(self) -> None:
-        """``<results>/<project>``, or a per-run folder when the same project already runs."""
+        """``<results>/<project>``, or ``.../runs/<id>`` when the same project already runs and
+        writes there (a run folder of its own is free unless this run already made it)."""
         others = [
             lease
             for lease in self.registry.snapshot()
@@ -299,6 +300,12 @@ class ProjectSession:
             and lease.kind == "port"
             and lease.owner.run_id != self.run_id
         ]
+        if others and self.config.run is not None:
+            try:
+                self.results_dir.mkdir(parents=True)
+                others = []  # the other one writes into another run's folder
+            except FileExistsError:
+                pass
         if others:
             self.results_dir = self.results_dir / "runs" / self.run_id
         self.results_dir.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,7 @@ def test_same_project_twice_at_once_gets_two_databases_and_port_sets(
         json.loads(path.read_text())
         for path in [
             *{p.resolve() for p in config.results_dir.glob("*/work_orders/run.json")},
+            *{p.resolve() for p in config.results_dir.glob("*/work_orders/runs/*/run.json")},
         ]
     ]
     latest = sorted(records, key=lambda r: r["started_at"])[-2:]

@@ -136,7 +136,7 @@ def test_invoke_e2e_all_shows_plain_status_lines_and_writes_the_report(tmp_path:
         timeout=180,
     )
     assert proc.returncode != 0  # gamma failed
-    report = run_folder(tmp_path / "results") / "report.html"
+    report = run_folder(tmp_path / "results").resolve() / "report.html"  # latest -> the run
     check_page(report)
     assert f"report: {report}" in proc.stderr
     # Not a terminal: one plain line per phase change, ending with each project's result.
