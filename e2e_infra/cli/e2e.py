@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -16,6 +17,7 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 import e2e_infra
+from e2e_infra.processes import escalation, spawn
 
 from ._output import (
     JSON_HELP,
@@ -59,25 +61,19 @@ def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> i
     log_path = config.run_dir / "nox.log"
     if live:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(
-                argv, cwd=config.root, env=env, stdout=log_file, stderr=subprocess.STDOUT
-            )
-    else:
-        proc = subprocess.Popen(argv, cwd=config.root, env=env)
+    # In our process group: a terminal's Ctrl-C reaches nox, which releases what its sessions hold.
+    log = log_path if live else None
+    nox = spawn(argv, cwd=config.root, env=env, log=log, stdin=None, own_group=False, what="nox")
+    done = lambda: nox.popen.poll() is not None  # noqa: E731
     try:
-        e2e_infra.follow_run(
-            config, projects, started, lambda: proc.poll() is not None, live=live, file=sys.stderr
-        )
+        e2e_infra.follow_run(config, projects, started, done, live=live, file=sys.stderr)
     except KeyboardInterrupt:
-        # A terminal's Ctrl-C reached nox too: let it release everything before we exit.
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=10)
+        # The Ctrl-C reached nox too: let it release everything first, then escalate.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            nox.popen.wait(timeout=60)
+        nox.stop(escalation(10.0))
         raise
-    code = proc.wait()
+    code = nox.popen.wait()
     runs = e2e_infra.collect_runs(config, since=started)
     e2e_infra.print_summary(config, runs)
     report = e2e_infra.write_html_report(config, runs)
