@@ -96,7 +96,7 @@ class PortRange:
 
     @classmethod
     def parse(cls, text: str, *, key: str = "port_range", path: str | None = None) -> PortRange:
-        # [0-9], not \d: \d also matches other scripts' digits ("１２３" would read as 123).
+        # [0-9], not \d: \d also matches other scripts' digits (full-width ones read as ASCII).
         match = re.fullmatch(r"\s*([0-9]{1,5})\s*[-:]\s*([0-9]{1,5})\s*", str(text))
         if not match:
             raise ConfigError(
@@ -610,7 +610,9 @@ def _check_templates(
             ) from None
 
 
-def _check_server_placeholders(server: ServerConfig, port_names: tuple[str, ...], path: str) -> None:
+def _check_server_placeholders(
+    server: ServerConfig, port_names: tuple[str, ...], path: str
+) -> None:
     allowed = (
         *COMMON_PLACEHOLDERS,
         "port",

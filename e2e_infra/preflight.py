@@ -67,4 +67,5 @@ def check_project(config: Config, project: ProjectConfig) -> None:
     _check_cwd(config, project.cwd, f"project {project.name}", f"projects.{project.name}")
     for name in project.servers:
         server = config.servers[name]
-        _check_cwd(config, server.cwd, f"server {name} of project {project.name}", f"servers.{name}")
+        who = f"server {name} of project {project.name}"
+        _check_cwd(config, server.cwd, who, f"servers.{name}")

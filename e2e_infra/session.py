@@ -573,8 +573,8 @@ class ProjectSession:
         self.result.duration = self.clock.monotonic() - self._started
         if errors:
             left = mask_secrets("; ".join(errors), self._secrets)
-            first = self.result.error
-            self.result.error = f"{first}; then {left}" if first and first != "interrupted" else left
+            first = self.result.error if self.result.error != "interrupted" else None
+            self.result.error = f"{first}; then {left}" if first else left
             if self.result.result in ("passed", "running"):
                 self.result.result = "error"
         elif self.result.result == "running":
