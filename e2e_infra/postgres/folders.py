@@ -2,7 +2,7 @@
 
 An embedded cluster lives in ``/dev/shm/e2e-infra-pg-<hash>`` or ``/tmp/e2e-infra-pg-<hash>`` (the
 hash of its state folder), 46-88 MB each, in memory on tmpfs. Each start records the checkout that
-uses it in ``<cluster>/owner.json``; a folder whose checkout (or state folder) is gone and whose
+uses it in ``<cluster>/owner.json``; a folder whose checkout (or its config file) is gone and whose
 server is not running is an orphan that :func:`remove_orphans` deletes. A folder without the
 record is *unknown*: reported, never removed on a guess.
 """
@@ -117,11 +117,13 @@ def _judge(path: Path) -> ClusterFolder:
     size = folder_size(path)
     if owner is None:
         return ClusterFolder(path, "unknown", running, size, None, f"no {OWNER_FILE} in it")
-    root, state_dir = Path(str(owner.get("root"))), Path(str(owner.get("state_dir")))
+    # The config file, not the state folder: any command recreates a state folder, never a config.
+    root = Path(str(owner.get("root")))
+    config = Path(str(owner["config"])) if owner.get("config") else None
     if not root.is_dir():
         why = f"its checkout {root} is gone"
-    elif not state_dir.is_dir():
-        why = f"its state folder {state_dir} is gone"
+    elif config is not None and not config.is_file():
+        why = f"its checkout's config {config} is gone"
     else:
         return ClusterFolder(path, "in use", running, size, owner, f"used by {root}")
     return ClusterFolder(path, "orphaned", running, size, owner, why)
