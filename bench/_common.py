@@ -73,7 +73,7 @@ def stop_cluster(config_path: Path) -> str:
     registry = Registry(config.state_dir, host=config.host_id)
     cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
     try:
-        cluster.stop()
+        cluster.purge()  # its folder, a socket folder in /tmp, its password
     finally:
         shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
     return str(cluster.cluster_dir)

@@ -66,8 +66,10 @@ def server(config: Config) -> Iterator[tuple[ConnInfo, ConnInfo, str]]:
         admin = cluster.ensure_running()
         yield admin, cluster.tcp_conninfo(), f"embedded cluster {cluster.data_dir}"
     finally:
-        cluster.stop()
-        shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
+        try:
+            cluster.purge()  # its folder, a socket folder in /tmp, its password
+        finally:
+            shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
 
 
 def timed(fn: Callable[[], object]) -> float:

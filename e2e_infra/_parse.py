@@ -7,7 +7,7 @@ environment is a string to convert, one from the TOML file must already have the
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -102,6 +102,8 @@ def _as_number(minimum: float, integer: bool = False) -> Callable[[Any, bool], A
         if isinstance(value, str):
             if not env:
                 raise TypeError(f"expected a number, got the string {value!r}")
+            if not value.isascii():  # int() and float() also read other scripts' digits
+                raise ValueError(f"expected a number in ASCII digits, got {value!r}")
             try:
                 value = int(value) if integer else float(value)
             except ValueError:
@@ -147,3 +149,41 @@ def _as_env_table(value: Any, _env: bool) -> dict[str, str]:
             raise TypeError(f"value of {key} must be a string or number")
         out[key] = str(item)
     return out
+
+
+#: The placeholders every command, env value and health check may use (README "Placeholders").
+COMMON_PLACEHOLDERS = ("python", "database_url", "results_dir", "project", "root", "run_id")
+
+
+def placeholders(text: str) -> list[str]:
+    """The ``{name}`` fields of ``text``; ValueError for a spec, conversion or bad braces.
+
+    Only plain names are accepted: ``{name}`` or ``{ports.<name>}``. No format spec, conversion,
+    index or other attribute is evaluated (``{python.__class__}`` is an error, not a class name).
+    """
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+    fields = []
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"placeholder {{{shown}}} takes no format spec or conversion")
+        fields.append(name)
+    return fields
+
+
+def check_placeholders(text: str, allowed: Sequence[str]) -> None:
+    """ValueError naming the first placeholder of ``text`` that is not in ``allowed``."""
+    for name in placeholders(text):
+        if name not in allowed:
+            known = ", ".join(f"{{{item}}}" for item in allowed)
+            raise ValueError(
+                f"unknown placeholder {{{name}}} (known: {known}; write {{{{ and }}}} for "
+                "literal braces)"
+            )

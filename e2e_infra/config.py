@@ -25,6 +25,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 from ._parse import (
+    COMMON_PLACEHOLDERS,
     NAME_PATTERN,
     _as_auto_bool,
     _as_bool,
@@ -35,6 +36,7 @@ from ._parse import (
     _as_opt_str,
     _as_str,
     _Reader,
+    check_placeholders,
 )
 from .conninfo import ConnInfo
 from .errors import ConfigError, InvalidNameError
@@ -94,7 +96,8 @@ class PortRange:
 
     @classmethod
     def parse(cls, text: str, *, key: str = "port_range", path: str | None = None) -> PortRange:
-        match = re.fullmatch(r"\s*(\d{1,5})\s*[-:]\s*(\d{1,5})\s*", str(text))
+        # [0-9], not \d: \d also matches other scripts' digits (full-width ones read as ASCII).
+        match = re.fullmatch(r"\s*([0-9]{1,5})\s*[-:]\s*([0-9]{1,5})\s*", str(text))
         if not match:
             raise ConfigError(
                 f"{key} = {text!r} in {path or 'the environment'} is not a range like '3100-5500'",
@@ -314,15 +317,23 @@ def find_config_file(start: Path | None = None, environ: Mapping[str, str] | Non
         candidate = folder / "pyproject.toml"
         if candidate.is_file():
             try:
-                text = candidate.read_text(encoding="utf-8")
+                raw = candidate.read_bytes()  # bytes: a file that is not UTF-8 is judged later
             except OSError:
                 continue
-            if "[tool.e2e_infra" in text:
+            if b"[tool.e2e_infra" in raw:
                 return candidate
     raise ConfigError(
         f"no pyproject.toml with a [tool.e2e_infra] section in {here} or above; "
         "run from the monorepo root or set E2E_CONFIG",
         key="E2E_CONFIG",
+    )
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ConfigError:
+    return ConfigError(
+        f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+        "save it as UTF-8",
+        path=str(path),
     )
 
 
@@ -332,10 +343,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", path=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
     tool = data.get("tool", {})
-    section = tool.get("e2e_infra", {}) if isinstance(tool, dict) else {}
+    if not isinstance(tool, dict) or "e2e_infra" not in tool:
+        raise ConfigError(
+            f"{path} has no [tool.e2e_infra] section; add one (`e2e-infra e2e.init` writes it) "
+            "or point E2E_CONFIG at the pyproject.toml that has it",
+            key="E2E_CONFIG",
+            path=str(path),
+        )
+    section = tool["e2e_infra"]
     if not isinstance(section, dict):
         raise ConfigError(f"[tool.e2e_infra] in {path} must be a table", path=str(path))
     return section
@@ -351,7 +371,13 @@ def _read_env_files(
         path = root / name
         if not path.is_file():
             continue
-        for key, value in dotenv_values(path).items():
+        try:
+            values = dotenv_values(path)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
+        for key, value in values.items():
             if not key.startswith("E2E_"):
                 continue  # the application's own variables are not ours to judge
             if key not in ENVIRONMENT_VARIABLES:
@@ -471,7 +497,7 @@ def load_config(
     )
 
     servers = _read_servers(table("servers"), root, spath, port_names)
-    projects = _read_projects(table("projects"), root, spath, servers, default_seed)
+    projects = _read_projects(table("projects"), root, spath, servers, default_seed, port_names)
 
     host_id = top.get("host_id", socket.gethostname(), _as_str).strip() or socket.gethostname()
     run_id = env.get("E2E_RUN_ID", "").strip() or None
@@ -558,6 +584,7 @@ def _read_servers(
             listen_socket=r.get("listen_socket", False, _as_bool),
         )
     for server in servers.values():
+        _check_server_placeholders(server, port_names, path)
         for dep in server.depends_on:
             if dep not in servers:
                 raise ConfigError(
@@ -567,6 +594,34 @@ def _read_servers(
                 )
     _check_acyclic(servers, path)
     return servers
+
+
+def _check_templates(
+    prefix: str, path: str, templates: Mapping[str, str], allowed: tuple[str, ...]
+) -> None:
+    """Every placeholder of ``templates`` (key -> text) is one of ``allowed``: else ConfigError
+    at load, before a run acquires anything."""
+    for key, text in templates.items():
+        try:
+            check_placeholders(text, allowed)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{prefix}{key} in {path}: {exc}", key=f"{prefix}{key}", path=path
+            ) from None
+
+
+def _check_server_placeholders(
+    server: ServerConfig, port_names: tuple[str, ...], path: str
+) -> None:
+    allowed = (
+        *COMMON_PLACEHOLDERS,
+        "port",
+        *(f"ports.{name}" for name in port_names),
+        *(("fd",) if server.listen_socket else ()),
+    )
+    templates = {"command": server.command, "health": server.health}
+    templates.update({f"env.{key}": value for key, value in server.env.items()})
+    _check_templates(f"servers.{server.name}.", path, templates, allowed)
 
 
 def _check_acyclic(servers: Mapping[str, ServerConfig], path: str) -> None:
@@ -597,6 +652,7 @@ def _read_projects(
     path: str,
     servers: Mapping[str, ServerConfig],
     default_seed: str,
+    port_names: tuple[str, ...],
 ) -> dict[str, ProjectConfig]:
     projects: dict[str, ProjectConfig] = {}
     for name, table in tables.items():
@@ -636,4 +692,9 @@ def _read_projects(
             paths=r.get("paths", (), _as_list),
             timeout=r.get("timeout", 1800.0, _as_number(1)),
         )
+        project = projects[name]
+        templates = {"command": project.command}
+        templates.update({f"env.{key}": value for key, value in project.env.items()})
+        allowed = (*COMMON_PLACEHOLDERS, *(f"ports.{port}" for port in port_names))
+        _check_templates(prefix, path, templates, allowed)
     return projects

@@ -7,7 +7,8 @@ lock for long, reclaim a lease or move a broken registry aside; it only reads an
 Checks: the PostgreSQL binaries (only needed for the embedded cluster), PostgreSQL itself (the
 admin URL reachable, or the embedded cluster running or startable) and its version, the port range
 against the kernel's ephemeral range, the lease registry (readable, schema, records), stale leases,
-the free ports left in the range, and that the state and results folders are writable.
+the free ports left in the range, that the state and results folders are writable, and cluster
+folders left in memory by checkouts that are gone.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from .errors import E2EInfraError
 from .leases import REGISTRY_FILE, SCHEMA_VERSION, Lease, Registry, Transaction, parse_registry
 from .ports import EPHEMERAL_RANGE_FILE, PortAllocator, ephemeral_port_range, port_is_free
 from .postgres import LocalCluster, PgBinaries, check_reachable, find_binaries
+from .postgres.folders import SCAN_ROOTS, ClusterFolder, scan_cluster_folders
 
 __all__ = [
     "MIN_POSTGRES_MAJOR",
     "Check",
     "DoctorReport",
     "check_binaries",
+    "check_cluster_folders",
     "check_folders",
     "check_free_ports",
     "check_port_range",
@@ -139,10 +142,12 @@ def check_postgres(config: Config, binaries: PgBinaries | None) -> list[Check]:
     info = config.database.admin_url
     if info is not None:
         try:
-            check_reachable(info)
+            check_reachable(info, external=True)
             major, version = _server_version(info)
         except E2EInfraError as exc:
-            return [Check("postgres", FAIL, exc.one_line(), _fix_of(exc.one_line()))]
+            # The user's own server: ours to diagnose, not to start (no `invoke pg.start`).
+            fix = _fix_of(exc.one_line()) or "check that the server runs and accepts connections"
+            return [Check("postgres", FAIL, exc.one_line(), fix)]
         except Exception as exc:  # a driver error while reading the version
             return [Check("postgres", FAIL, f"{info.masked}: {exc}".splitlines()[0])]
         return [
@@ -376,6 +381,37 @@ def check_folders(config: Config) -> Check:
     return Check("folders", OK, f"state {config.state_dir}, results {config.results_dir}")
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MB"
+
+
+def check_cluster_folders(roots: Sequence[Path] = SCAN_ROOTS) -> Check:
+    """Cluster folders (in /dev/shm, /tmp) whose checkout is gone, or whose owner is unknown."""
+    folders = scan_cluster_folders(roots)
+    orphans = [f for f in folders if f.state == "orphaned"]
+    unknown = [f for f in folders if f.state == "unknown"]
+
+    def listed(items: list[ClusterFolder]) -> str:
+        shown = ", ".join(f"{f.path} ({_size(f.size)}: {f.why})" for f in items[:5])
+        return shown + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+
+    if not orphans and not unknown:
+        return Check("cluster folders", OK, f"{len(folders)} in use, none left by a gone checkout")
+    parts: list[str] = []
+    fixes: list[str] = []
+    if orphans:
+        total = _size(sum(f.size for f in orphans))
+        parts.append(f"{len(orphans)} left by a gone checkout ({total}): {listed(orphans)}")
+        fixes.append("run `invoke e2e.cleanup` (removes those whose server is not running)")
+    if unknown:
+        total = _size(sum(f.size for f in unknown))
+        parts.append(f"{len(unknown)} of unknown owner ({total}): {listed(unknown)}")
+        fixes.append("`invoke pg.stop --purge` from the checkout using one, or remove it by hand")
+    # Unknown ones alone are reported, not warned about: they may well be in use (made by an
+    # older version, before owner.json), and nothing here can tell.
+    return Check("cluster folders", WARN if orphans else OK, "; ".join(parts), "; ".join(fixes))
+
+
 def run_doctor(
     config: Config,
     *,
@@ -393,4 +429,5 @@ def run_doctor(
     checks += registry_checks
     checks.append(check_free_ports(config, leases, probe=probe))
     checks.append(check_folders(config))
+    checks.append(check_cluster_folders())
     return DoctorReport(tuple(checks))

@@ -16,6 +16,7 @@ of the port allocator, and databases are found again by their ownership marker.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -40,7 +41,9 @@ __all__ = [
     "Owner",
     "Registry",
     "Transaction",
+    "check_writable",
     "ensure_private_dir",
+    "folder_error",
     "new_run_id",
     "parse_registry",
     "process_start_time",
@@ -129,6 +132,49 @@ def ensure_private_dir(path: Path) -> Path:
         ) from None
     with contextlib.suppress(OSError):
         (path / ".gitignore").write_text("# made by e2e-infra: ignore this folder\n*\n")
+    return path
+
+
+#: Where each folder is configured, for the fix in a folder error.
+STATE_SETTING = "E2E_STATE_DIR (state_dir)"
+RESULTS_SETTING = "E2E_RESULTS_DIR (results_dir)"
+
+_WHY = {
+    errno.EROFS: "it is on a read-only file system",
+    errno.ENOSPC: "no space is left on its device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.ENOENT: "it does not exist",
+}
+
+
+def folder_error(
+    path: Path, exc: OSError, *, setting: str = STATE_SETTING, what: str = "write to"
+) -> FolderError:
+    """One line for a file-system error at ``path``: what failed, why, and the fix."""
+    why = _WHY.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space there, or point {setting} at another folder"
+    elif exc.errno == errno.EROFS:
+        fix = f"point {setting} at a folder on a writable file system"
+    else:
+        fix = f"point {setting} at a writable folder, or fix {path}'s permissions"
+    return FolderError(f"cannot {what} {path} ({why}); {fix}", path=str(path))
+
+
+def check_writable(path: Path, *, setting: str = STATE_SETTING) -> Path:
+    """Raise :class:`FolderError` unless a file can be created in the folder ``path``.
+
+    Run before anything is acquired, so a read-only or missing folder fails the run up front
+    rather than half way (a full disk can still fill up later: writes map their errors too).
+    """
+    try:
+        with tempfile.TemporaryFile(dir=path, prefix=".e2e-infra-probe-"):
+            pass
+    except OSError as exc:
+        raise folder_error(path, exc, setting=setting) from None
     return path
 
 
@@ -387,6 +433,8 @@ class Registry:
                 lock_path=str(self.lock_path),
                 timeout=self.lock_timeout,
             ) from None
+        except OSError as exc:  # (after Timeout, an OSError too) a read-only or vanished folder
+            raise folder_error(self.state_dir, exc, what="lock the lease registry in") from None
         try:
             txn = Transaction(self._load(), host=self.host, ttl=self.ttl, now=time.time())
             yield txn
@@ -423,7 +471,10 @@ class Registry:
         aside = self.path.with_name(f"{REGISTRY_FILE}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         with contextlib.suppress(FileExistsError):
             aside = Path(f"{aside}-{uuid.uuid4().hex[:6]}") if aside.exists() else aside
-        os.replace(self.path, aside)
+        try:
+            os.replace(self.path, aside)
+        except OSError as exc:
+            raise folder_error(self.path, exc, what="move aside the broken registry") from None
         log.warning(
             "lease registry %s: %s; kept it as %s and started a new one "
             "(run `invoke e2e.cleanup` to sweep leftovers)",
@@ -438,13 +489,29 @@ class Registry:
         records = ",\n".join(json.dumps(lease.to_json(), sort_keys=True) for lease in leases)
         text = f'{{"version": {SCHEMA_VERSION}, "leases": [\n{records}\n]}}\n'
         payload = text.encode("utf-8")
-        fd, tmp = tempfile.mkstemp(prefix=REGISTRY_FILE + ".", suffix=".tmp", dir=self.state_dir)
+        # Atomic: the old registry stays whole until the new one is complete, so a full disk or
+        # a crash mid-write loses only this change (whose caller gets the error), never the file.
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix=REGISTRY_FILE + ".", suffix=".tmp", dir=self.state_dir
+            )
+        except OSError as exc:
+            raise self._write_error(exc) from None
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(payload)
             # No fsync: the registry guards processes of this boot; a power loss ends them all.
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
             raise
+
+    def _write_error(self, exc: OSError) -> RegistryError:
+        folder = folder_error(self.state_dir, exc, what="update the lease registry in")
+        return RegistryError(
+            f"{folder}; the registry was left as it was (leases of live owners stay valid; "
+            "those of ended ones are reclaimed by `invoke e2e.cleanup`)"
+        )

@@ -51,6 +51,7 @@ class ErrorContext:
     statement_timeout: float | None = None  # ADMIN: the statement_timeout set on the connection
     file: str = ""  # APPLY: the migration or seed file
     what: str = ""  # APPLY: "migration", "seed"
+    external: bool | None = None  # CONNECT: the user's own server (True), ours (False), unknown
 
     def masked_secrets(self) -> tuple[str, ...]:
         return tuple(s for s in (self.server.password, *self.secrets) if s)
@@ -69,6 +70,7 @@ class Rule:
     message: str
     contains: str = ""
     lost: bool = False
+    external: bool | None = None  # only for servers that are (not) the user's own; None: any
 
 
 _ADMIN_FAILED = "PostgreSQL at {where} could not {action}: {reason}; "
@@ -86,8 +88,31 @@ RULES: tuple[Rule, ...] = (
         Phase.CONNECT,
         psycopg.OperationalError,
         ServerUnreachableError,
+        "cannot connect to PostgreSQL at {where} ({reason}); check the password of the admin URL "
+        "(E2E_ADMIN_DATABASE_URL)",
+        contains="no password supplied",
+    ),
+    Rule(
+        Phase.CONNECT,
+        psycopg.OperationalError,
+        ServerUnreachableError,
+        "cannot connect to PostgreSQL at {where} ({reason}); check that this server runs and "
+        "accepts connections, or fix E2E_ADMIN_DATABASE_URL / admin_url",
+        external=True,
+    ),
+    Rule(
+        Phase.CONNECT,
+        psycopg.OperationalError,
+        ServerUnreachableError,
         "cannot connect to PostgreSQL at {where} ({reason}); start the local cluster with "
         "`invoke pg.start`, or fix E2E_ADMIN_DATABASE_URL",
+    ),
+    Rule(
+        Phase.CONNECT,
+        psycopg.Error,
+        ServerUnreachableError,
+        "cannot talk to PostgreSQL at {where} ({reason}); check E2E_ADMIN_DATABASE_URL / "
+        "admin_url and the server",
     ),
     Rule(
         Phase.APPLY,
@@ -164,6 +189,8 @@ def to_error(
         if rule.phase is not context.phase or not isinstance(exc, rule.exc):
             continue
         if (rule.contains and rule.contains not in reason.lower()) or (rule.lost and not lost):
+            continue
+        if rule.external is not None and rule.external is not context.external:
             continue
         user = context.server.user
         role = user if _PLAIN_ROLE.fullmatch(user) else sql.Identifier(user).as_string(None)

@@ -126,8 +126,19 @@ class _Formatter(string.Formatter):
         return ConfigError(f"{where}{mask_secrets(self.template)!r}: {problem}", key=self.key)
 
     def get_field(self, field_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        # Only ``{name}`` and ``{group.name}`` are looked up; nothing is evaluated, so
+        # ``{python.__class__}`` or ``{ports.__dict__}`` is an unknown placeholder.
         try:
-            return super().get_field(field_name, args, kwargs)
+            first, *rest = field_name.split(".")
+            if len(rest) > 1 or not all(p.isidentifier() and p[0] != "_" for p in (first, *rest)):
+                raise KeyError(field_name)
+            value = self.values[first]
+            group = vars(value) if isinstance(value, SimpleNamespace) else value
+            if not rest:
+                return _wrap(first, group), first
+            if not isinstance(group, Mapping):
+                raise KeyError(field_name)
+            return group[rest[0]], first
         except (KeyError, AttributeError, IndexError):
             known = ", ".join(f"{{{name}}}" for name in _known(self.values)) or "none"
             raise self._error(

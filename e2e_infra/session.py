@@ -200,6 +200,15 @@ class ProjectSession:
             )
 
     def __enter__(self) -> ProjectEnv:
+        from .preflight import check_project
+
+        try:  # before anything is acquired: a bad folder or cwd leaves nothing to release
+            check_project(self.config, self.project)
+        except E2EInfraError as exc:
+            self.failed = True
+            self._note_error(exc)
+            self._write_record()
+            raise
         self._signals = self._interrupts.installed()
         self._signals.__enter__()
         try:
@@ -230,6 +239,9 @@ class ProjectSession:
         if isinstance(exc, Interrupted | KeyboardInterrupt):
             self.result.result = "interrupted"
             self.result.error = "interrupted"
+            # Recorded before the teardown: nox -j SIGKILLs its workers 2 s after an interrupt.
+            self.result.duration = self.clock.monotonic() - self._started
+            self._write_record()
         elif isinstance(exc, SuiteFailedError):
             self.result.result = "failed"
             self.result.error = mask_secrets(exc.one_line(), self._secrets)
@@ -563,10 +575,13 @@ class ProjectSession:
                 self.ports.release(self.project.name, run_id=self.run_id)
             except Exception as exc:
                 errors.append(f"ports: {exc}")
-            self._stop_guardian()
+            if not errors:  # else it reclaims what is left once this process has ended
+                self._stop_guardian()
         self.result.duration = self.clock.monotonic() - self._started
         if errors:
-            self.result.error = mask_secrets("; ".join(errors), self._secrets)
+            left = mask_secrets("; ".join(errors), self._secrets)
+            first = self.result.error if self.result.error != "interrupted" else None
+            self.result.error = f"{first}; then {left}" if first else left
             if self.result.result in ("passed", "running"):
                 self.result.result = "error"
         elif self.result.result == "running":

@@ -27,6 +27,7 @@ from ._output import (
     exit_code,
     load,
     print_table,
+    size,
 )
 
 
@@ -191,10 +192,15 @@ def e2e_list(c: Context, json_: bool = False) -> None:
 @task(name="cleanup", help={"json": JSON_HELP})
 @cli
 def e2e_cleanup(c: Context, json_: bool = False) -> None:
-    """Reclaim everything stale on this host: orphan server groups, databases, ports."""
+    """Reclaim everything stale on this host: orphan server groups, databases, ports, and the
+    cluster folders of checkouts that are gone (when their server is not running)."""
+    from ..postgres.folders import remove_orphans, scan_cluster_folders
+
     report = e2e_infra.reclaim(load())
+    clusters, cluster_errors = remove_orphans(scan_cluster_folders())
+    report.errors.extend(cluster_errors)
     if json_:
-        emit_json(report.to_json())
+        emit_json({**report.to_json(), "clusters": [f.to_json() for f in clusters]})
     else:
         rows = [
             [kind, what, why]
@@ -202,6 +208,7 @@ def e2e_cleanup(c: Context, json_: bool = False) -> None:
                 ("server", report.servers),
                 ("database", report.databases),
                 ("port", report.ports),
+                ("cluster", [(str(f.path), f"{f.why}; {size(f.size)} freed") for f in clusters]),
             )
             for what, why in items
         ]

@@ -40,7 +40,7 @@ def _external(config: e2e_infra.Config) -> dict[str, Any] | None:
     if info is None:
         return None
     try:
-        e2e_infra.check_reachable(info)
+        e2e_infra.check_reachable(info, external=True)
     except e2e_infra.ServerUnreachableError as exc:
         return {"external": True, "running": False, "url": info.masked, "error": exc.one_line()}
     return {"external": True, "running": True, "url": info.masked, "error": None}
@@ -60,15 +60,23 @@ def pg_start(c: Context) -> None:
     _print_cluster(workspace(config).cluster.start())
 
 
-@task(name="stop")
+@task(
+    name="stop",
+    help={"purge": "also remove the cluster folder (its data, socket and log) and its password"},
+)
 @cli
-def pg_stop(c: Context) -> None:
+def pg_stop(c: Context, purge: bool = False) -> None:
     """Stop the local PostgreSQL cluster (fast, then immediate, then SIGKILL); idempotent."""
     config = load()
     if config.database.admin_url is not None:
         print(f"the admin URL is external ({config.database.admin_url.masked}): nothing to stop")
         return
     cluster = workspace(config).cluster
+    if purge:
+        removed = cluster.purge()
+        shown = ", ".join(removed) if removed else f"nothing ({cluster.cluster_dir} was not there)"
+        print(f"stopped the local PostgreSQL cluster and removed {shown}")
+        return
     if cluster.stop():
         print(f"stopped the local PostgreSQL cluster in {cluster.data_dir}")
     else:

@@ -34,8 +34,9 @@ def _load(config_path: Path | None) -> e2e_infra.Config | None:
         return e2e_infra.load_config(config_path)
     except e2e_infra.E2EInfraError as exc:
         print(f"nox: e2e sessions unavailable: {exc.one_line()}", file=sys.stderr)
-        if any("e2e" in arg for arg in sys.argv[1:]):
-            # e2e sessions were asked for: the config error is the answer, not "no sessions".
+        if os.environ.get("E2E_CONFIG") or any("e2e" in arg for arg in sys.argv[1:]):
+            # e2e sessions were asked for (or a config named): the config error is the answer,
+            # not nox's "Sessions not found".
             sys.exit(exc.exit_code)
         return None
 
@@ -49,6 +50,13 @@ def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Sessi
         except e2e_infra.E2EInfraError as exc:  # an interrupt: released already; one line
             status.finish(project, "interrupted")
             session.error(f"{project}: {exc.one_line()}")
+        except Exception as exc:  # a defect of ours: still one masked line, never a traceback
+            status.finish(project, "error")
+            message = e2e_infra.mask_secrets(" ".join(f"{type(exc).__name__}: {exc}".split()))
+            session.error(
+                f"{project}: unexpected {message[:500]} (a bug in e2e-infra: please report it; "
+                "run `invoke e2e.cleanup` if anything was left behind)"
+            )
         status.finish(project, result.result)
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items())
         session.log(f"{project}: {result.result} in {result.duration:.2f}s ({phases})")

@@ -31,8 +31,10 @@ from ..errors import (
     ServerUnreachableError,
 )
 from ..leases import Lease, Owner, Registry, ensure_private_dir
+from ..pgerrors import ErrorContext, Phase, map_errors
 from ..ports import PortAllocator
 from .binaries import CHILD_PATH, PgBinaries, copy_installation, find_binaries
+from .folders import purge_folders, write_owner
 from .layout import (
     ServerUser,
     check_reachable_by,
@@ -204,6 +206,20 @@ class LocalCluster:
             kill_orphans(self.data_dir, clock=self.clock)
             self.ports.release(PORT_PROJECT)
             return True
+
+    def purge(self) -> list[str]:
+        """Stop the cluster and remove its folder (data, socket, log) and its password: what
+        ``pg.stop --purge`` does. Returns the paths removed; idempotent."""
+        with self._lock():
+            pm = live_postmaster(self.data_dir)
+            if pm is not None:
+                self._stop_postmaster(pm.pid)
+            kill_orphans(self.data_dir, clock=self.clock)
+            self.ports.release(PORT_PROJECT)
+            removed = purge_folders(self.cluster_dir, self.socket_dir)
+            with contextlib.suppress(FileNotFoundError):
+                self.password_file.unlink()
+        return removed
 
     def status(self) -> ClusterStatus:
         pm = live_postmaster(self.data_dir)
@@ -390,6 +406,13 @@ class LocalCluster:
         check_reachable_by(user, self.cluster_dir)
         make_private_dir(user, self.cluster_dir)
         make_private_dir(user, self.socket_dir)
+        write_owner(
+            self.cluster_dir,
+            root=self.config.root,
+            state_dir=self.state_dir,
+            config=self.config.source,
+            socket_dir=self.socket_dir,
+        )
         kill_orphans(self.data_dir, clock=self.clock)
         self._remove_stale_lock_files()
         fresh_password = None
@@ -594,31 +617,19 @@ def admin_conninfo(config: Config, registry: Registry, ports: PortAllocator) -> 
     return LocalCluster(config, registry, ports).ensure_running()
 
 
-def check_reachable(info: ConnInfo, timeout: float = 5.0) -> None:
-    """Connect and ``SELECT 1``; raise :class:`ServerUnreachableError` naming the masked URL."""
+def check_reachable(info: ConnInfo, timeout: float = 5.0, *, external: bool | None = None) -> None:
+    """Connect and ``SELECT 1``; raise :class:`ServerUnreachableError` naming the masked URL and
+    the fix (through :mod:`e2e_infra.pgerrors`' table; ``external``: the user's own server, whose
+    fix is never ``invoke pg.start``)."""
     target = (
         info
         if "application_name" in info.params
         else info.with_params(application_name=APPLICATION_NAME)
     )
-    try:
-        with psycopg.connect(
+    with (
+        map_errors(ErrorContext(Phase.CONNECT, info, external=external)),
+        psycopg.connect(
             target.conninfo(connect_timeout=max(2, math.ceil(timeout))), autocommit=True
-        ) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        detail = mask_secrets(detail, (info.password or "",))
-        if "password authentication failed" in detail or "no password supplied" in detail:
-            fix = "check the user and password of the admin URL (E2E_ADMIN_DATABASE_URL)"
-        else:
-            fix = _START_FIX
-        raise ServerUnreachableError(
-            f"cannot connect to PostgreSQL at {info.masked}: {_shorten(detail)}; {fix}",
-            url=info.masked,
-        ) from None
-
-
-def _shorten(detail: str, limit: int = 200) -> str:
-    detail = re.sub(r"\s*Is the server running.*$", "", detail)
-    return detail if len(detail) <= limit else detail[: limit - 3] + "..."
+        ) as conn,
+    ):
+        conn.execute("SELECT 1")

@@ -246,3 +246,86 @@ def test_validate_name_accepts_exactly_the_name_pattern(text: str) -> None:
 @given(st.from_regex(r"[a-z][a-z0-9_]{0,39}", fullmatch=True))
 def test_every_name_of_the_pattern_is_valid(name: str) -> None:
     assert validate_name(name) == name
+
+
+# --- edges: digits, placeholders, encodings, a file without the section ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "environ"),
+    [
+        ('port_range = "\uff11\uff12\uff13-\uff14\uff15\uff16"\n', {}),
+        ("", {"E2E_PORT_RANGE": "3100-\uff15\uff15\uff10\uff10"}),
+        ("", {"E2E_LOCK_TIMEOUT": "\uff13"}),
+        ("", {"E2E_LEASE_TTL": "1.\uff15"}),
+    ],
+)
+def test_only_ascii_digits_make_numbers_and_ranges(
+    tmp_path: Path, body: str, environ: dict[str, str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, body), environ=environ)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "{python.__class__}",
+        "{ports.__dict__}",
+        "{python[0]} x",
+        "run {nope}",
+        "{python!r}",
+        "{python:>99999999}",
+        "{port}",  # a project has no port of its own
+        "{ports.nope}",
+        "{fd}",
+    ],
+)
+def test_a_bad_placeholder_in_a_project_command_is_a_config_error_at_load(
+    tmp_path: Path, command: str
+) -> None:
+    body = f"[tool.e2e_infra.projects.p]\ncommand = {command!r}\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, body), environ={})
+    assert "projects.p.command" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_server_placeholders_are_checked_in_command_env_and_health(tmp_path: Path) -> None:
+    good = (
+        "[tool.e2e_infra.servers.web]\n"
+        'command = "{python} -m http.server {port} --root {root}/{project}"\n'
+        'port = "backend"\n'
+        'health = "http://127.0.0.1:{ports.backend}/"\n'
+        'env = { URL = "{database_url}", OUT = "{results_dir}/{run_id}", LIT = "{{x}}" }\n'
+    )
+    assert load_config(write(tmp_path, good), environ={}).servers["web"].port == "backend"
+    for bad, key in (
+        (good.replace("{root}", "{root.__class__}"), "servers.web.command"),
+        (good.replace("{ports.backend}", "{fd}"), "servers.web.health"),  # no listen_socket
+        (good.replace("{run_id}", "{secret}"), "servers.web.env.OUT"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, bad), environ={})
+        assert info.value.key == key
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "pyproject.toml"
+    path.write_bytes(b"[tool.e2e_infra]\nport_names = ['caf\xe9']\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(path) in str(info.value) and "not UTF-8" in str(info.value)
+    assert find_config_file(tmp_path, environ={}) == path  # found, then judged
+    (tmp_path / ".env").write_bytes(b"E2E_PORT_RANGE=\xff\xfe\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path), environ={})
+    assert str(tmp_path / ".env") in str(info.value) and "save it as UTF-8" in str(info.value)
+
+
+def test_a_config_file_without_the_section_is_one_line_naming_it(tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text("[tool.black]\nline-length = 100\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"E2E_CONFIG": str(other)})
+    assert f"{other} has no [tool.e2e_infra] section" in str(info.value)

@@ -13,11 +13,25 @@ from e2e_infra.pgerrors import RULES, ErrorContext, Phase, map_errors, to_error
 SERVER = ConnInfo(host="db.example", port=5432, user="ci user", password="s3cret", dbname="app")
 
 
-def test_every_phase_ends_in_a_catch_all_or_a_deliberate_gap() -> None:
-    # ADMIN and APPLY map every psycopg error; CONNECT maps only failures to connect.
+def test_every_phase_ends_in_a_catch_all() -> None:
     last = {rule.phase: rule for rule in RULES}
-    assert last[Phase.ADMIN].exc is psycopg.Error and last[Phase.APPLY].exc is psycopg.Error
-    assert to_error(psycopg.ProgrammingError("bad"), ErrorContext(Phase.CONNECT, SERVER)) is None
+    assert all(last[phase].exc is psycopg.Error and last[phase].external is None for phase in Phase)
+    bad = to_error(psycopg.ProgrammingError("bad"), ErrorContext(Phase.CONNECT, SERVER))
+    assert isinstance(bad, ServerUnreachableError) and "E2E_ADMIN_DATABASE_URL" in str(bad)
+
+
+def test_an_external_server_is_never_told_to_start_the_local_cluster() -> None:
+    refused = psycopg.OperationalError("connection refused")
+    external = to_error(refused, ErrorContext(Phase.CONNECT, SERVER, external=True))
+    assert external is not None and "pg.start" not in str(external)
+    assert "check that this server runs" in str(external)
+    local = to_error(refused, ErrorContext(Phase.CONNECT, SERVER, external=False))
+    assert local is not None and "invoke pg.start" in str(local)
+    no_pw = to_error(
+        psycopg.OperationalError("fe_sendauth: no password supplied"),
+        ErrorContext(Phase.CONNECT, SERVER, external=True),
+    )
+    assert no_pw is not None and "check the password" in str(no_pw)
 
 
 def test_admin_errors_are_one_masked_line_naming_the_fix() -> None:
@@ -61,6 +75,10 @@ def test_a_failing_file_is_a_migration_error_naming_it() -> None:
     assert info.value.__suppress_context__  # the raw server text stays out of the traceback
 
 
-def test_an_error_no_rule_knows_passes_through_unchanged() -> None:
-    with pytest.raises(psycopg.ProgrammingError), map_errors(ErrorContext(Phase.CONNECT, SERVER)):
-        raise psycopg.ProgrammingError("invalid connection option")
+def test_a_bad_connection_option_is_one_line_naming_the_url_setting() -> None:
+    with (
+        pytest.raises(ServerUnreachableError) as info,
+        map_errors(ErrorContext(Phase.CONNECT, SERVER)),
+    ):
+        raise psycopg.ProgrammingError("invalid connection option s3cret")
+    assert "s3cret" not in str(info.value) and "E2E_ADMIN_DATABASE_URL" in str(info.value)

@@ -44,6 +44,16 @@ def test_render_accepts_a_simplenamespace_for_named_ports() -> None:
     assert render("{ports.frontend}", values) == "16012"
 
 
+@pytest.mark.parametrize(
+    "template",
+    ["{python.__class__}", "{ports.__dict__}", "{python[0]}", "{python.upper}", "{ports}"],
+)
+def test_render_evaluates_no_attribute_or_index(template: str) -> None:
+    values = {"python": "/usr/bin/python3", "ports": SimpleNamespace(frontend=16012)}
+    with pytest.raises(ConfigError):
+        render(template, values)
+
+
 def test_render_keeps_doubled_braces_literal() -> None:
     assert render('{{"port": {port}}}', VALUES) == '{"port": 16010}'
 
