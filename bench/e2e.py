@@ -20,16 +20,30 @@ With ``--baseline DIR`` every run of this checkout is paired with the same run o
 DIR (each with its own state folder and cluster; the order alternates each round), so that load
 from other users falls on both alike; the ratios baseline/current are printed side by side.
 
+The tool's CPU per project: every Python process of a run records its own CPU at exit (a
+``sitecustomize`` in ``bench/_cpu_hook``, only on the bench's ``PYTHONPATH``); the tool's share is
+the run's total CPU (nox and everything it reaped; PostgreSQL not included) minus what the suites
+and servers used themselves, divided by the number of projects. The readiness section starts a
+test server on a socket the tool bound, many times, and prints the median delay between the
+server sending its answer and the tool noticing, with the blocking request and with polling.
+
+By default the six projects without a browser run (``--projects all`` adds the two browser
+projects, whose suites take ~30 s each and drown every other figure).
+
 Targets (issue #6): tool phases < 20% of the demo's run time; parallel speedup >= 1.7x on 2 cores.
+Targets (issue #14): the tool's CPU per project <= 100 ms; tool phases under -j within 1.3x of
+sequential; readiness noticed < 5 ms after the answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +61,9 @@ from _common import (
 )
 
 PHASES = ("ports", "database", "servers", "health", "suite", "teardown")
+TOOL_PHASES = ("ports", "database", "servers", "health", "teardown")
+BROWSER_PROJECTS = ("browser_ui", "browser_node")
+CPU_HOOK = Path(__file__).resolve().parent / "_cpu_hook"
 MODES = {"seq": [], "2": ["-j", "2"], "auto": ["-j", "auto"]}
 
 
@@ -60,22 +77,115 @@ def _label(mode: str) -> str:
 
 def _runs(results: Path) -> dict[str, dict[str, Any]]:
     found = {}
-    for path in sorted(results.glob("*/run.json")):
+    # <results>/<run id>/<project>/run.json (one folder per run), or <results>/<project>/run.json
+    for path in sorted([*results.glob("*/run.json"), *results.glob("*/*/run.json")]):
         data = json.loads(path.read_text())
         found[data["project"]] = data
     return found
 
 
+def _cpu_records(folder: Path) -> dict[str, float]:
+    """CPU seconds by role (``tool``, ``other``) that the processes of one run recorded."""
+    totals = {"tool": 0.0, "other": 0.0}
+    for path in folder.glob("*.cpu"):
+        for line in path.read_text().splitlines():
+            role, cpu, *_ = line.split(" ", 2)
+            totals[role] = totals.get(role, 0.0) + float(cpu)
+    return totals
+
+
 def run_once(config: Path, mode: str, repo: Path = REPO) -> dict[str, Any]:
     results = config.parent / "results"
     shutil.rmtree(results, ignore_errors=True)
-    timed = run_timed([*nox(repo), *MODES[mode], "-t", "e2e"], env=bench_env(config), cwd=repo)
+    cpu_dir = config.parent / "cpu"
+    shutil.rmtree(cpu_dir, ignore_errors=True)
+    cpu_dir.mkdir()
+    env = bench_env(config, E2E_BENCH_CPU_DIR=str(cpu_dir))
+    env["PYTHONPATH"] = os.pathsep.join([str(CPU_HOOK), str(repo)])  # that checkout's e2e_infra
+    timed = run_timed([*nox(repo), *MODES[mode], "-t", "e2e"], env=env, cwd=repo)
     runs = _runs(results)
     failed = [name for name, run in runs.items() if run["result"] != "passed"]
     if timed.returncode != 0 or failed or not runs:
         print(timed.output[-4000:], file=sys.stderr)
         raise SystemExit(f"{_label(mode)} failed (exit {timed.returncode}; failed: {failed})")
-    return {"mode": mode, "wall": timed.seconds, "load": timed.load, "cpu": timed.cpu, "runs": runs}
+    other = _cpu_records(cpu_dir)["other"]  # the suites and servers, each its own CPU
+    tool = (timed.cpu - other) / len(runs)
+    return {
+        "mode": mode,
+        "wall": timed.seconds,
+        "load": timed.load,
+        "cpu": timed.cpu,
+        "suites_cpu": other,
+        "tool_cpu": tool,
+        "runs": runs,
+    }
+
+
+def readiness(rounds: int) -> list[tuple[str, ...]]:
+    """Median delay between a server's answer and the tool noticing: blocking request vs polling.
+
+    The test server (tests/fixtures/servers/http_server.py) gets a socket the tool bound, sleeps
+    50-250 ms, then answers and records time.monotonic() (one clock for every process here)."""
+    import random
+
+    sys.path.insert(0, str(REPO))
+    from e2e_infra.health import HttpCheck, wait_healthy
+    from e2e_infra.servers import ServerProcess, bind_listen_socket
+
+    fixture = REPO / "tests" / "fixtures" / "servers" / "http_server.py"
+    delays: dict[bool, list[float]] = {True: [], False: []}
+    loads = []
+    with tempfile.TemporaryDirectory(prefix="e2e-bench-ready-") as tmp:
+        for number in range(rounds):
+            for listening in (True, False):
+                port = 24900 + number % 90
+                sock = bind_listen_socket(port)
+                answered = Path(tmp) / f"answered-{number}-{listening}"
+                fd = sock.fileno()
+                server = ServerProcess(
+                    "ready",
+                    [
+                        sys.executable,
+                        str(fixture),
+                        "--fd",
+                        str(fd),
+                        "--answered",
+                        str(answered),
+                        "--delay",
+                        f"{random.uniform(0.05, 0.25):.3f}",
+                    ],
+                    cwd=Path(tmp),
+                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                    log_path=Path(tmp) / "ready.log",
+                    health=HttpCheck(f"http://127.0.0.1:{port}/health"),
+                    pass_fds=(fd,),
+                    port=port,
+                )
+                try:
+                    server.start()
+                    sock.close()
+                    wait_healthy(
+                        server.health,
+                        timeout=20,
+                        alive=lambda s=server: s.running,
+                        listening=listening,
+                    )
+                    noticed = time.monotonic()
+                    for _ in range(200):
+                        if answered.exists() and answered.read_text().endswith("\n"):
+                            break
+                        time.sleep(0.005)
+                    first = float(answered.read_text().splitlines()[0])
+                    delays[listening].append(noticed - first)
+                    loads.append(load_average())
+                finally:
+                    sock.close()
+                    server.stop()
+    rows = []
+    for listening, label in ((True, "one blocking request"), (False, "polling (10-50 ms)")):
+        values = delays[listening]
+        rows.append((label, spread(values, " ms", 1000), f"{median(loads):.2f}"))
+    return rows
 
 
 def startup(rounds: int, repos: dict[str, Path]) -> list[tuple[str, ...]]:
@@ -119,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--baseline", type=Path, help="a checkout to compare with, interleaved")
     parser.add_argument("--spares", type=int, default=0, help="database.spares (warm spares)")
+    parser.add_argument(
+        "--projects",
+        default="",
+        help="comma-separated projects, or all (default: all but the two browser projects)",
+    )
+    parser.add_argument("--ready-rounds", type=int, default=15, help="readiness starts per mode")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if unknown := set(modes) - set(MODES):
@@ -139,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.startup_only:
         return 0
 
+    print(f"\nreadiness: a server answers, the tool notices (median of {args.ready_rounds})")
+    print(table(("how", "delay", "load"), readiness(args.ready_rounds)))
+
     extra: dict[str, Any] = {"postgres": {"tmpfs": True}} if args.tmpfs else {}
+    extra["projects"] = _projects(args.projects)
     if args.spares:
         extra["database"] = {"spares": args.spares}
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {
@@ -180,6 +300,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _projects(spec: str) -> dict[str, Any]:
+    import tomllib
+
+    section = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["e2e_infra"]
+    projects: dict[str, Any] = section["projects"]
+    if spec == "all":
+        return projects
+    if spec:
+        wanted = [p.strip() for p in spec.split(",") if p.strip()]
+        return {p: projects[p] for p in wanted}
+    return {p: v for p, v in projects.items() if p not in BROWSER_PROJECTS}
+
+
 def compare(samples: dict[str, dict[str, list[dict[str, Any]]]], modes: list[str]) -> None:
     base, current = samples["baseline"], samples["current"]
     rows = []
@@ -217,6 +350,8 @@ def report(samples: dict[str, list[dict[str, Any]]], rounds: int) -> None:
                 f"{share * 100:.1f}%",
                 f"{outside * 100:.1f}%" if mode == "seq" else "-",
                 f"{median([s['cpu'] for s in items]):.1f}s",
+                f"{median([s['suites_cpu'] for s in items]):.1f}s",
+                f"{median([s['tool_cpu'] for s in items]) * 1000:.0f} ms",
                 f"{median([s['load'] for s in items]):.2f}",
             )
         )
@@ -230,6 +365,8 @@ def report(samples: dict[str, list[dict[str, Any]]], rounds: int) -> None:
                 "tool phases / run time",
                 "non-suite / wall",
                 "CPU (no PostgreSQL)",
+                "suites+servers CPU",
+                "tool CPU / project",
                 "load",
             ),
             rows,
@@ -248,7 +385,61 @@ def report(samples: dict[str, list[dict[str, Any]]], rounds: int) -> None:
             body.append((project, *cells, f"{total * 1000:.0f}", f"{tool / total * 100:.0f}%"))
         print(f"\nper project, {_label(mode)}: median ms of each phase (run.json)")
         print(table(("project", *PHASES, "total", "tool %"), body))
+    if "seq" in samples and len(samples) > 1:
+        print("\ntool phases, sequential vs parallel: median ms over projects and rounds")
+        rows = []
+        for phase in TOOL_PHASES:
+            cells = []
+            for items in samples.values():
+                cells.append(
+                    median([r["phases"].get(phase, 0.0) for s in items for r in s["runs"].values()])
+                )
+            ratios = [f"{c / cells[0]:.2f}x" if cells[0] else "-" for c in cells[1:]]
+            rows.append((phase, *(f"{c * 1000:.0f}" for c in cells), *ratios))
+        others = [_label(m) for m in samples if m != "seq"]
+        heads = ("phase", *(_label(m) for m in samples), *(f"{o} / seq" for o in others))
+        print(table(heads, rows))
     verdicts = []
+    for mode, items in samples.items():
+        cpu = median([s["tool_cpu"] for s in items]) * 1000
+        verdicts.append(f"tool CPU/project {_label(mode)} {cpu:.0f} ms (target <= 100 ms)")
+    if "seq" in samples:
+        seq_tool = median(
+            [
+                sum(r["duration"] - r["phases"].get("suite", 0.0) for r in s["runs"].values())
+                for s in samples["seq"]
+            ]
+        )
+        for mode in ("2", "auto"):
+            if mode in samples:
+                par_tool = median(
+                    [
+                        sum(
+                            r["duration"] - r["phases"].get("suite", 0.0)
+                            for r in s["runs"].values()
+                        )
+                        for s in samples[mode]
+                    ]
+                )
+                verdicts.append(
+                    f"tool phases {_label(mode)} {par_tool / seq_tool:.2f}x sequential "
+                    "(target <= 1.3x)"
+                )
+        cores = os.cpu_count() or 1
+        suites = median([s["suites_cpu"] for items in samples.values() for s in items])
+        seq_cpu = median([s["cpu"] for s in samples["seq"]])
+        verdicts.append(
+            f"floor: suites+servers alone {suites:.1f}s CPU / {cores} cores = {suites / cores:.2f}s"
+        )
+        for mode in ("2", "auto"):
+            if mode in samples:
+                par_cpu = median([s["cpu"] for s in samples[mode]])
+                # A CPU-bound sequential run takes its CPU time; the parallel one at least its CPU
+                # spread over the cores: the best speedup this run's CPU allows.
+                verdicts.append(
+                    f"ceiling {_label(mode)}: {seq_cpu:.1f}s CPU sequential / ({par_cpu:.1f}s / "
+                    f"{cores} cores) = {seq_cpu / (par_cpu / cores):.2f}x"
+                )
     if "seq" in samples:
         share = median([tool_share(s) for s in samples["seq"]])
         verdicts.append(f"tool phases {share * 100:.1f}% of run time (target < 20%)")
@@ -257,7 +448,7 @@ def report(samples: dict[str, list[dict[str, Any]]], rounds: int) -> None:
                 speedup = median(walls("seq")) / median(walls(mode))
                 verdicts.append(f"speedup {_label(mode)} {speedup:.2f}x (target >= 1.7x)")
     if verdicts:
-        print("\ne2e-infra: " + "; ".join(verdicts))
+        print("\ne2e-infra:\n  " + "\n  ".join(verdicts))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@ costs ~0.1 ms, and a coarser cap made every server start wait up to 250 ms past 
 and stops early when the process it belongs to has exited: a foreign server answering on the same
 port must not count as ours.
 
+Where the tool bound the server's socket itself (``listen_socket = true``) an HTTP check does not
+poll: the socket already listens, so a connect succeeds at once into its backlog and the request
+waits there until the server accepts and answers. One such request (:meth:`HttpCheck.await_answer`)
+notices readiness within a millisecond or two of the answer, instead of up to one poll interval
+later; a refused or reset connection (the server closed the socket, or answered 5xx) falls back to
+polling.
+
 Specs, with placeholders already filled (see :func:`parse_health`)::
 
     http://127.0.0.1:3101/health    GET, healthy on 2xx/3xx, redirects are not followed
@@ -20,6 +27,7 @@ Specs, with placeholders already filled (see :func:`parse_health`)::
 from __future__ import annotations
 
 import http.client
+import select
 import shlex
 import socket
 import ssl
@@ -45,6 +53,7 @@ __all__ = [
 
 POLL_CAP = 0.05  # seconds between probes at most (HTTP, TCP)
 COMMAND_POLL_CAP = 0.25  # a cmd: probe spawns a process: probe less often
+ALIVE_EVERY = 0.05  # while one request waits in a listening socket's backlog: is the server alive?
 
 _SPEC_HELP = (
     "use http://HOST:PORT/PATH, https://..., tcp://HOST:PORT, cmd:COMMAND, "
@@ -116,6 +125,47 @@ class HttpCheck:
                 self.target,
                 headers={"User-Agent": "e2e-infra-health", "Connection": "close"},
             )
+            status = conn.getresponse().status
+        except (OSError, http.client.HTTPException) as exc:
+            self.last_error = type(exc).__name__ if not str(exc) else str(exc)
+            return False
+        finally:
+            conn.close()
+        self.last_error = "" if 200 <= status < 400 else f"HTTP {status}"
+        return 200 <= status < 400
+
+    def await_answer(
+        self, timeout: float, alive: Callable[[], bool] | None = None, clock: Clock | None = None
+    ) -> bool:
+        """One request that waits up to ``timeout`` seconds for the answer; True on 2xx/3xx.
+
+        For a socket that already listens (bound by the tool): the request sits in its backlog
+        until the server accepts it. ``alive`` is asked every :data:`ALIVE_EVERY` seconds while
+        waiting; a dead server ends the wait (False). Plain HTTP only: an https:// check answers
+        False at once (its handshake would block without those checks), so the caller polls.
+        """
+        if self.https:
+            return False
+        clock = clock or SystemClock()
+        deadline = clock.monotonic() + timeout
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=max(timeout, 0.001))
+        try:
+            conn.request(
+                "GET",
+                self.target,
+                headers={"User-Agent": "e2e-infra-health", "Connection": "close"},
+            )
+            sock = conn.sock
+            while sock is not None:
+                remaining = deadline - clock.monotonic()
+                if remaining <= 0:
+                    self.last_error = "no answer"
+                    return False
+                if select.select([sock], [], [], min(ALIVE_EVERY, remaining))[0]:
+                    break
+                if alive is not None and not alive():
+                    self.last_error = "the server exited"
+                    return False
             status = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
             self.last_error = type(exc).__name__ if not str(exc) else str(exc)
@@ -269,8 +319,13 @@ def wait_healthy(
     alive: Callable[[], bool] | None = None,
     clock: Clock | None = None,
     what: str = "",
+    listening: bool = False,
 ) -> float:
     """Poll ``check`` until it passes; return the seconds it took.
+
+    ``listening``: the server's socket was bound and listens already (handed over by the tool), so
+    an :class:`HttpCheck` first sends one request that waits for the answer (no polling latency)
+    and polls only if that request fails.
 
     ``alive`` is asked before and after each probe: once it answers False the wait ends with
     :class:`ServerExitedError` (``returncode=None``; the caller knows the real one), so a foreign
@@ -297,19 +352,25 @@ def wait_healthy(
             raise exited()
         return healthy
 
+    if listening and isinstance(check, HttpCheck):
+        if check.await_answer(timeout, alive=alive, clock=clock):
+            if alive is not None and not alive():
+                raise exited()
+            return clock.monotonic() - started
+        if alive is not None and not alive():
+            raise exited()
     try:
         wait_until(
             attempt,
-            timeout=timeout,
+            timeout=max(0.0, timeout - (clock.monotonic() - started)),
             what=f"{name} ({check.description})",
             clock=clock,
             cap=float(getattr(check, "poll_cap", POLL_CAP)),
         )
     except DeadlineExceeded as exc:
         last = getattr(check, "last_error", "")
+        message = f"timed out after {timeout:g}s waiting for {exc.what}"  # the whole wait's
         if last:
-            raise DeadlineExceeded(
-                f"{exc}; last probe: {mask_secrets(str(last))}", what=exc.what, timeout=timeout
-            ) from None
-        raise
+            message += f"; last probe: {mask_secrets(str(last))}"
+        raise DeadlineExceeded(message, what=exc.what, timeout=timeout) from None
     return clock.monotonic() - started

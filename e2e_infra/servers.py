@@ -432,7 +432,10 @@ class ServerProcess:
             raise ServerError(f"server {self.name} was not started", server=self.name)
         description = self._mask(self.health.description)
         check: HealthCheck = self.health
-        if self.port is not None and self._record is not None:
+        # A socket we bound and handed over is ours by construction: no foreign listener to rule
+        # out, and a request waits in its backlog for the answer instead of polling.
+        listening = bool(self.pass_fds)
+        if self.port is not None and self._record is not None and not listening:
             check = _OwnedCheck(self.health, self._record, self.port)
         try:
             return wait_healthy(
@@ -441,6 +444,7 @@ class ServerProcess:
                 alive=lambda: self.running,
                 clock=self.clock,
                 what=f"server {self.name}",
+                listening=listening,
             )
         except ServerExitedError:
             returncode = self._proc.poll()  # it has exited: this only reads (and reaps)

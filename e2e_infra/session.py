@@ -178,7 +178,7 @@ class ProjectSession:
         self._servers: list[tuple[Any, Lease]] = []  # (ServerProcess, lease), start order
         self._database: Any = None  # AllocatedDatabase
         self._allocator: Any = None  # DatabaseAllocator
-        self._guardian: subprocess.Popen[bytes] | None = None
+        self._guardian: Any = None  # guardian.Guardian
         self._secrets: tuple[str, ...] = ()
         self._phase_start = 0.0
         self._started = self.clock.monotonic()
@@ -616,40 +616,27 @@ class ProjectSession:
     def _start_guardian(self) -> None:
         if not self.use_guardian:
             return
+        from .guardian import start_guardian
+
         ensure_private_dir(self.config.state_dir)
         env = dict(os.environ)
         if self.config.source is not None:
             env["E2E_CONFIG"] = str(self.config.source)
-        log_path = self.config.state_dir / "guardian.log"
-        with open(log_path, "ab") as log_file:
-            # Its own session: an interrupt aimed at our process group does not reach it.
-            self._guardian = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "e2e_infra.guardian",
-                    "--pid",
-                    str(self.owner.pid),
-                    "--start-time",
-                    repr(self.owner.start_time),
-                    "--run-id",
-                    self.run_id,
-                    "--project",
-                    self.project.name,
-                    "--timeout",
-                    str(self.project.timeout + 3600),
-                ],
-                cwd=self.config.root,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=log_file,
-                start_new_session=True,
-            )
+        # A fork that waits on a pipe, not a new interpreter: see e2e_infra.guardian.
+        self._guardian = start_guardian(
+            owner_pid=self.owner.pid,
+            owner_start_time=self.owner.start_time,
+            run_id=self.run_id,
+            project=self.project.name,
+            timeout=self.project.timeout + 3600,
+            log_path=self.config.state_dir / "guardian.log",
+            cwd=self.config.root,
+            env=env,
+        )
 
     def _stop_guardian(self) -> None:
         if self._guardian is not None:
-            _terminate(self._guardian, grace=2.0, own_group=True)
+            self._guardian.stop()
             self._guardian = None
 
 

@@ -43,15 +43,23 @@ def _for_run(config: e2e_infra.Config) -> e2e_infra.Config:
     return config.for_run(config.run or config.run_id or e2e_infra.new_run_id())
 
 
-def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> int:
+def _run_projects(
+    config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool = False
+) -> int:
     """Run ``projects`` in parallel through nox with a live status; summary, JUnit, report.html.
 
+    ``--jobs auto``: from the cores and the memory against the projects' recorded peaks
+    (:mod:`e2e_infra.parallelism`), said in one line; ``dry_run`` prints it and the plan only.
     The status line per project comes from the ``status.json`` files the nox sessions write. On a
     terminal (and CI unset) nox's own output goes to ``<results>/nox.log`` so the live table stays
     readable; elsewhere it passes through, between plain status lines.
     """
     if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
         raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
+    if jobs == "auto" or dry_run:
+        jobs = _choose_jobs(config, projects, jobs, dry_run)
+        if dry_run:
+            return 0
     started = time.time()
     config = _for_run(config)
     argv = _nox_argv(config, "-j", jobs, "-s", *(f"e2e-{p}" for p in projects))
@@ -88,6 +96,20 @@ def _run_projects(config: e2e_infra.Config, projects: list[str], jobs: str) -> i
     return code
 
 
+def _choose_jobs(config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool) -> str:
+    from e2e_infra.parallelism import jobs_for
+
+    choice = jobs_for(config, projects)
+    lines = choice.plan() if dry_run else [choice.reason]
+    if jobs != "auto":
+        lines[0] = f"jobs {jobs} (--jobs); auto would choose {lines[0]}"
+    print(
+        "\n".join(f"e2e-infra: {line}" if i == 0 else line for i, line in enumerate(lines)),
+        file=sys.stdout if dry_run else sys.stderr,
+    )
+    return jobs if jobs != "auto" else str(choice.jobs)
+
+
 @task(
     name="run",
     auto_shortflags=False,  # so that `-k` is never taken for --keep
@@ -118,14 +140,22 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
 @task(
     name="all",
     help={
-        "jobs": "how many projects at once: a number or auto (one per core); default auto",
+        "jobs": "how many projects at once: a number or auto (from the cores and the memory the "
+        "projects' recorded peaks need); default auto",
+        "dry-run": "print the parallelism chosen, why, and the projects; run nothing",
         "projects": "comma-separated projects to run instead of all (an empty list is an error)",
         "shard": "run only shard i of N (e.g. 2/3) of the plan e2e.matrix saved, or of a new one "
         "from the recorded durations; CI passes each shard's --projects instead",
     },
 )
 @cli
-def e2e_all(c: Context, jobs: str = "auto", projects: str | None = None, shard: str = "") -> None:
+def e2e_all(
+    c: Context,
+    jobs: str = "auto",
+    projects: str | None = None,
+    shard: str = "",
+    dry_run: bool = False,
+) -> None:
     """Run every E2E project in parallel through nox (-j), with a live status; then a summary."""
     from ..matrix import parse_projects
 
@@ -143,7 +173,7 @@ def e2e_all(c: Context, jobs: str = "auto", projects: str | None = None, shard: 
         print("no projects to run", file=sys.stderr)
         return
     started = time.time()
-    code = _run_projects(config, chosen, jobs)
+    code = _run_projects(config, chosen, jobs, dry_run)
     if code != 0:
         runs = e2e_infra.collect_runs(config, since=started, projects=chosen)
         failed = sorted({run.project for run in runs if run.result != "passed"})

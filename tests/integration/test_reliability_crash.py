@@ -210,12 +210,13 @@ def held_resources(leftovers: Leftovers, project: str) -> tuple[str, set[int], l
     return run_ids.pop(), ports, servers
 
 
-def guardian_of(run_id: str) -> psutil.Process:
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if "e2e_infra.guardian" in cmdline and run_id in cmdline:
-            return proc
-    raise AssertionError(f"no guardian for run {run_id}")
+def guardian_of(owner_pid: int) -> psutil.Process:
+    """The session's guardian: a fork of the owner (same command line) leading its own session."""
+    owner = psutil.Process(owner_pid)
+    for child in owner.children():
+        if child.cmdline() == owner.cmdline() and os.getsid(child.pid) == child.pid:
+            return child
+    raise AssertionError(f"no guardian forked from {owner_pid}")
 
 
 def kill_session(proc: Nox, owner_pid: int) -> None:
@@ -250,11 +251,11 @@ def strike(
     reap.append(proc)
     wait_for_suite(config, project, proc)
     leftovers = Leftovers(config)
-    run_id, ports, servers = held_resources(leftovers, project)
+    _run_id, ports, servers = held_resources(leftovers, project)
     owner_pid = servers[0].owner.pid
     assert (owner_pid == proc.pid) is not parallel  # -j: the session runs in a worker process
     if kill_guardian:
-        guardian_of(run_id).kill()
+        guardian_of(owner_pid).kill()
     kill_session(proc, owner_pid)
     return ports, servers
 
