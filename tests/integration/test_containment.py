@@ -152,29 +152,31 @@ def reap() -> Iterator[list[Nox]]:
             proc.wait(timeout=30)
 
 
-def marked(token_prefix: str = "") -> list[psutil.Process]:
-    """Live processes carrying any containment marker (starting with ``token_prefix``)."""
+def marked(results_dir: Path) -> list[psutil.Process]:
+    """Live processes carrying a containment marker, of runs whose results go to ``results_dir``."""
     found = []
     for proc in psutil.process_iter():
         try:
-            value = proc.environ().get(MARKER)
-            alive = proc.status() != psutil.STATUS_ZOMBIE
-            if value is not None and value.startswith(token_prefix) and alive:
+            env = proc.environ()
+            ours = env.get("E2E_RESULTS_DIR", "").startswith(str(results_dir))
+            if MARKER in env and ours and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except psutil.Error:
             continue
     return found
 
 
-def sleeps(seconds: str) -> list[psutil.Process]:
+def sleeps(seconds: str, results_dir: Path) -> list[psutil.Process]:
+    """Live ``sleep <seconds>`` processes of runs whose results go to ``results_dir``."""
     out = []
     for proc in psutil.process_iter(["cmdline"]):
-        if proc.info["cmdline"] == ["sleep", seconds]:
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.Error:
-                continue
+        try:
+            ours = proc.environ().get("E2E_RESULTS_DIR", "").startswith(str(results_dir))
+            alive = proc.status() != psutil.STATUS_ZOMBIE
+            if proc.info["cmdline"] == ["sleep", seconds] and ours and alive:
+                out.append(proc)
+        except psutil.Error:
+            continue
     return out
 
 
@@ -211,14 +213,13 @@ def pid_gone(pid: int) -> bool:
 def test_a_suite_that_leaves_a_background_child_does_not_hang_the_run(
     workspace: Path, config: e2e_infra.Config
 ) -> None:
-    before = {p.pid for p in sleeps("30")}
     seconds, output = nox_run(workspace, "background")
     assert seconds < 20, output
-    assert {p.pid for p in sleeps("30")} - before == set()
+    assert sleeps("30", config.results_dir) == []
     record = run_record(config, "background")
     assert record["result"] == "passed", output
     assert record["leftovers"] == {"suite": 1}
-    assert marked() == []
+    assert marked(config.results_dir) == []
 
 
 def test_a_setsid_double_forked_daemon_started_by_the_suite_is_ended(
@@ -240,7 +241,7 @@ def test_a_suite_stopped_at_its_timeout_leaves_no_children(
 ) -> None:
     seconds, output = nox_run(workspace, "slow")
     assert seconds < 25, output
-    assert sleeps("40") == [] and sleeps("41") == []
+    assert sleeps("40", config.results_dir) == [] and sleeps("41", config.results_dir) == []
     record = run_record(config, "slow")
     assert record["result"] == "failed"
     assert "timeout" in str(record["error"])
