@@ -166,6 +166,7 @@ class ServerConfig:
     needs_database: bool = False
     restarts: int = 2  # restarts on a fresh port when a foreign process took its port
     listen_socket: bool = False  # hand over an already-bound socket: {fd} in the command
+    on_exit: str = "stop"  # when it dies during the suite: "stop" the suite, or "continue"
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ _PG_ENV = {
     "tmpfs": "E2E_PG_TMPFS",
     "startup_timeout": "E2E_PG_STARTUP_TIMEOUT",
 }
+ON_EXIT = ("stop", "continue")  # servers.X.on_exit: what a server's death during the suite does
 _SERVER_KEYS = {
     "command",
     "cwd",
@@ -280,6 +282,7 @@ _SERVER_KEYS = {
     "needs_database",
     "restarts",
     "listen_socket",
+    "on_exit",
 }
 _PROJECT_KEYS = {"command", "cwd", "servers", "database", "seed", "env", "paths", "timeout"}
 _OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID", "E2E_SUMMARY"}
@@ -582,7 +585,10 @@ def _read_servers(
             needs_database=r.get("needs_database", False, _as_bool),
             restarts=r.get("restarts", 2, _as_number(0, integer=True)),
             listen_socket=r.get("listen_socket", False, _as_bool),
+            on_exit=r.get("on_exit", "stop", _as_str),
         )
+        if servers[name].on_exit not in ON_EXIT:
+            raise r.error("on_exit", f'must be "stop" or "continue", not {servers[name].on_exit!r}')
     for server in servers.values():
         _check_server_placeholders(server, port_names, path)
         for dep in server.depends_on:

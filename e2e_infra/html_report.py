@@ -95,6 +95,8 @@ tr.detail td { padding: 0 .6em .8em 1.4em; border-left: 5px solid #9e9e9e; }
 tr.detail.status-red td { border-left-color: #d32f2f; background: #fff8f8; }
 tr.detail.status-amber td { border-left-color: #f0a020; background: #fffaf0; }
 .error { color: #b71c1c; font-weight: 500; margin: .3em 0; overflow-wrap: anywhere; }
+.note { color: #8a4b00; margin: .2em 0; }
+td.resources { white-space: nowrap; text-align: right; color: #57606a; }
 ul.failures { margin: .3em 0; padding-left: 1.2em; }
 ul.failures li { margin: .35em 0; }
 .test { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 13px;
@@ -249,7 +251,7 @@ def _test_artifacts(failure: FailedTest, artifacts: Sequence[Path]) -> list[Path
 def _detail(row: _Row, base: Path, columns: int) -> str:
     run = row.summary
     failures = run.tests.failures
-    if run.result == "passed" and not failures and not run.log_tail:
+    if run.result == "passed" and not failures and not run.log_tail and not run.notes():
         return ""
     parts = []
     if run.error:
@@ -257,6 +259,8 @@ def _detail(row: _Row, base: Path, columns: int) -> str:
     elif run.result != "passed" and not failures:
         reason = run.tests.problem or "no failing test in its JUnit file"
         parts.append(f'<div class="error">{html.escape(run.result)} ({html.escape(reason)})</div>')
+    # A server that died, and what a part left running: one line each.
+    parts += [f'<div class="note">{html.escape(note)}</div>' for note in run.notes()]
     if failures:
         items = []
         for failure in failures:
@@ -303,7 +307,7 @@ def render_html(rows: Sequence[_Row], *, base: Path, title: str = "e2e run repor
     known = list(_PHASE_COLOURS)
     phases_seen.sort(key=lambda p: known.index(p) if p in known else len(known))
     when = dt.datetime.fromtimestamp(t0).strftime("%Y-%m-%d %H:%M:%S") if runs else "no runs"
-    columns = 6
+    columns = 8
     body = []
     for row in rows:
         run = row.summary
@@ -320,6 +324,8 @@ def render_html(rows: Sequence[_Row], *, base: Path, title: str = "e2e run repor
             f'<td class="result">{html.escape(run.result)}</td>'
             f'<td class="tests">{_counts(run)}</td>'
             f'<td class="duration">{run.duration:.2f} s</td>'
+            f'<td class="resources">{html.escape(run.peak_memory)}</td>'
+            f'<td class="resources">{html.escape(run.cpu)}</td>'
             f'<td class="timeline">{_timeline(run, t0, axis)}</td>'
             f'<td class="files">{"".join(link for link in links if link)}</td>'
             "</tr>" + _detail(row, base, columns)
@@ -360,7 +366,7 @@ def render_html(rows: Sequence[_Row], *, base: Path, title: str = "e2e run repor
         f"{len(runs)} project(s): {totals}{html.escape(test_text)}</div>"
         f'<div class="legend">{legend}</div>'
         '<table class="runs"><thead><tr><th>project</th><th>result</th><th>tests</th>'
-        '<th>duration</th><th class="timeline">timeline'
+        '<th>duration</th><th>peak mem</th><th>cpu</th><th class="timeline">timeline'
         f'<div class="axis">{"".join(labels)}</div></th><th>files</th></tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></body></html>\n"
     )

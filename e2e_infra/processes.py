@@ -23,7 +23,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +37,7 @@ __all__ = [
     "KILL",
     "Child",
     "Ending",
+    "Marked",
     "ProcessRecord",
     "Processes",
     "Step",
@@ -296,6 +297,30 @@ class Processes(Stoppable):
 
     def _gone(self) -> bool:
         return _all_gone(self.procs)
+
+
+class Marked(Processes):
+    """Processes found by a marker (:mod:`e2e_infra.containment`), found again at every signal.
+
+    ``refind`` returns the marked processes alive now: a process that forks while being stopped
+    gets the next signal too, and the stop ends only when nothing marked is left.
+    """
+
+    def __init__(
+        self,
+        procs: Sequence[psutil.Process],
+        refind: Callable[[], Sequence[psutil.Process]],
+        what: str,
+        *,
+        clock: Clock | None = None,
+    ) -> None:
+        super().__init__(procs, what, clock=clock)
+        self.refind = refind
+
+    def _send(self, signum: signal.Signals) -> None:
+        known = {proc.pid for proc in self.procs}
+        self.procs += tuple(proc for proc in self.refind() if proc.pid not in known)
+        _signal_all(self.procs, signum)
 
 
 @dataclass(frozen=True)

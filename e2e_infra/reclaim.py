@@ -1,9 +1,10 @@
-"""Reclaim what dead owners left: orphan server groups, port leases and databases.
+"""Reclaim what dead owners left: orphan server groups, marked processes, ports and databases.
 
 Used by every session at its start (for what a SIGKILLed run left), by the guardian when its
 session died, and by ``invoke e2e.cleanup``. Only what is provably dead goes: a lease whose owner's
 pid + start time no longer match a live process, a process group whose leader is still the one
-recorded, a marked database with no live lease.
+recorded, a process carrying a dead run's environment marker (:mod:`e2e_infra.containment`), a
+marked database with no live lease.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
+from .containment import CONTAINED_KIND, sweep_dead
 from .errors import E2EInfraError
 from .leases import Registry
 from .workspace import Workspace
@@ -68,6 +70,11 @@ def reclaim(
             for lease, why in txn.stale(SERVER_KIND)
             if run_id is None or lease.owner.run_id == run_id
         ]
+        stale_runs = [
+            (lease, why)
+            for lease, why in txn.stale(CONTAINED_KIND)
+            if run_id is None or lease.owner.run_id == run_id
+        ]
     for lease, why in stale_servers:
         data = lease.data
         try:
@@ -84,6 +91,21 @@ def reclaim(
             txn.remove(lease)
         state = "killed its process group" if killed else "its processes were already gone"
         report.servers.append((f"{lease.project}/{data.get('name', '?')}", f"{why}; {state}"))
+    # Then what no server lease names: daemons, children of the suite, migrate commands, and a
+    # process spawned just before a SIGKILL could record it. Before the databases: a migrate
+    # command still connected would hold up the drop.
+    for lease, why in stale_runs:
+        try:
+            ended = sweep_dead(lease)
+        except (KeyError, TypeError, ValueError) as exc:
+            report.errors.append(f"contained lease {lease.id} is malformed: {exc}")
+            ended = 0
+        with registry.transaction() as txn:
+            txn.remove(lease)
+        if ended:
+            report.servers.append(
+                (f"{lease.project}/processes", f"{why}; ended {ended} marked process(es)")
+            )
     # Ports before databases: reaching the local cluster allocates its port, which would reclaim
     # the stale port leases on the way without reporting them.
     for lease, why in ws.ports.reclaim_stale():

@@ -39,6 +39,7 @@ __all__ = [
 
 LATEST = "latest"  # <results_dir>/latest -> the newest run's folder
 _TAIL_LINES = 12  # of a failed server's log, in the terminal
+_LOG_WIDTH = 132  # the summary's width when it goes to a file or a pipe
 _MAX_ARTIFACTS = 40  # per project; a suite that writes more has its own report
 _PRUNE = frozenset({".git", "node_modules", "__pycache__", ".venv", ".nox"})
 
@@ -56,6 +57,34 @@ class RunSummary:
     error: str | None = None
     log_tail: str | None = None
     logs: Mapping[str, str] = field(default_factory=dict)
+    server_exits: tuple[Mapping[str, Any], ...] = ()  # servers that died during the run
+    resources: Mapping[str, Any] = field(default_factory=dict)  # peak_memory_bytes, cpu_seconds
+    leftovers: Mapping[str, int] = field(default_factory=dict)  # processes ended after a part
+
+    @property
+    def peak_memory(self) -> str:
+        value = self.resources.get("peak_memory_bytes")
+        return _bytes(value) if isinstance(value, int) and value > 0 else "-"
+
+    @property
+    def cpu(self) -> str:
+        value = self.resources.get("cpu_seconds")
+        return f"{value:.2f}s" if isinstance(value, (int, float)) else "-"
+
+    def notes(self) -> list[str]:
+        """One line per server that died and per part that left processes behind."""
+        lines = []
+        for ended in self.server_exits:
+            how = (
+                f"killed by {ended.get('signal')}"
+                if ended.get("signal")
+                else f"exited with status {ended.get('returncode')}"
+            )
+            lines.append(f"server {ended.get('server')} {how} during the {ended.get('during')}")
+        if self.leftovers:
+            parts = ", ".join(f"{part} {count}" for part, count in self.leftovers.items())
+            lines.append(f"leftover processes ended: {parts}")
+        return lines
 
     @property
     def slowest_phase(self) -> str:
@@ -92,9 +121,27 @@ class RunSummary:
                 error=mask_secrets(str(data["error"])) if data.get("error") else None,
                 log_tail=mask_secrets(str(data["log_tail"])) if data.get("log_tail") else None,
                 logs={str(k): str(v) for k, v in logs.items()} if isinstance(logs, dict) else {},
+                server_exits=tuple(
+                    x for x in data.get("server_exits") or () if isinstance(x, dict)
+                ),
+                resources=_mapping(data.get("resources")),
+                leftovers={str(k): int(v) for k, v in _mapping(data.get("leftovers")).items()},
             )
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _bytes(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
 
 
 def collect_runs(
@@ -302,10 +349,15 @@ def print_summary(config: Config, runs: Sequence[RunSummary], *, file: Any = Non
     from rich.table import Table
 
     console = Console(file=file or sys.stderr, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # A CI log has no width: 80 columns would cut the table's cells short.
+        console = Console(file=file or sys.stderr, highlight=False, width=_LOG_WIDTH)
     table = Table(title="e2e run summary", title_justify="left")
     for column in ("project", "result", "tests", "duration"):
         table.add_column(column, no_wrap=True)
     table.add_column("slowest phase")
+    table.add_column("peak mem", no_wrap=True, justify="right")
+    table.add_column("cpu", no_wrap=True, justify="right")
     styles = {"passed": "green", "failed": "red", "error": "red", "interrupted": "yellow"}
     ordered = by_start(runs)
     for run in ordered:
@@ -322,14 +374,17 @@ def print_summary(config: Config, runs: Sequence[RunSummary], *, file: Any = Non
             counts,
             f"{run.duration:.2f}s",
             escape(run.slowest_phase),
+            run.peak_memory,
+            run.cpu,
         )
     console.print(table)
     for run in ordered:
-        if run.result == "passed" and not run.tests.failures:
+        if run.result == "passed" and not run.tests.failures and not run.notes():
             continue
         lines = [f"[bold]{escape(run.project)}[/] {escape(run.result)}"]
         if run.error:
             lines.append(f"  {escape(run.error)}")
+        lines += [f"  [yellow]![/] {escape(note)}" for note in run.notes()]
         for failure in run.tests.failures[:10]:
             lines.append(f"  [red]✗[/] {escape(failure.name)}: {escape(failure.first_line)}")
         if len(run.tests.failures) > 10:

@@ -44,6 +44,7 @@ from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id, proc
 from .ports import port_is_free
 from .reclaim import SERVER_KIND, reclaim
 from .report import point_latest
+from .watch import MARKER, RunWatch
 from .workspace import Workspace
 
 __all__ = [
@@ -112,6 +113,10 @@ class RunResult:
     error: str | None = None
     log_tail: str | None = None
     kept_database: bool = False
+    leftovers: dict[str, int] = field(default_factory=dict)  # processes ended after their part
+    server_exits: list[dict[str, Any]] = field(default_factory=list)  # servers that died
+    server_stops: dict[str, dict[str, Any]] = field(default_factory=dict)  # StopRecord.to_json
+    resources: dict[str, Any] | None = None  # peak_memory_bytes, cpu_seconds
 
     @property
     def passed(self) -> bool:
@@ -138,6 +143,10 @@ class RunResult:
             "error": self.error,
             "log_tail": self.log_tail,
             "kept_database": self.kept_database,
+            "leftovers": self.leftovers,
+            "server_exits": self.server_exits,
+            "server_stops": self.server_stops,
+            "resources": self.resources,
         }
 
 
@@ -184,6 +193,8 @@ class ProjectSession:
         self._started = self.clock.monotonic()
         self.env: ProjectEnv | None = None
         self._interrupts = Interrupts()
+        critical = {n for n in self.project.servers if config.servers[n].on_exit == "stop"}
+        self._watch = RunWatch(project, self.result, critical)  # containment + server watch
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -268,6 +279,7 @@ class ProjectSession:
                     key=f"projects.{project.name}.servers",
                 )
         self._start_guardian()
+        self._watch.open(self.registry, self.owner)  # before the first spawn
         with self.phase("ports"):
             # What runs SIGKILLed with their guardian left (orphan servers and suites, ports): the
             # next run ends it on proof of death. A dead run's database goes when its name is
@@ -288,6 +300,7 @@ class ProjectSession:
                     self._secrets = (self._database.url.password,)
                 self.result.database = self._database.name
                 self.result.seed = self._database.seed
+                self._watch.sweep("database", "")  # what migrate/seed commands left
         values = self._values(ports, database_url)
         for level in server_order(self.config, project.servers):
             for name in level:
@@ -388,6 +401,7 @@ class ProjectSession:
             if listener is not None:
                 env["E2E_LISTEN_FD"] = str(fd)
             env.update({k: render(v, server_values) for k, v in server.env.items()})
+            env[MARKER] = self._watch.tag(f"server:{server.name}")
             process = ServerProcess(
                 server.name,
                 render_command(server.command, server_values),
@@ -468,7 +482,8 @@ class ProjectSession:
             # Same process group as this process: nox's interrupt reaches the suite too.
             with self._interrupts.critical():
                 try:
-                    proc = subprocess.Popen(argv, cwd=self.project.cwd, env=dict(self.env.env))
+                    env = {**self.env.env, MARKER: self._watch.tag("suite")}
+                    proc = subprocess.Popen(argv, cwd=self.project.cwd, env=env)
                 except OSError as exc:
                     raise SuiteFailedError(
                         f"cannot start the suite of {self.project.name} ({argv[0]}: "
@@ -477,6 +492,7 @@ class ProjectSession:
                         returncode=127,
                     ) from None
                 suite_lease = self._record_suite(proc)
+            self._watch.suite_started(proc, [process for process, _lease in self._servers])
             try:
                 returncode = proc.wait(timeout=self.project.timeout)
             except subprocess.TimeoutExpired:
@@ -497,6 +513,8 @@ class ProjectSession:
                     _terminate(proc, grace=2.0)
                 raise
             finally:
+                with signals_deferred():
+                    self._watch.suite_ended()  # its leftovers (daemons too) are ended here
                 if proc.returncode is not None:  # a suite that may still run keeps its lease
                     with signals_deferred(), self.registry.transaction() as txn:
                         txn.remove(suite_lease)
@@ -542,10 +560,12 @@ class ProjectSession:
         process.stop()
         with self.registry.transaction() as txn:
             txn.remove(lease)
+        self._watch.server_stopped(process)
 
     def _release(self) -> None:
         errors: list[str] = []
         with signals_deferred(), self.phase("teardown"):
+            exits = self._watch.exits([process for process, _lease in self._servers])
             # Servers first, the dependents before what they depend on: SIGTERM all, then wait.
             for process, _lease in reversed(self._servers):
                 with contextlib.suppress(Exception):
@@ -556,6 +576,10 @@ class ProjectSession:
                 except Exception as exc:  # keep releasing the rest
                     errors.append(f"server {process.name}: {exc}")
             self._servers.clear()
+            try:
+                self._watch.close()
+            except Exception as exc:
+                errors.append(f"leftover processes: {exc}")
             if self._database is not None and self._allocator is not None:
                 keep = self.failed and self.keep_on_failure
                 try:
@@ -586,6 +610,7 @@ class ProjectSession:
                 self.result.result = "error"
         elif self.result.result == "running":
             self.result.result = "passed" if not self.failed else "error"
+        self._watch.fail_for(exits, self._secrets)
         self._write_record()
         if self._allocator is not None:
             # Last, off the recorded run: join the warm spare being prepared (if any) and close
