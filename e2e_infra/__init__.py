@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first
     from .leases import Lease, Owner, Registry, new_run_id
     from .matrix import Shard, last_durations, parse_shard, plan_shards, shard_projects
     from .migrations import migration_runner, seed_profiles, seed_runner
+    from .playwright import merge_playwright_reports
     from .ports import PortAllocator, ephemeral_port_range, port_is_free
     from .postgres import (
         ClusterStatus,
@@ -119,6 +120,7 @@ _LAZY: dict[str, str] = {
     "admin_conninfo": "postgres",
     "check_reachable": "postgres",
     "find_binaries": "postgres",
+    "merge_playwright_reports": "playwright",
     "StatusWriter": "progress",
     "follow_run": "progress",
     "use_live_display": "progress",
@@ -167,6 +169,7 @@ __all__ = [
     "make_registry",
     "Workspace",
     "merge_junit",
+    "merge_playwright_reports",
     "print_summary",
     "reclaim",
     "run_project",

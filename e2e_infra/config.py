@@ -180,6 +180,7 @@ class ProjectConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     paths: tuple[str, ...] = ()
     timeout: float = 1800.0
+    playwright: bool | None = None  # outputs per run (playwright.py); None: if it runs one
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,17 @@ _SERVER_KEYS = {
     "listen_socket",
     "on_exit",
 }
-_PROJECT_KEYS = {"command", "cwd", "servers", "database", "seed", "env", "paths", "timeout"}
+_PROJECT_KEYS = {
+    "command",
+    "cwd",
+    "servers",
+    "database",
+    "seed",
+    "env",
+    "paths",
+    "timeout",
+    "playwright",
+}
 _OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID", "E2E_SUMMARY"}
 
 #: Every environment variable the tool reads, for documentation and the unknown-key check.
@@ -697,6 +708,7 @@ def _read_projects(
             env=r.get("env", {}, _as_env_table),
             paths=r.get("paths", (), _as_list),
             timeout=r.get("timeout", 1800.0, _as_number(1)),
+            playwright=r.get("playwright", None, _as_auto_bool),
         )
         project = projects[name]
         templates = {"command": project.command}

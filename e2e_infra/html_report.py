@@ -32,6 +32,7 @@ from .report import RunSummary, artifact_kind, collect_runs, run_artifacts
 __all__ = ["REPORT_FILE", "latest_per_project", "nice_ticks", "render_html", "write_html_report"]
 
 REPORT_FILE = "report.html"
+MERGED_PLAYWRIGHT_REPORT = "playwright-report/index.html"  # every project's, merged at the end
 _LOG_TAIL_LINES = 40
 _LOG_TAIL_CHARS = 8000
 # Phases before and after the suite in quiet colours; the suite's bar says how the run ended.
@@ -54,6 +55,7 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin:
   color: #1f2328; background: #fff; }
 h1 { font-size: 1.35em; margin: 0 0 .2em; }
 .meta { color: #57606a; margin-bottom: .8em; }
+.merged { margin: -.4em 0 .8em; } .merged a { font-weight: 600; }
 .meta b.red { color: #d32f2f; } .meta b.green { color: #2e7d32; } .meta b.amber { color: #b26a00; }
 .legend { color: #57606a; font-size: 12px; margin-bottom: .6em; }
 .legend span { display: inline-block; margin-right: 1.1em; }
@@ -184,6 +186,16 @@ def _link(label: str, target: str | Path | None, base: Path, *, title: str = "")
     return f'<a href="{_href(path, base)}"{tip}>{html.escape(label)}</a>'
 
 
+def _merged_link(path: Path | None, base: Path) -> str:
+    if path is None:
+        return ""
+    return (
+        '<div class="merged"><a class="playwright-report" href="'
+        f'{_href(path, base)}">Playwright HTML report of the whole run</a> (every Playwright '
+        "Test project's tests, traces and screenshots, merged)</div>"
+    )
+
+
 def _artifact_links(paths: Sequence[Path], base: Path, folder: Path) -> list[str]:
     seen: dict[str, int] = {}
     links = []
@@ -285,8 +297,15 @@ def _detail(row: _Row, base: Path, columns: int) -> str:
     )
 
 
-def render_html(rows: Sequence[_Row], *, base: Path, title: str = "e2e run report") -> str:
-    """The page for ``rows`` (shown in start order); links are relative to the folder ``base``."""
+def render_html(
+    rows: Sequence[_Row],
+    *,
+    base: Path,
+    title: str = "e2e run report",
+    playwright_report: Path | None = None,
+) -> str:
+    """The page for ``rows`` (shown in start order); links are relative to the folder ``base``;
+    ``playwright_report``: the run's merged Playwright HTML report, linked at the top."""
     rows = sorted(rows, key=lambda row: (row.summary.started_at, row.summary.project))
     runs = [row.summary for row in rows]
     t0 = min((r.started_at for r in runs), default=0.0)
@@ -364,6 +383,7 @@ def render_html(rows: Sequence[_Row], *, base: Path, title: str = "e2e run repor
         f"<h1>{html.escape(title)}</h1>"
         f'<div class="meta">started {when} &middot; wall time {wall:.1f} s &middot; '
         f"{len(runs)} project(s): {totals}{html.escape(test_text)}</div>"
+        f"{_merged_link(playwright_report, base)}"
         f'<div class="legend">{legend}</div>'
         '<table class="runs"><thead><tr><th>project</th><th>result</th><th>tests</th>'
         '<th>duration</th><th>peak mem</th><th>cpu</th><th class="timeline">timeline'
@@ -384,7 +404,10 @@ def write_html_report(
     if runs is None:
         runs = collect_runs(config, since=since)
     rows = [_Row(run, run_artifacts(config, run), extra) for run, extra in latest_per_project(runs)]
-    page = render_html(rows, base=out.parent)
+    merged: Path | None = config.run_dir / MERGED_PLAYWRIGHT_REPORT
+    if merged is not None and not merged.is_file():
+        merged = None
+    page = render_html(rows, base=out.parent, playwright_report=merged)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import playwright
 from .clock import Clock, SystemClock
 from .config import Config, ProjectConfig, ServerConfig
 from .conninfo import mask_secrets
@@ -370,6 +371,7 @@ class ProjectSession:
 
         env = self._base_env(ports, database_url)
         values = self._values(ports, database_url)
+        env.update(playwright.suite_env(self.project, self.results_dir))
         env.update({k: render(v, values) for k, v in self.project.env.items()})
         return env
 
@@ -476,7 +478,8 @@ class ProjectSession:
         if self.env is None:
             raise RuntimeError("run_suite() needs an entered ProjectSession")
         values = self._values(self.env.ports, self.env.env.get("DATABASE_URL", ""))
-        argv = [*render_command(self.project.command, values), *posargs]
+        argv = render_command(self.project.command, values)
+        argv = [*playwright.suite_argv(self.project, argv, self.results_dir), *posargs]
         junit = self.results_dir / "junit.xml"
         with self.phase("suite"):
             # Same process group as this process: nox's interrupt reaches the suite too.

@@ -85,6 +85,8 @@ def _run_projects(
     code = nox.popen.wait()
     runs = e2e_infra.collect_runs(config, since=started)
     e2e_infra.print_summary(config, runs)
+    if merged := e2e_infra.merge_playwright_reports(config, runs):
+        print(f"Playwright report: {merged}", file=sys.stderr)
     report = e2e_infra.write_html_report(config, runs)
     print(f"report: {report}", file=sys.stderr)
     if live and code != 0:
@@ -131,6 +133,8 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
     result = e2e_infra.run_project(config, project, suite_args, keep_on_failure=keep or None)
     runs = e2e_infra.collect_runs(config, since=result.started_at)
     e2e_infra.print_summary(config, runs)
+    if merged := e2e_infra.merge_playwright_reports(config, runs):
+        print(f"Playwright report: {merged}", file=sys.stderr)
     print(f"report: {e2e_infra.write_html_report(config, runs)}", file=sys.stderr)
     if not result.passed:
         detail = f": {result.error}" if result.error else ""

@@ -113,5 +113,7 @@ def _summary_at_exit() -> None:
     runs = e2e_infra.collect_runs(config, since=_STARTED)
     if runs:
         e2e_infra.print_summary(config, runs)
+        if merged := e2e_infra.merge_playwright_reports(config, runs):
+            print(f"Playwright report: {merged}", file=sys.stderr)
         report = e2e_infra.write_html_report(config, runs)
         print(f"report: {report}", file=sys.stderr)

@@ -16,8 +16,10 @@ import sys
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import psycopg
 import pytest
@@ -125,9 +127,8 @@ def nox(
 
 
 def run_record(config: e2e_infra.Config, project: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(
-        (project_folder(config.results_dir, project) / "run.json").read_text()
-    )
+    folder = project_folder(config.results_dir, project)
+    data: dict[str, Any] = json.loads((folder / "run.json").read_text())
     return data
 
 
@@ -165,13 +166,47 @@ def test_both_browser_projects_pass_in_parallel_and_leave_nothing(
         assert record["result"] == "passed", record
         assert record["seed"] == "default"
         databases.add(record["database"])
-        assert junit_counts(project_folder(config.results_dir, project) / "junit.xml") == (tests, 0)
+        junit = project_folder(config.results_dir, project) / "junit.xml"
+        assert junit_counts(junit) == (tests, 0)
     assert len(databases) == 2
     assert_nothing_left(config)
 
 
-# Where Playwright keeps a failed test's artifacts by default: test-results/ in the working folder.
-ARTIFACTS = {"browser_ui": "test-results", "browser_node": "e2e/browser_node/test-results"}
+def artifacts_folder(workspace: Path, config: e2e_infra.Config, project: str) -> Path:
+    """Where a failed test's artifacts go: pytest-playwright's default, test-results/ in the
+    working folder; Playwright Test's outputDir, moved by the tool into the project's results."""
+    if project == "browser_ui":
+        return workspace.parent / "test-results"
+    return project_folder(config.results_dir, f"{project}_failing") / "test-results"
+
+
+class FailureItems(HTMLParser):
+    """The failing tests of report.html: name, message and the links next to the name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: list[dict[str, Any]] = []
+        self._in: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        cls = dict(attrs).get("class") or ""
+        if tag == "li" and cls == "failure":
+            self.items.append({"name": "", "message": "", "links": []})
+        elif self.items and tag == "span" and cls == "test":
+            self._in = "name"
+        elif self.items and tag == "pre" and cls == "message":
+            self._in = "message"
+        elif self.items and tag == "a" and "artifact" in cls:
+            attributes = dict(attrs)
+            self.items[-1]["links"].append((attributes["data-kind"], attributes["href"]))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("span", "pre"):
+            self._in = None
+
+    def handle_data(self, data: str) -> None:
+        if self._in and self.items:
+            self.items[-1][self._in] += data
 
 
 @pytest.mark.parametrize("project", list(PROJECTS))
@@ -183,15 +218,24 @@ def test_a_failing_browser_test_leaves_its_screenshot_and_trace(
     assert proc.returncode != 0
     record = run_record(config, f"{project}_failing")
     assert record["result"] == "failed"
-    tests, failed = junit_counts(
-        project_folder(config.results_dir, f"{project}_failing") / "junit.xml"
-    )
+    folder = project_folder(config.results_dir, f"{project}_failing")
+    tests, failed = junit_counts(folder / "junit.xml")
     assert (tests, failed) == (1, 1), proc.stdout
     # One folder, the failing test's: nothing of an earlier run survives Playwright's wipe.
-    kept = [p for p in (workspace.parent / ARTIFACTS[project]).iterdir() if p.is_dir()]
+    kept = [p for p in artifacts_folder(workspace, config, project).iterdir() if p.is_dir()]
     assert len(kept) == 1 and "fails-on-purpose" in kept[0].name, kept
     assert (kept[0] / "test-failed-1.png").read_bytes().startswith(b"\x89PNG")
     assert (kept[0] / "trace.zip").read_bytes().startswith(b"PK")
+    # The report: the test's name, its message, and a link that opens its screenshot.
+    report = folder.parent / "report.html"
+    parser = FailureItems()
+    parser.feed(report.read_text())
+    [item] = parser.items
+    assert "fails" in item["name"] and "purpose" in item["name"], item
+    assert "Not the heading" in item["message"], item
+    screenshots = [href for kind, href in item["links"] if kind == "screenshot"]
+    assert screenshots, item
+    assert (report.parent / unquote(screenshots[0])).resolve().read_bytes().startswith(b"\x89PNG")
     assert_nothing_left(config)
 
 
