@@ -12,10 +12,12 @@ Sources, lowest precedence first:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
 import socket
+import string
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -40,6 +42,8 @@ __all__ = [
     "validate_name",
     "validate_project_name",
 ]
+
+log = logging.getLogger("e2e_infra")
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -641,7 +645,26 @@ def _check_command(reader: _Reader, key: str, command: str) -> str:
             raise reader.error(key, "the command is empty")
     except ValueError as exc:
         raise reader.error(key, f"cannot split the command: {exc}") from None
+    if _names_database_url(command):
+        name, where = reader._where(key)
+        # A command line is visible to every local user (`ps`): the password would be too.
+        log.warning(
+            "%s in %s puts {database_url} (and the database password) on the command line, "
+            "where any local user can read it; let the process read DATABASE_URL (or PG* "
+            "variables set from it in env) instead",
+            name,
+            where,
+        )
     return command
+
+
+def _names_database_url(command: str) -> bool:
+    """Whether ``command`` has a ``{database_url...}`` placeholder (``{{`` is a literal brace)."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(command) if field]
+    except ValueError:
+        return "{database_url" in command  # a malformed template: rendering reports it
+    return any(re.match(r"database_url\b", field) for field in fields)
 
 
 def _read_servers(

@@ -127,6 +127,10 @@ class Roles:
         name = lease.resource
         return replace(self.catalog.client, user=name, dbname=name, password=self.password(lease))
 
+    def masked_url(self, name: str) -> str:
+        """The URL of database ``name`` as its project gets it, password masked: for output."""
+        return replace(self.catalog.client, user=name, dbname=name, password="x").masked
+
     def login(self, lease: Lease) -> sql.Composable:
         """``LOGIN PASSWORD '<verifier>'`` for the lease's role."""
         verifier = scram_verifier(self.password(lease))

@@ -246,3 +246,25 @@ def test_validate_name_accepts_exactly_the_name_pattern(text: str) -> None:
 @given(st.from_regex(r"[a-z][a-z0-9_]{0,39}", fullmatch=True))
 def test_every_name_of_the_pattern_is_valid(name: str) -> None:
     assert validate_name(name) == name
+
+
+def test_a_command_with_the_database_url_is_loaded_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = """
+[tool.e2e_infra.servers.backend]
+command = "python app.py --db {database_url}"
+env = { DB = "{database_url}" }
+
+[tool.e2e_infra.servers.quiet]
+command = "python app.py --literal {{database_url}}"
+
+[tool.e2e_infra.projects.auth_tests]
+command = "pytest e2e/auth --dsn={database_url.__class__}"
+"""
+    with caplog.at_level("WARNING", logger="e2e_infra"):
+        load_config(write(tmp_path, body), environ={})
+    warned = [r.getMessage() for r in caplog.records if "{database_url}" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("servers.backend.command in ") and "DATABASE_URL" in warned[0]
+    assert warned[1].startswith("projects.auth_tests.command in ")
