@@ -12,17 +12,16 @@ Sources, lowest precedence first:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
 import socket
-import tomllib
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-from dotenv import dotenv_values
 
 from ._parse import (
     COMMON_PLACEHOLDERS,
@@ -38,6 +37,7 @@ from ._parse import (
     _Reader,
     check_placeholders,
 )
+from ._sources import find_config_file, read_env_files, read_toml
 from .conninfo import ConnInfo
 from .errors import ConfigError, InvalidNameError
 
@@ -55,8 +55,8 @@ __all__ = [
     "validate_project_name",
 ]
 
+log = logging.getLogger("e2e_infra")
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_ENV_FILES = (".env", ".env.e2e")
 
 
 def validate_name(value: object, kind: str = "project") -> str:
@@ -315,100 +315,6 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], prefix: str, path: 
             )
 
 
-def find_config_file(start: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
-    """``E2E_CONFIG`` if set, else the nearest ``pyproject.toml`` with ``[tool.e2e_infra]``."""
-    environ = os.environ if environ is None else environ
-    if environ.get("E2E_CONFIG"):
-        path = Path(environ["E2E_CONFIG"]).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"E2E_CONFIG points at {path}, which is not a file; fix or unset E2E_CONFIG",
-                key="E2E_CONFIG",
-            )
-        return path.resolve()
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        candidate = folder / "pyproject.toml"
-        if candidate.is_file():
-            try:
-                raw = candidate.read_bytes()  # bytes: a file that is not UTF-8 is judged later
-            except OSError:
-                continue
-            if b"[tool.e2e_infra" in raw:
-                return candidate
-    raise ConfigError(
-        f"no pyproject.toml with a [tool.e2e_infra] section in {here} or above; "
-        "run from the monorepo root or set E2E_CONFIG",
-        key="E2E_CONFIG",
-    )
-
-
-def _not_utf8(path: Path, exc: UnicodeDecodeError) -> ConfigError:
-    return ConfigError(
-        f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-        "save it as UTF-8",
-        path=str(path),
-    )
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", path=str(path)) from None
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
-    tool = data.get("tool", {})
-    if not isinstance(tool, dict) or "e2e_infra" not in tool:
-        raise ConfigError(
-            f"{path} has no [tool.e2e_infra] section; add one (`e2e-infra e2e.init` writes it) "
-            "or point E2E_CONFIG at the pyproject.toml that has it",
-            key="E2E_CONFIG",
-            path=str(path),
-        )
-    section = tool["e2e_infra"]
-    if not isinstance(section, dict):
-        raise ConfigError(f"[tool.e2e_infra] in {path} must be a table", path=str(path))
-    return section
-
-
-def _read_env_files(
-    root: Path, environ: Mapping[str, str]
-) -> tuple[dict[str, str], dict[str, str]]:
-    """Merge .env, .env.e2e and the environment; return (values, where each came from)."""
-    merged: dict[str, str] = {}
-    source: dict[str, str] = {}
-    for name in _ENV_FILES:
-        path = root / name
-        if not path.is_file():
-            continue
-        try:
-            values = dotenv_values(path)
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(path, exc) from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
-        for key, value in values.items():
-            if not key.startswith("E2E_"):
-                continue  # the application's own variables are not ours to judge
-            if key not in ENVIRONMENT_VARIABLES:
-                raise ConfigError(
-                    f"unknown setting {key} in {path} (see .env.example for the known ones)",
-                    key=key,
-                    path=str(path),
-                )
-            merged[key] = value or ""
-            source[key] = str(path)
-    for key, value in environ.items():
-        if key.startswith("E2E_") and key in ENVIRONMENT_VARIABLES:
-            merged[key] = value
-            source[key] = "the environment"
-    return merged, source
-
-
 def _resolve(root: Path, text: str) -> Path:
     path = Path(text).expanduser()
     return path if path.is_absolute() else root / path
@@ -423,8 +329,8 @@ def load_config(
     source = path.resolve() if path else find_config_file(environ=environ)
     root = source.parent
     spath = str(source)
-    section = _read_toml(source)
-    env, env_source = _read_env_files(root, environ)
+    section = read_toml(source)
+    env, env_source = read_env_files(root, environ, ENVIRONMENT_VARIABLES)
 
     _check_keys(section, {*_TOP_ENV, "database", "postgres", "servers", "projects"}, "", spath)
     top = _Reader(section, "", spath, env, _TOP_ENV, env_source)
@@ -558,7 +464,26 @@ def _check_command(reader: _Reader, key: str, command: str) -> str:
             raise reader.error(key, "the command is empty")
     except ValueError as exc:
         raise reader.error(key, f"cannot split the command: {exc}") from None
+    if _names_database_url(command):
+        name, where = reader._where(key)
+        # A command line is visible to every local user (`ps`): the password would be too.
+        log.warning(
+            "%s in %s puts {database_url} (and the database password) on the command line, "
+            "where any local user can read it; let the process read DATABASE_URL (or PG* "
+            "variables set from it in env) instead",
+            name,
+            where,
+        )
     return command
+
+
+def _names_database_url(command: str) -> bool:
+    """Whether ``command`` has a ``{database_url...}`` placeholder (``{{`` is a literal brace)."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(command) if field]
+    except ValueError:
+        return "{database_url" in command  # a malformed template: rendering reports it
+    return any(re.match(r"database_url\b", field) for field in fields)
 
 
 def _read_servers(

@@ -136,6 +136,29 @@ RULES: tuple[Rule, ...] = (
         "use a superuser in E2E_ADMIN_DATABASE_URL)",
         contains="create database",
     ),
+    # Each project database gets a role of its own (databases/roles.py).
+    Rule(
+        Phase.ADMIN,
+        sqlerrors.InsufficientPrivilege,
+        DatabaseError,
+        _ADMIN_FAILED + "the admin user {user} needs CREATEROLE to give each project database a "
+        "role of its own: ALTER ROLE {role} CREATEROLE (or use a superuser in "
+        "E2E_ADMIN_DATABASE_URL)",
+        contains="create role",
+    ),
+    *(
+        Rule(
+            Phase.ADMIN,
+            sqlerrors.InsufficientPrivilege,
+            DatabaseError,
+            _ADMIN_FAILED + "the admin user {user} must be able to act as the project roles it "
+            "creates to hand them their databases: on PostgreSQL 16+ ALTER ROLE {role} SET "
+            "createrole_self_grant = 'set, inherit' (or use a superuser in "
+            "E2E_ADMIN_DATABASE_URL)",
+            contains=contains,
+        )
+        for contains in ("must be able to set role", "must be member of role")
+    ),
     Rule(
         Phase.ADMIN,
         sqlerrors.InsufficientPrivilege,

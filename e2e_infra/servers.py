@@ -28,7 +28,9 @@ import signal
 import socket
 import string
 import subprocess
+import sys
 import time
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +39,7 @@ from typing import Any
 import psutil
 
 from .clock import Clock, SystemClock
+from .config import Config
 from .conninfo import mask_secrets
 from .errors import (
     ConfigError,
@@ -47,6 +50,7 @@ from .errors import (
     ServerStartTimeoutError,
 )
 from .health import POLL_CAP, HealthCheck, wait_healthy
+from .logs import TAIL_LINES, log_tail, read_end
 from .ports import port_is_free
 from .processes import (
     Child,
@@ -66,14 +70,15 @@ __all__ = [
     "kill_group_if_ours",
     "kill_tree_if_ours",
     "log_tail",
+    "placeholder_values",
+    "process_env",
     "render",
     "render_command",
+    "server_order",
 ]
 
 log = logging.getLogger("e2e_infra")
 
-TAIL_LINES = 20
-_TAIL_BYTES = 64 * 1024  # the tail is read from at most this many bytes at the end of the log
 _ADDR_IN_USE = re.compile(r"EADDRINUSE|address (?:already )?in use", re.IGNORECASE)
 
 
@@ -193,35 +198,6 @@ def render_command(
 
 
 # --- logs -----------------------------------------------------------------------------------------
-
-
-def _read_end(path: Path, since: int = 0, limit: int = _TAIL_BYTES) -> str:
-    """``path`` from byte ``since`` on, at most its last ``limit`` bytes, in whole lines."""
-    try:
-        with path.open("rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            start = max(since, size - limit, 0)
-            handle.seek(start)
-            data = handle.read()
-    except OSError:
-        return ""
-    if start > since:
-        # Cut mid-line: drop the partial first line, it could hold half a secret.
-        data = data.partition(b"\n")[2]
-    return data.decode("utf-8", errors="replace")
-
-
-def log_tail(
-    path: Path, lines: int = TAIL_LINES, secrets: Sequence[str] = (), *, since: int = 0
-) -> str:
-    """The last ``lines`` lines of the log at ``path`` (from byte ``since`` on), secrets masked.
-
-    Masks the literal ``secrets`` and every URL password / ``password=`` pair; a missing log gives
-    an empty string.
-    """
-    text = _read_end(Path(path), since)
-    tail = text.splitlines()[-lines:] if lines > 0 else []
-    return mask_secrets("\n".join(tail), tuple(secrets))
 
 
 # --- sockets and ports ----------------------------------------------------------------------------
@@ -496,7 +472,7 @@ class ServerProcess:
         """
         if self._proc is None or self.running:
             return False
-        if _ADDR_IN_USE.search(_read_end(self.log_path, self._log_offset)):
+        if _ADDR_IN_USE.search(read_end(self.log_path, self._log_offset)):
             return True
         return (
             self.port is not None
@@ -527,3 +503,61 @@ class ServerProcess:
             return None
         self._child.stop(escalation(self.stop_timeout))
         return self._child.popen.returncode
+
+
+def server_order(config: Config, names: Sequence[str]) -> list[list[str]]:
+    """The selected servers in start levels: each level only depends on earlier ones.
+
+    A ``depends_on`` entry that the project does not run is ignored (it is not started).
+    """
+    selected = list(dict.fromkeys(names))
+    remaining = {name: set(config.servers[name].depends_on) & set(selected) for name in selected}
+    levels: list[list[str]] = []
+    done: set[str] = set()
+    while remaining:  # at least one server leaves per round: config rejects cycles
+        level = [name for name, deps in remaining.items() if deps <= done]
+        if not level:
+            raise ConfigError(f"servers {sorted(remaining)} depend on each other in a cycle")
+        levels.append(level)
+        done.update(level)
+        for name in level:
+            del remaining[name]
+    return levels
+
+
+def placeholder_values(
+    config: Config,
+    project: str,
+    run_id: str,
+    results_dir: Path,
+    ports: Mapping[str, int],
+    database_url: str,
+) -> dict[str, object]:
+    """The values of a command's placeholders (``{python}``, ``{ports.backend}``...)."""
+    return {
+        "python": sys.executable,
+        "ports": types.SimpleNamespace(**ports),
+        "database_url": database_url,
+        "results_dir": str(results_dir),
+        "project": project,
+        "root": str(config.root),
+        "run_id": run_id,
+    }
+
+
+def process_env(
+    project: str, run_id: str, results_dir: Path, ports: Mapping[str, int], database_url: str
+) -> dict[str, str]:
+    """The environment of a project's servers and suite: ours plus its ports, database, run."""
+    env = dict(os.environ)
+    for name, port in ports.items():
+        env[f"{name.upper()}_PORT"] = str(port)
+        env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{port}"
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    else:
+        env.pop("DATABASE_URL", None)
+    env["E2E_PROJECT"] = project
+    env["E2E_RUN_ID"] = run_id
+    env["E2E_RESULTS_DIR"] = str(results_dir)
+    return env

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id, proc
 from .ports import port_is_free
 from .reclaim import SERVER_KIND, reclaim
 from .report import point_latest
+from .servers import placeholder_values, process_env
 from .watch import MARKER, RunWatch
 from .workspace import Workspace
 
@@ -54,33 +54,12 @@ __all__ = [
     "ProjectSession",
     "RunResult",
     "run_project",
-    "server_order",
 ]
 
 log = logging.getLogger("e2e_infra")
 
 PHASES = ("ports", "database", "servers", "health", "suite", "teardown")
 PhaseCallback = Callable[[str, str], None]  # (project, phase)
-
-
-def server_order(config: Config, names: Sequence[str]) -> list[list[str]]:
-    """The selected servers in start levels: each level only depends on earlier ones.
-
-    A ``depends_on`` entry that the project does not run is ignored (it is not started).
-    """
-    selected = list(dict.fromkeys(names))
-    remaining = {name: set(config.servers[name].depends_on) & set(selected) for name in selected}
-    levels: list[list[str]] = []
-    done: set[str] = set()
-    while remaining:  # at least one server leaves per round: config rejects cycles
-        level = [name for name, deps in remaining.items() if deps <= done]
-        if not level:
-            raise ConfigError(f"servers {sorted(remaining)} depend on each other in a cycle")
-        levels.append(level)
-        done.update(level)
-        for name in level:
-            del remaining[name]
-    return levels
 
 
 @dataclass(frozen=True)
@@ -303,6 +282,8 @@ class ProjectSession:
                 self.result.seed = self._database.seed
                 self._watch.sweep("database", "")  # what migrate/seed commands left
         values = self._values(ports, database_url)
+        from .servers import server_order
+
         for level in server_order(self.config, project.servers):
             for name in level:
                 self._start_server(self.config.servers[name], values, ports)
@@ -342,29 +323,12 @@ class ProjectSession:
                     (self.results_dir / stale).unlink()
 
     def _values(self, ports: Mapping[str, int], database_url: str) -> dict[str, object]:
-        return {
-            "python": sys.executable,
-            "ports": types.SimpleNamespace(**ports),
-            "database_url": database_url,
-            "results_dir": str(self.results_dir),
-            "project": self.project.name,
-            "root": str(self.config.root),
-            "run_id": self.run_id,
-        }
+        return placeholder_values(
+            self.config, self.project.name, self.run_id, self.results_dir, ports, database_url
+        )
 
     def _base_env(self, ports: Mapping[str, int], database_url: str) -> dict[str, str]:
-        env = dict(os.environ)
-        for name, port in ports.items():
-            env[f"{name.upper()}_PORT"] = str(port)
-            env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{port}"
-        if database_url:
-            env["DATABASE_URL"] = database_url
-        else:
-            env.pop("DATABASE_URL", None)
-        env["E2E_PROJECT"] = self.project.name
-        env["E2E_RUN_ID"] = self.run_id
-        env["E2E_RESULTS_DIR"] = str(self.results_dir)
-        return env
+        return process_env(self.project.name, self.run_id, self.results_dir, ports, database_url)
 
     def _suite_env(self, ports: Mapping[str, int], database_url: str) -> dict[str, str]:
         from .servers import render

@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
@@ -982,8 +982,22 @@ def inherited_socket(fd_arg: int | None) -> socket.socket | None:
     return sock
 
 
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s']+", re.I)
+_PASSWORD = re.compile(r"\bpassword\s*=\s*(?:'[^']*'|[^\s'\"]+)", re.I)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors never echo a connection string: a command that passes the database
+    URL as an argument (it belongs in DATABASE_URL) would otherwise write it into the log."""
+
+    def error(self, message: str) -> NoReturn:
+        message = _PASSWORD.sub("password=<hidden>", _URL.sub("<url hidden>", message))
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Demo MES backend (JSON API)")
+    parser = Parser(description="Demo MES backend (JSON API)")
     parser.add_argument("--port", type=int, help="port to listen on (default: $PORT)")
     parser.add_argument("--host", help="bind address (default: $HOST or 127.0.0.1)")
     parser.add_argument("--fd", type=int, help="use this already-bound listening socket")

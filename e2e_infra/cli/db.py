@@ -91,7 +91,7 @@ def db_release(c: Context, project: str = "", all_: bool = False, keep: bool = F
         print(f"no databases to release{f' for project {project}' if project else ''}")
     for name in names:
         if keep:
-            url = allocator.client.with_dbname(name).masked
+            url = allocator.catalog.roles.masked_url(name)  # the project's role
             hours = allocator.config.database.keep_hours
             print(f"kept {name} for {hours:g}h: {url}")
         else:

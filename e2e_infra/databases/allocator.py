@@ -71,7 +71,7 @@ class AllocatedDatabase:
     project: str
     seed: str
     template: str
-    url: ConnInfo  # the client ConnInfo with dbname set: what DATABASE_URL gets
+    url: ConnInfo  # the project's own role and database (see .roles): what DATABASE_URL gets
     lease: Lease
 
 
@@ -164,7 +164,8 @@ class DatabaseAllocator:
                 if spares:
                     self.holds.hold(lease)
                     marker = clones.lease_marker(lease)
-                    claimed = self.spares.claim(conn, lease.resource, marker, spares)
+                    login = cat.roles.login(lease)
+                    claimed = self.spares.claim(conn, lease.resource, marker, spares, login)
                 if not claimed:
                     try:
                         lease, dead = clones.clone(conn, lease, template, strategy, dead)
@@ -191,7 +192,7 @@ class DatabaseAllocator:
             project=project,
             seed=seed,
             template=template,
-            url=self.client.with_dbname(lease.resource),
+            url=cat.roles.url(lease),
             lease=lease,
         )
 
@@ -259,7 +260,7 @@ class DatabaseAllocator:
             project=project,
             seed=str(lease.data.get("seed", "")),
             template=str(lease.data.get("template", "")),
-            url=self.client.with_dbname(lease.resource),
+            url=self.catalog.roles.url(lease),
             lease=lease,
         )
 
@@ -267,7 +268,7 @@ class DatabaseAllocator:
     def migrate(self, project: str) -> AllocatedDatabase:
         """Apply pending migrations to the project's live database."""
         found = self.find(project)
-        migration_runner(self.config).apply(found.url)
+        migration_runner(self.config).apply(self.client.with_dbname(found.name))  # as the admin
         return found
 
     @_server_errors("seed a database")
@@ -275,7 +276,7 @@ class DatabaseAllocator:
         """Apply seed ``profile`` to the project's live database."""
         runner = seed_runner(self.config, profile)
         found = self.find(project)
-        runner.apply(found.url)
+        runner.apply(self.client.with_dbname(found.name))  # as the admin
         return found
 
     @_server_errors("prepare warm spares")

@@ -26,6 +26,7 @@ from ..pgerrors import ErrorContext, Phase, map_errors
 from .admin import AdminConnections
 from .markers import Kind, MarkedDatabase, Marker
 from .names import ident
+from .roles import Roles
 
 __all__ = ["Catalog"]
 
@@ -64,6 +65,7 @@ class Catalog:
         self.clock = clock
         self.shared = shared
         self.base = config.database.name_base
+        self.roles = Roles(self)  # each project database's own login role
 
     @property
     def build_timeout(self) -> float:
@@ -177,6 +179,8 @@ class Catalog:
                 (name,),
             )
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(name_sql))
+        if not template:
+            self.roles.drop(conn, name)  # after its database: the owner goes last
 
     def settle(
         self, conn: psycopg.Connection[Any], backend: int, name: str, *, template: bool = False

@@ -179,7 +179,9 @@ class Cloner:
                 self.unsettled.add(lease.id)
             raise
         try:
-            cat.mark(conn, name, self.lease_marker(lease))
+            # Its own role, marked with it in one transaction (see :mod:`.roles`).
+            marker = self.lease_marker(lease).comment_sql(name)
+            cat.roles.make(conn, name, marker, cat.roles.login(lease))
         except BaseException:
             if not cat.settle(conn, backend, name):
                 self.unsettled.add(lease.id)

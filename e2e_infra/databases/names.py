@@ -32,7 +32,7 @@ __all__ = [
     "validate_dbname",
 ]
 
-TEMPLATE_FORMAT_VERSION = 1
+TEMPLATE_FORMAT_VERSION = 2  # 2: grants to the project roles' group (see .roles)
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 MAX_IDENTIFIER = 63  # bytes; PostgreSQL truncates longer names silently
 # Input files changed less than this long ago are hashed again on every allocation (see

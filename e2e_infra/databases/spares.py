@@ -29,6 +29,7 @@ from ..leases import Owner, Registry
 from .catalog import Catalog
 from .markers import Kind, Marker, stale_spares
 from .names import ident, spare_key, spare_name
+from .roles import Roles
 
 __all__ = ["Spares"]
 
@@ -62,20 +63,29 @@ class Spares:
 
     @staticmethod
     def claim(
-        conn: psycopg.Connection[Any], name: str, marker: Marker, spares: builtins.list[str]
+        conn: psycopg.Connection[Any],
+        name: str,
+        marker: Marker,
+        spares: builtins.list[str],
+        login: sql.Composable,
     ) -> bool:
-        """Rename one of ``spares`` to ``name`` and mark it, atomically; False if none was won."""
+        """Rename one of ``spares`` and its role to ``name``, let the role log in (``login``) and
+        mark it, atomically; False if none was won."""
         comment = marker.comment_sql(name)
         for spare in spares[:4]:
             # One simple query is one implicit transaction: renamed and re-marked, or neither.
-            statement = sql.SQL("ALTER DATABASE {} RENAME TO {}; {}").format(
-                ident(spare), ident(name), comment
+            statement = sql.SQL("ALTER DATABASE {} RENAME TO {}; {}; {}").format(
+                ident(spare), ident(name), Roles.claim_statements(spare, name, login), comment
             )
             try:
                 conn.execute(statement)
-            except sqlerrors.DuplicateDatabase:
+            except (sqlerrors.DuplicateDatabase, sqlerrors.DuplicateObject):
                 return False  # the name is taken on the server: the clone path sorts that out
-            except (sqlerrors.InvalidCatalogName, sqlerrors.ObjectInUse):
+            except (
+                sqlerrors.InvalidCatalogName,
+                sqlerrors.ObjectInUse,
+                sqlerrors.UndefinedObject,
+            ):
                 continue  # another allocator claimed it (or cleanup dropped it) first
             log.debug("claimed warm spare %s as %s", spare, name)
             return True
@@ -162,7 +172,8 @@ class Spares:
                 host=me.host,
                 created_at=cat.clock.time(),
             )
-            cat.mark(conn, name, marker)
+            # Its role (NOLOGIN until claimed) and grants now, off the critical path.
+            cat.roles.make(conn, name, marker.comment_sql(name), None)
         except sqlerrors.DuplicateDatabase:
             raise
         except BaseException:

@@ -124,6 +124,7 @@ class Sweeper:
             finally:
                 proof.release()
             dropped.extend(self.templates.prune(conn, keep=None))
+            cat.roles.drop_orphans(conn)  # logged; roles are not databases
         gone = {name for name, _ in dropped}
         with cat.registry.transaction() as txn:
             for lease in txn.find(LEASE_KIND):

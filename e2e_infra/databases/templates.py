@@ -150,6 +150,7 @@ class Templates:
             target = cat.client.with_dbname(building)
             migrations.apply(target)
             seeds.apply(target)
+            cat.roles.grant_template(conn, building)  # what the project roles may use
             # A migrate command's sessions may linger a moment after it exits; rename waits on them.
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

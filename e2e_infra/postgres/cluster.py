@@ -31,6 +31,7 @@ from ..errors import (
     ServerUnreachableError,
 )
 from ..leases import Lease, Owner, Registry, ensure_private_dir
+from ..logs import file_size, log_tail
 from ..pgerrors import ErrorContext, Phase, map_errors
 from ..ports import PortAllocator
 from .binaries import CHILD_PATH, PgBinaries, copy_installation, find_binaries
@@ -331,25 +332,10 @@ class LocalCluster:
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(
                 f"{what} did not finish within {timeout:g}s; see {self.log_file}",
-                log_tail=self._log_tail(),
+                log_tail=log_tail(self.log_file, 15),
             ) from exc
         except OSError as exc:
             raise ClusterError(f"cannot run {args[0]} for {what}: {exc}") from exc
-
-    def _log_size(self) -> int:
-        try:
-            return self.log_file.stat().st_size
-        except OSError:
-            return 0
-
-    def _log_tail(self, lines: int = 15, *, since: int = 0) -> str:
-        try:
-            with self.log_file.open("rb") as handle:
-                handle.seek(since)
-                text = handle.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
     # --- helpers: the postmaster ---
 
@@ -375,7 +361,7 @@ class LocalCluster:
                 raise ClusterError(
                     f"the local PostgreSQL server (pid {pm.pid}) exited while starting; "
                     f"see {self.log_file}",
-                    log_tail=self._log_tail(),
+                    log_tail=log_tail(self.log_file, 15),
                 )
             return current if self._answers(current) else None
 
@@ -388,7 +374,7 @@ class LocalCluster:
                 hint=f"see {self.log_file}, or run `invoke pg.stop` then `invoke pg.start`",
             )
         except DeadlineExceeded as exc:
-            raise ClusterError(str(exc), log_tail=self._log_tail()) from None
+            raise ClusterError(str(exc), log_tail=log_tail(self.log_file, 15)) from None
 
     def _stop_postmaster(self, pid: int) -> None:
         """Fast shutdown, then immediate, then SIGKILL; each with a deadline."""
@@ -523,7 +509,7 @@ class LocalCluster:
         settings = server_settings(port, self.socket_dir)
         write_as(self.server_user(), self.data_dir / _CONF_FILE, settings)
         timeout = self.config.postgres.startup_timeout
-        log_offset = self._log_size()
+        log_offset = file_size(self.log_file)
         result = self._run(
             [
                 binaries.tool("pg_ctl"),
@@ -544,7 +530,7 @@ class LocalCluster:
         if result.returncode != 0 or pm is None or not pm.ready:
             if pm is not None:
                 self._stop_postmaster(pm.pid)
-            tail = self._log_tail(since=log_offset)
+            tail = log_tail(self.log_file, 15, since=log_offset)
             lines = tail.splitlines() or [result.stderr.strip() or f"exit {result.returncode}"]
             fatal = [line for line in lines if re.search(r"\b(FATAL|PANIC|ERROR):", line)]
             last = (fatal or lines)[-1]

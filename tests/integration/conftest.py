@@ -174,7 +174,7 @@ def project_folder(results_dir: Path, project: str) -> Path:
 
 
 def drop_databases(admin: ConnInfo, prefix: str) -> None:
-    """Drop every database whose name starts with ``prefix``, templates included."""
+    """Drop every database and role whose name starts with ``prefix``, templates included."""
     with psycopg.connect(admin.conninfo(), autocommit=True) as conn:
         names = conn.execute(
             "SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)
@@ -183,6 +183,13 @@ def drop_databases(admin: ConnInfo, prefix: str) -> None:
             ident = sql.Identifier(name)
             conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident))
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        # Their roles too (a project database's own role, and the name base's group).
+        roles = conn.execute(
+            "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)", (prefix,)
+        ).fetchall()
+        for (name,) in roles:
+            ident = sql.Identifier(name)
+            conn.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE IF EXISTS {}").format(ident, ident))
 
 
 # --- clusters, with a record that lets the next run clean up after a crashed one ----------------

@@ -20,6 +20,7 @@ from conftest import (
     write_pyproject,
 )
 
+from e2e_infra.conninfo import ConnInfo
 from e2e_infra.leases import Owner
 from e2e_infra.postgres import LocalCluster
 from e2e_infra.workspace import Workspace
@@ -75,7 +76,10 @@ def test_allocate_json_carries_the_real_url_and_human_output_masks_it(
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
     assert set(document) == {"project", "database", "database_url", "template", "seed", "run_id"}
-    assert password in document["database_url"]
+    # The project's own role and password: the admin's never reaches a project.
+    role = ConnInfo.parse(document["database_url"])
+    assert role.user == role.dbname == document["database"]
+    assert role.password and password not in document["database_url"]
     with psycopg.connect(document["database_url"]) as conn:
         assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (3,)
 
@@ -88,6 +92,7 @@ def test_allocate_json_carries_the_real_url_and_human_output_masks_it(
     for output in (human, listing, listing_json):
         assert output.returncode == 0, output.stderr
         assert password not in output.stdout + output.stderr
+        assert role.password not in output.stdout + output.stderr
     assert "***" in human.stdout
     kinds = sorted(row["kind"] for row in json.loads(listing_json.stdout)["databases"])
     assert kinds == ["database", "database", "template"]

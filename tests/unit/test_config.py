@@ -329,3 +329,25 @@ def test_a_config_file_without_the_section_is_one_line_naming_it(tmp_path: Path)
     with pytest.raises(ConfigError) as info:
         load_config(environ={"E2E_CONFIG": str(other)})
     assert f"{other} has no [tool.e2e_infra] section" in str(info.value)
+
+
+def test_a_command_with_the_database_url_is_loaded_with_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = """
+[tool.e2e_infra.servers.backend]
+command = "python app.py --db {database_url}"
+env = { DB = "{database_url}" }
+
+[tool.e2e_infra.servers.quiet]
+command = "python app.py --literal {{database_url}}"
+
+[tool.e2e_infra.projects.auth_tests]
+command = "pytest e2e/auth --dsn={database_url}"
+"""
+    with caplog.at_level("WARNING", logger="e2e_infra"):
+        load_config(write(tmp_path, body), environ={})
+    warned = [r.getMessage() for r in caplog.records if "{database_url}" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("servers.backend.command in ") and "DATABASE_URL" in warned[0]
+    assert warned[1].startswith("projects.auth_tests.command in ")

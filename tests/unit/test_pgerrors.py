@@ -82,3 +82,15 @@ def test_a_bad_connection_option_is_one_line_naming_the_url_setting() -> None:
     ):
         raise psycopg.ProgrammingError("invalid connection option s3cret")
     assert "s3cret" not in str(info.value) and "E2E_ADMIN_DATABASE_URL" in str(info.value)
+
+
+def test_a_role_the_admin_may_not_make_or_hand_over_names_the_privilege_it_needs() -> None:
+    context = ErrorContext(Phase.ADMIN, SERVER, action="allocate a database")
+    no_createrole = to_error(
+        sqlerrors.InsufficientPrivilege("permission denied to create role"), context
+    )
+    assert no_createrole is not None
+    assert 'ALTER ROLE "ci user" CREATEROLE' in no_createrole.one_line()
+    for text in ('must be able to SET ROLE "e2e_db_a"', 'must be member of role "e2e_db_a"'):
+        no_set = to_error(sqlerrors.InsufficientPrivilege(text), context)
+        assert no_set is not None and "createrole_self_grant" in no_set.one_line()
