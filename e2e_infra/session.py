@@ -481,6 +481,9 @@ class ProjectSession:
                 if proc.returncode is not None:  # a suite that may still run keeps its lease
                     with signals_deferred(), self.registry.transaction() as txn:
                         txn.remove(suite_lease)
+        if self._allocator is not None and self._allocator.holds.lost:
+            self.failed, self.result.result = True, "error"
+            self._allocator.check_holds()  # raises: its database's proof of life was lost
         self.result.returncode = returncode
         self.result.junit = str(junit) if junit.exists() else None
         if returncode == 0:

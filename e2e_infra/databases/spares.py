@@ -27,8 +27,9 @@ from psycopg import sql
 
 from ..leases import Owner, Registry
 from .catalog import Catalog
-from .markers import Kind, Marker, stale_spares
+from .markers import Kind, Marker, count_databases, stale_spares
 from .names import ident, spare_key, spare_name
+from .shared import CreationGate
 
 __all__ = ["Spares"]
 
@@ -117,14 +118,27 @@ class Spares:
                     for item in marked
                     if item.kind is Kind.SPARE and item.marker.template_oid == row[0]
                 ]
-                count = sum(1 for item in marked if not item.is_template)
-                room = cat.config.database.max_databases - count
-                for _ in range(min(cap - len(current), room)):
-                    made.append(self._make(conn, template, int(row[0]), marker))
+                # Counted and made under the allocators' creation gate: the caps hold.
+                with CreationGate.of(cat.config, cat.registry.host, timeout=cat.build_timeout).held(
+                    conn, cat.clock
+                ):
+                    for _ in range(min(cap - len(current), self._room(conn))):
+                        made.append(self._make(conn, template, int(row[0]), marker))
             finally:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("SELECT pg_advisory_unlock(%s)", (spare_key(fp),))
         return made
+
+    def _room(self, conn: psycopg.Connection[Any]) -> int:
+        """How many more databases the caps allow: ``max_databases`` counts this host's (on a
+        shared server; every other host's spares are theirs), ``server_max_databases`` all."""
+        cat = self.catalog
+        db = cat.config.database
+        mine, everyone = count_databases(cat.marked(conn), cat.registry.host)
+        room = db.max_databases - (mine if cat.shared else everyone)
+        if db.server_max_databases:
+            room = min(room, db.server_max_databases - everyone)
+        return room
 
     def _make(
         self, conn: psycopg.Connection[Any], template: str, template_oid: int, of: Marker
