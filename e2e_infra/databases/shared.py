@@ -40,7 +40,7 @@ import psycopg
 from ..clock import Clock, SystemClock, wait_until
 from ..config import Config
 from ..conninfo import ConnInfo
-from ..errors import DatabaseError, DeadlineExceeded
+from ..errors import DatabaseError, DeadlineExceeded, E2EInfraError
 from ..leases import Lease
 from ..migrations import CONNECT_TIMEOUT, advisory_lock
 from ..pgerrors import ErrorContext, Phase, map_errors
@@ -225,7 +225,10 @@ class Holds:
 
     def _watch(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
-            self.watch_once()
+            try:
+                self.watch_once()
+            except Exception as exc:  # never die silently: the holds would go unwatched
+                log.error("the watcher of database locks failed a pass: %s", exc)
 
     def watch_once(self) -> None:
         """One pass of the watcher: use each hold connection; re-take the lost ones."""
@@ -284,7 +287,7 @@ class Holds:
                 row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (name_key(name),))
                 got = row.fetchone()
                 return bool(got and got[0])
-            except (psycopg.Error, DatabaseError) as exc:
+            except (psycopg.Error, E2EInfraError) as exc:  # the server is away: try again
                 state["error"] = " ".join(str(exc).split())[:200]
                 bad = state.pop("conn", None)
                 if bad is not None:

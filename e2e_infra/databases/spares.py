@@ -5,7 +5,8 @@ A spare (``spares`` > 0) is made after a release, in a background thread the all
 ``<base>_spare_<fp[:12]>_<random>`` while a registry lease of kind ``spare`` names it (so a maker
 that dies before marking it leaves proof of what to drop), then marked ``kind spare`` with the
 template's name, OID and fingerprint. At most ``spares`` per template, made under an advisory
-lock; they count toward ``max_databases``. The next allocation claims one with
+lock; they count toward the maker's ``max_databases`` (on a shared server, any host may claim
+them). The next allocation claims one with
 ``ALTER DATABASE spare RENAME TO target; COMMENT ...`` in one implicit transaction: only a spare of
 the current template (same OID, so not from before a rebuild) is taken, and losing a race to
 another claimer just means trying the next, or cloning. Spares of old templates are dropped when a
