@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shlex
-import socket
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -40,6 +39,7 @@ from ._parse import (
 from ._sources import find_config_file, read_env_files, read_toml
 from .conninfo import ConnInfo
 from .errors import ConfigError, InvalidNameError
+from .hostid import default_host_id
 
 __all__ = [
     "NAME_PATTERN",
@@ -144,8 +144,10 @@ class DatabaseConfig:
     seeds_dir: Path | None = None  # one sub-folder of .sql files per profile
     seed_commands: Mapping[str, str] = field(default_factory=dict)  # profile -> command
     default_seed: str = "default"
-    keep_templates: int = 2
-    max_databases: int = 64
+    keep_templates: int = 2  # per seed: the most recently used templates always kept
+    template_keep_hours: float = 72.0  # and any template used within this many hours
+    max_databases: int = 64  # per host (a shared server counts each host's own)
+    server_max_databases: int = 0  # all hosts together on the server; 0 = no such cap
     keep_hours: float = 24.0
     clone_strategy: str = "auto"  # auto | file_copy | wal_log
     clone_timeout: float = 30.0
@@ -194,7 +196,7 @@ class Config:
     allow_ephemeral_overlap: bool = False
     lease_ttl: float | None = None  # seconds; None = off (owner proof only)
     lock_timeout: float = 30.0
-    host_id: str = field(default_factory=socket.gethostname)
+    host_id: str = field(default_factory=default_host_id)  # see hostid.py
     keep_on_failure: bool = False
     run_id: str | None = None  # E2E_RUN_ID: groups the leases of one run
     owner_pid: int | None = None  # E2E_OWNER_PID: who owns leases taken by short-lived commands
@@ -258,6 +260,8 @@ _DB_ENV = {
     "default_seed": "E2E_DEFAULT_SEED",
     "keep_templates": "E2E_KEEP_TEMPLATES",
     "max_databases": "E2E_MAX_DATABASES",
+    "template_keep_hours": "E2E_TEMPLATE_KEEP_HOURS",
+    "server_max_databases": "E2E_SERVER_MAX_DATABASES",
     "keep_hours": "E2E_KEEP_HOURS",
     "clone_strategy": "E2E_CLONE_STRATEGY",
     "clone_timeout": "E2E_CLONE_TIMEOUT",
@@ -403,6 +407,8 @@ def load_config(
         default_seed=default_seed,
         keep_templates=db.get("keep_templates", 2, _as_number(1, integer=True)),
         max_databases=db.get("max_databases", 64, _as_number(1, integer=True)),
+        template_keep_hours=db.get("template_keep_hours", 72.0, _as_number(0)),
+        server_max_databases=db.get("server_max_databases", 0, _as_number(0, integer=True)),
         keep_hours=db.get("keep_hours", 24.0, _as_number(0)),
         clone_strategy=strategy,
         clone_timeout=db.get("clone_timeout", 30.0, _as_number(0.1)),
@@ -419,7 +425,7 @@ def load_config(
     servers = _read_servers(table("servers"), root, spath, port_names)
     projects = _read_projects(table("projects"), root, spath, servers, default_seed, port_names)
 
-    host_id = top.get("host_id", socket.gethostname(), _as_str).strip() or socket.gethostname()
+    host_id = top.get("host_id", "", _as_str).strip() or default_host_id()
     run_id = env.get("E2E_RUN_ID", "").strip() or None
     if run_id is not None and _RUN_ID_PATTERN.fullmatch(run_id) is None:
         raise ConfigError(

@@ -45,6 +45,9 @@ class ConnInfo:
     dbname: str = "postgres"
     password: str | None = field(default=None, repr=False)
     params: Mapping[str, str] = field(default_factory=dict)
+    # A server this tool did not start (parsed from an admin URL): its errors must not point at
+    # the local cluster's tasks (see pgerrors).
+    external: bool = field(default=False, compare=False)
 
     @classmethod
     def parse(cls, text: str, *, source: str = "admin_url") -> ConnInfo:
@@ -73,6 +76,7 @@ class ConnInfo:
             dbname=str(parts.pop("dbname", "") or "postgres"),
             password=(str(parts.pop("password")) if parts.get("password") else None),
             params={str(k): str(v) for k, v in parts.items() if k != "password"},
+            external=True,
         )
 
     def with_dbname(self, dbname: str) -> ConnInfo:

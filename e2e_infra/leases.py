@@ -20,7 +20,6 @@ import errno
 import json
 import logging
 import os
-import socket
 import stat
 import tempfile
 import time
@@ -34,6 +33,7 @@ import filelock
 import psutil
 
 from .errors import FolderError, LockTimeoutError, RegistryError
+from .hostid import default_host_id
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -197,7 +197,7 @@ class Owner:
         return cls(
             pid=pid,
             start_time=start,
-            host=host or socket.gethostname(),
+            host=host or default_host_id(),
             run_id=run_id or new_run_id(),
         )
 
@@ -406,7 +406,7 @@ class Registry:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / REGISTRY_FILE
         self.lock_path = self.state_dir / (REGISTRY_FILE + ".lock")
-        self.host = host or socket.gethostname()
+        self.host = host or default_host_id()
         self.lock_timeout = lock_timeout
         self.ttl = ttl
         # thread_local=False: one lock per Registry object, usable from any thread of the process.

@@ -70,7 +70,9 @@ class Rule:
     message: str
     contains: str = ""
     lost: bool = False
-    external: bool | None = None  # only for servers that are (not) the user's own; None: any
+    # Only for a server this tool did not start (an admin URL: True) or only for the local
+    # cluster (False); None: either. The fix differs: `invoke pg.start` does nothing for the one.
+    external: bool | None = None
 
 
 _ADMIN_FAILED = "PostgreSQL at {where} could not {action}: {reason}; "
@@ -96,8 +98,8 @@ RULES: tuple[Rule, ...] = (
         Phase.CONNECT,
         psycopg.OperationalError,
         ServerUnreachableError,
-        "cannot connect to PostgreSQL at {where} ({reason}); check that this server runs and "
-        "accepts connections, or fix E2E_ADMIN_DATABASE_URL / admin_url",
+        "cannot connect to PostgreSQL at {where} ({reason}); check that the server of "
+        "E2E_ADMIN_DATABASE_URL is up and reachable from this host, and that the URL is right",
         external=True,
     ),
     Rule(
@@ -176,6 +178,56 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         Phase.ADMIN,
+        sqlerrors.ObjectNotInPrerequisiteState,
+        DatabaseError,
+        _ADMIN_FAILED + "another process (a cleanup or a template pruner, maybe on another host) "
+        "was dropping that database at the same moment; retry (a template is built again if "
+        "needed)",
+        contains="invalid database",
+    ),
+    Rule(
+        Phase.ADMIN,
+        sqlerrors.ObjectNotInPrerequisiteState,
+        DatabaseError,
+        _ADMIN_FAILED + "a database was not in the state this needs (another process changed it "
+        "meanwhile); retry",
+    ),
+    Rule(
+        Phase.ADMIN,
+        sqlerrors.ObjectInUse,
+        DatabaseError,
+        _ADMIN_FAILED + "other sessions use that database: see pg_stat_activity, close them, "
+        "then retry",
+    ),
+    Rule(
+        Phase.ADMIN,
+        sqlerrors.LockNotAvailable,
+        DatabaseError,
+        _ADMIN_FAILED + "a lock was held by another session: see pg_locks, then retry",
+    ),
+    Rule(
+        Phase.ADMIN,
+        sqlerrors.InvalidCatalogName,
+        DatabaseError,
+        _ADMIN_FAILED + "the database was dropped by another process meanwhile; retry",
+    ),
+    Rule(
+        Phase.ADMIN,
+        sqlerrors.AdminShutdown,
+        ServerUnreachableError,
+        "PostgreSQL at {where} ended the session while trying to {action} ({reason}): a "
+        "restart, a failover or pg_terminate_backend; retry once the server accepts connections",
+    ),
+    Rule(
+        Phase.ADMIN,
+        psycopg.OperationalError,
+        ServerUnreachableError,
+        "lost the connection to PostgreSQL at {where} trying to {action} ({reason}); check that "
+        "the server of E2E_ADMIN_DATABASE_URL is up and reachable, then retry",
+        external=True,
+    ),
+    Rule(
+        Phase.ADMIN,
         psycopg.OperationalError,
         ServerUnreachableError,
         "lost the connection to PostgreSQL at {where} trying to {action} ({reason}); check that "
@@ -213,7 +265,8 @@ def to_error(
             continue
         if (rule.contains and rule.contains not in reason.lower()) or (rule.lost and not lost):
             continue
-        if rule.external is not None and rule.external is not context.external:
+        external = context.server.external if context.external is None else context.external
+        if rule.external is not None and rule.external is not external:
             continue
         user = context.server.user
         role = user if _PLAIN_ROLE.fullmatch(user) else sql.Identifier(user).as_string(None)

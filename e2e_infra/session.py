@@ -106,6 +106,24 @@ class RunResult:
     def slowest_phase(self) -> str | None:
         return max(self.phases, key=lambda k: self.phases[k]) if self.phases else None
 
+    def note_error(self, exc: BaseException, secrets: tuple[str, ...] = ()) -> None:
+        """Record how ``exc`` ended the run: interrupted, failed (the suite) or error (the rest)."""
+        if isinstance(exc, Interrupted | KeyboardInterrupt):
+            self.result = "interrupted"
+            self.error = "interrupted"
+        elif isinstance(exc, SuiteFailedError):
+            self.result = "failed"
+            self.error = mask_secrets(exc.one_line(), secrets)
+            if self.returncode is None:
+                self.returncode = exc.returncode
+        else:
+            self.result = "error"
+            message = exc.one_line() if isinstance(exc, E2EInfraError) else repr(exc)
+            self.error = mask_secrets(message, secrets)
+            tail = getattr(exc, "log_tail", "")
+            if tail:
+                self.log_tail = mask_secrets(str(tail), secrets)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "project": self.project,
@@ -227,24 +245,11 @@ class ProjectSession:
             self._signals.__exit__(None, None, None)
 
     def _note_error(self, exc: BaseException) -> None:
-        if isinstance(exc, Interrupted | KeyboardInterrupt):
-            self.result.result = "interrupted"
-            self.result.error = "interrupted"
+        self.result.note_error(exc, self._secrets)
+        if self.result.result == "interrupted":
             # Recorded before the teardown: nox -j SIGKILLs its workers 2 s after an interrupt.
             self.result.duration = self.clock.monotonic() - self._started
             self._write_record()
-        elif isinstance(exc, SuiteFailedError):
-            self.result.result = "failed"
-            self.result.error = mask_secrets(exc.one_line(), self._secrets)
-            if self.result.returncode is None:
-                self.result.returncode = exc.returncode
-        else:
-            self.result.result = "error"
-            message = exc.one_line() if isinstance(exc, E2EInfraError) else repr(exc)
-            self.result.error = mask_secrets(message, self._secrets)
-            tail = getattr(exc, "log_tail", "")
-            if tail:
-                self.result.log_tail = mask_secrets(str(tail), self._secrets)
 
     # --- acquire ----------------------------------------------------------------------------------
 
@@ -485,6 +490,9 @@ class ProjectSession:
                 if proc.returncode is not None:  # a suite that may still run keeps its lease
                     with signals_deferred(), self.registry.transaction() as txn:
                         txn.remove(suite_lease)
+        if self._allocator is not None and self._allocator.holds.lost:
+            self.failed, self.result.result = True, "error"
+            self._allocator.check_holds()  # raises: its database's proof of life was lost
         self.result.returncode = returncode
         self.result.junit = str(junit) if junit.exists() else None
         if returncode == 0:

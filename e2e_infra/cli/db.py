@@ -53,6 +53,8 @@ def db_allocate(
         _seed_arg(config, seed)
     with workspace(config) as ws:
         got = ws.databases.allocate(project, owner, seed=seed or None)
+        # On a shared server this owner cannot hold a lock: allocating again renews its others.
+        ws.databases.renew(owner=owner)
     if json_:
         emit_json(
             {
@@ -96,6 +98,21 @@ def db_release(c: Context, project: str = "", all_: bool = False, keep: bool = F
             print(f"kept {name} for {hours:g}h: {url}")
         else:
             print(f"dropped {name}")
+
+
+@task(name="renew", help={"project": "renew only this project's databases (default: all)"})
+@cli
+def db_renew(c: Context, project: str = "") -> None:
+    """Shared server: extend the expiry of databases allocated by `invoke db.allocate`."""
+    if project:
+        project_arg(project)
+    with workspace() as ws:
+        names = ws.databases.renew(project or None)
+        ttl = ws.config.lease_ttl or max(ws.config.database.keep_hours, 1.0) * 3600
+    if not names:
+        print("no databases to renew (only command allocations on a shared server expire)")
+    for name in names:
+        print(f"renewed {name} for {ttl / 3600:g}h")
 
 
 @task(name="list", help={"json": JSON_HELP})
@@ -200,5 +217,14 @@ def db_url(c: Context, project: str = "") -> None:
 
 
 db = Collection(
-    "db", db_allocate, db_release, db_list, db_cleanup, db_migrate, db_seed, db_template, db_url
+    "db",
+    db_allocate,
+    db_release,
+    db_renew,
+    db_list,
+    db_cleanup,
+    db_migrate,
+    db_seed,
+    db_template,
+    db_url,
 )

@@ -29,9 +29,11 @@ One job per module; :class:`DatabaseAllocator` composes them:
   (see :mod:`.spares`).
 * **A shared server** (``admin_url`` set): several hosts allocate on one server. Database names
   get a host part and an allocation holds an advisory lock on its name while it lives (see
-  :mod:`.shared`). An allocation whose owner is another process (``invoke db.allocate`` records its
-  parent shell) cannot hold the lock: its marker says ``hold: false`` and other hosts treat it as
-  live until ``lease_ttl`` has passed (forever when unset); its own host still proves death by pid.
+  :mod:`.shared`): watched for the whole run and re-taken after a lost connection; a cleanup
+  drops another owner's database only when that lock is free twice across a grace and nobody is
+  connected to it, never on a pid alone. An allocation whose owner is another process
+  (``invoke db.allocate`` records its parent shell) cannot hold the lock: its marker says
+  ``hold: false`` and carries a renewable expiry (``invoke db.renew``). See docs/scale-out.md.
 
 All SQL names are validated and composed with :class:`psycopg.sql.Identifier`; every psycopg error
 reaching a public method is mapped at one boundary (:mod:`e2e_infra.pgerrors`).

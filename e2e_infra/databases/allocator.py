@@ -13,22 +13,23 @@ import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+import psycopg
 from psycopg import errors as sqlerrors
 
 from ..clock import Clock, SystemClock
 from ..config import Config, validate_name
 from ..conninfo import ConnInfo
-from ..errors import DatabaseNotFoundError, RegistryError, UsageError
+from ..errors import DatabaseLimitError, DatabaseNotFoundError, RegistryError, UsageError
 from ..leases import Lease, Owner, Registry
 from ..migrations import migration_runner, seed_runner
 from .admin import AdminConnections
 from .catalog import Catalog
 from .clones import Cloner
-from .markers import Kind
+from .markers import Kind, count_databases
 from .names import FingerprintCache, spare_prefix, template_name, validate_dbname
-from .shared import Holds
+from .shared import CreationGate, Holds
 from .spares import Spares
 from .sweep import DatabaseInfo, Sweeper
 from .templates import Templates
@@ -116,6 +117,7 @@ class DatabaseAllocator:
         self.clones = Cloner(self.catalog, self.holds)
         self.spares = Spares(self.catalog)
         self.sweeper = Sweeper(self.catalog, self.templates)
+        self.gate = CreationGate.of(config, self.registry.host, timeout=build_timeout)
 
     @_server_errors("allocate a database")
     def allocate(self, project: str, owner: Owner, *, seed: str | None = None) -> AllocatedDatabase:
@@ -155,9 +157,13 @@ class DatabaseAllocator:
             if not ready:
                 build()
             spares = self.spares.claimable(spare_rows, template, template_oid, fp) if ready else []
-            # A claimed spare turns into the new database: it does not add to the count.
-            count = int(marked) - min(len(spares), 1)
-            lease, dead = clones.reserve(project, owner, template, seed, count)
+            del marked  # counted again under the creation gate
+            # Counted and made under one lock, so the caps hold under concurrency.
+            gate = contextlib.ExitStack()
+            with gate:
+                gate.enter_context(self.gate.held(conn, self.clock))
+                lease, dead = self._reserve(conn, project, owner, template, seed, spares)
+                gate = gate.pop_all()
             strategy = cat.strategy(str(fsync), major)
             try:
                 claimed = False
@@ -166,14 +172,18 @@ class DatabaseAllocator:
                     marker = clones.lease_marker(lease)
                     login = cat.roles.login(lease)
                     claimed = self.spares.claim(conn, lease.resource, marker, spares, login)
-                if not claimed:
+                if claimed:
+                    self.templates.touch(conn, template)
+                else:
                     try:
-                        lease, dead = clones.clone(conn, lease, template, strategy, dead)
+                        with self.templates.using(conn, template):
+                            lease, dead = clones.clone(conn, lease, template, strategy, dead)
                     except sqlerrors.InvalidCatalogName:
                         # The template was dropped between our check and the clone (pruned or
                         # rebuilt by another process): build it again, once.
                         build()
-                        lease, dead = clones.clone(conn, lease, template, strategy, dead)
+                        with self.templates.using(conn, template):
+                            lease, dead = clones.clone(conn, lease, template, strategy, dead)
             except BaseException:
                 self.holds.release(lease.resource)
                 if lease.id in clones.unsettled:
@@ -182,6 +192,8 @@ class DatabaseAllocator:
                     with self.registry.transaction() as txn:
                         txn.remove(lease)
                 raise
+            finally:
+                gate.close()
             if dead:
                 # Records of dead owners of this name: the name is ours now, and marked.
                 with self.registry.transaction() as txn:
@@ -312,7 +324,73 @@ class DatabaseAllocator:
         """Marked databases of this name base, joined with the leases; leases without one too."""
         return self.sweeper.list()
 
+    @_server_errors("renew databases")
+    def renew(
+        self, project: str | None = None, *, owner: Owner | None = None
+    ) -> builtins.list[str]:
+        """Extend the expiry of the databases allocated by a command (``hold: false`` on a shared
+        server) of ``project`` (all projects when None) and of ``owner`` (any when None); the
+        names renewed. ``invoke db.renew``; ``invoke db.allocate`` renews its owner's others."""
+        if project is not None:
+            validate_name(project, "project")
+        with self.registry.transaction() as txn:
+            leases = [
+                lease
+                for lease in txn.find(LEASE_KIND, project=project)
+                if self.clones.holds_lease(txn, lease)
+                and lease.data.get("keep_until") is None
+                and (owner is None or lease.owner.same_process(owner))
+                and lease.resource not in self.holds
+            ]
+        if not self.shared or not leases:
+            return []
+        renewed = []
+        with self.connections.lend() as conn:
+            for lease in leases:
+                with contextlib.suppress(sqlerrors.InvalidCatalogName, sqlerrors.UndefinedObject):
+                    self.catalog.mark(conn, lease.resource, self.clones.lease_marker(lease))
+                    renewed.append(lease.resource)
+        return renewed
+
+    def check_holds(self) -> None:
+        """Raise DatabaseError if the proof of life of a database of this process was lost for
+        good during the run (its lock could not be re-taken in time): a session calls it after
+        the suite. See :class:`.shared.Holds`."""
+        self.holds.check()
+
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _reserve(
+        self,
+        conn: psycopg.Connection[Any],
+        project: str,
+        owner: Owner,
+        template: str,
+        seed: str,
+        spares: builtins.list[str],
+    ) -> tuple[Lease, builtins.list[Lease]]:
+        """Count (under the creation gate) and reserve; at a cap, sweep what is provably dead
+        (other hosts' too) once before refusing."""
+        db = self.config.database
+        for attempt in (1, 2):
+            mine, everyone = count_databases(self.catalog.marked(conn), self.registry.host)
+            if not self.shared:
+                mine = everyone  # the local cluster is this host's alone
+            claimed = min(len(spares), 1)  # a claimed spare turns into the new database
+            try:
+                if db.server_max_databases and everyone - claimed >= db.server_max_databases:
+                    raise DatabaseLimitError(
+                        f"{everyone} e2e databases exist on the server, the limit is "
+                        f"server_max_databases = {db.server_max_databases}; drop leftovers with "
+                        "`invoke db.cleanup`, or raise database.server_max_databases",
+                        limit=db.server_max_databases,
+                    )
+                return self.clones.reserve(project, owner, template, seed, mine - claimed)
+            except DatabaseLimitError:
+                if attempt == 2:
+                    raise
+            self.sweeper.cleanup()  # proven-dead databases of any host, then count again
+        raise AssertionError("unreachable")
 
     def _project_seed(self, project: str) -> str:
         configured = self.config.projects.get(project)

@@ -164,23 +164,33 @@ class Catalog:
     def mark(self, conn: psycopg.Connection[Any], name: str, marker: Marker) -> None:
         conn.execute(marker.comment_sql(name))
 
-    def drop(self, conn: psycopg.Connection[Any], name: str, *, template: bool = False) -> None:
-        """Drop ``name`` if it exists, ending its sessions; idempotent."""
+    def drop(self, conn: psycopg.Connection[Any], name: str, *, template: bool = False) -> bool:
+        """Drop ``name`` if it exists, ending its sessions; idempotent. True if this call dropped
+        it; False if it was gone (or another process was dropping it: "invalid database")."""
         name_sql = ident(name)
+        gone = (sqlerrors.InvalidCatalogName, sqlerrors.ObjectNotInPrerequisiteState)
         if template:
-            with contextlib.suppress(sqlerrors.InvalidCatalogName, sqlerrors.UndefinedObject):
+            try:
                 conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(name_sql))
-        if self.major(conn) >= 13:
-            # FORCE terminates the sessions still connected (a leaked pool, a debugger).
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name_sql))
+            except (*gone, sqlerrors.UndefinedObject):
+                return False
+        try:
+            if self.major(conn) >= 13:
+                # FORCE terminates the sessions still connected (a leaked pool, a debugger).
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(name_sql))
+            else:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+                conn.execute(sql.SQL("DROP DATABASE {}").format(name_sql))
+        except gone:
+            dropped = False
         else:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (name,),
-            )
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(name_sql))
+            dropped = True
         if not template:
             self.roles.drop(conn, name)  # after its database: the owner goes last
+        return dropped
 
     def settle(
         self, conn: psycopg.Connection[Any], backend: int, name: str, *, template: bool = False
@@ -280,7 +290,9 @@ class Catalog:
                 shared_name = self.shared and lease.kind == Kind.DATABASE
                 if shared_name and (lock_free is None or not lock_free(name)):
                     continue  # someone (another host?) holds that name: not proven ours
-                self.drop(conn, name, template=lease.kind == Kind.BUILDING)
+                if not self.drop(conn, name, template=lease.kind == Kind.BUILDING):
+                    forget.append(lease)  # gone meanwhile: nothing dropped here
+                    continue
                 what = _HALF_MADE[lease.kind]
                 reason = f"{what}, unmarked, named by the lease of a dead owner: {why}"
                 log.info("dropped %s: %s", name, reason)

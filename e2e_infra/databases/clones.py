@@ -56,6 +56,10 @@ class Cloner:
 
     def lease_marker(self, lease: Lease, kind: Kind = Kind.DATABASE) -> Marker:
         """The marker of the lease's database."""
+        cat, hold = self.catalog, lease.resource in self.holds
+        # An owner on a shared server that cannot hold the lock: alive until then, unless renewed.
+        ttl = cat.config.lease_ttl or max(cat.config.database.keep_hours, 1.0) * 3600
+        expires = cat.clock.time() + ttl if cat.shared and not hold else None
         return Marker(
             kind=kind,
             base=self.catalog.base,
@@ -70,7 +74,8 @@ class Cloner:
             template=lease.data.get("template"),
             seed=lease.data.get("seed"),
             # Whether a live owner holds the name's advisory lock (shared servers only).
-            hold=lease.resource in self.holds,
+            hold=hold,
+            expires=expires,
         )
 
     def _host_part(self) -> str:
@@ -93,7 +98,8 @@ class Cloner:
             live = max(marked, len(held))
             if live >= limit:
                 raise DatabaseLimitError(
-                    f"{live} e2e databases exist, the limit is max_databases = {limit}; drop "
+                    f"{live} e2e databases of this host exist, the limit is max_databases = "
+                    f"{limit}; drop "
                     "leftovers with `invoke db.cleanup` or `invoke db.release --all`, or raise "
                     "database.max_databases",
                     limit=limit,

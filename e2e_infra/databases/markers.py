@@ -33,6 +33,7 @@ __all__ = [
     "MarkedDatabase",
     "Marker",
     "Verdict",
+    "count_databases",
     "decide",
     "parse_marker",
     "stale_spares",
@@ -94,6 +95,10 @@ class Marker:
     fingerprint: str | None = None
     seed: str | None = None
     hold: bool | None = None  # shared server: whether the owner holds the name's advisory lock
+    # Shared server, an owner that cannot hold the lock (``invoke db.allocate``): it lives until
+    # then unless renewed (``invoke db.renew``, or allocating again).
+    expires: float | None = None
+    last_used: float | None = None  # templates: when a clone was last made from it
 
     @classmethod
     def parse(cls, comment: str | None) -> Marker | None:
@@ -124,6 +129,8 @@ class Marker:
             fingerprint=_text(data.get("fingerprint")),
             seed=_text(data.get("seed")),
             hold=data.get("hold") if isinstance(data.get("hold"), bool) else None,
+            expires=_number(data.get("expires")),
+            last_used=_number(data.get("last_used")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -241,6 +248,8 @@ class Facts:
     has_lease: bool = False  # our registry holds the lease the marker names
     lease_keep_until: float | None = None  # that lease's keep
     lease_stale: str | None = None  # why that lease is stale, None while its owner may live
+    # Shared server: whether some session holds the name's advisory lock now (None: not looked).
+    locked: bool | None = None
 
 
 def decide(marker: Marker, facts: Facts) -> Verdict:
@@ -257,17 +266,32 @@ def decide(marker: Marker, facts: Facts) -> Verdict:
             if keep_until > facts.now:
                 return _keep(f"kept until {when(keep_until)}")
             return _drop(f"kept until {when(keep_until)}, expired")
+        if facts.shared and marker.hold:
+            # A pid proves nothing here (another pid namespace may share the host id): only the
+            # name's lock, found free twice (see .sweep), proves the owner gone.
+            if facts.has_lease and not facts.lease_stale:
+                return _keep("its lease is live")
+            why = f"lease is stale: {facts.lease_stale}" if facts.has_lease else None
+            why = why or (f"{gone}, " if gone else "") + (
+                f"its owner on host {marker.host} holds no lock on it any more (gone)"
+            )
+            return Verdict(Action.DROP_IF_UNLOCKED, why)
         if facts.has_lease:
             if facts.lease_stale:
                 return _drop(f"lease is stale: {facts.lease_stale}")
             return _keep("its lease is live")
-        if marker.host == facts.host or not facts.shared:
+        if not facts.shared:
             return _drop(f"no lease and {gone}") if gone else _keep("its owner may be alive")
-        # Another host's database on a shared server.
-        if marker.hold:
-            return Verdict(
-                Action.DROP_IF_UNLOCKED,
-                f"its owner on host {marker.host} holds no lock on it any more (gone)",
+        # A shared server, an owner that cannot hold a lock (allocated by a command): its
+        # renewable expiry decides, never a pid (same host id, other pid namespace).
+        if marker.expires is not None:
+            if marker.expires > facts.now:
+                return _keep(
+                    f"allocated by a command on host {marker.host}, until {when(marker.expires)}"
+                )
+            return _drop(
+                f"allocated by a command on host {marker.host} and not renewed: expired "
+                f"{when(marker.expires)}"
             )
         created, ttl = marker.created_at, facts.ttl
         if ttl is not None and created is not None and facts.now - created > ttl:
@@ -301,10 +325,17 @@ def status(marker: Marker, facts: Facts) -> str:
         return f"stale: {verdict.reason}"
     if marker.keep_until is not None:
         return f"kept until {when(marker.keep_until)}"
+    if facts.shared and marker.hold and facts.locked is False:
+        return (
+            f"unlocked: its owner on host {marker.host} holds no lock on it now (cleanup drops "
+            "it if still so after a grace and nobody is connected)"
+        )
     if not facts.has_lease:
-        if facts.shared and marker.host != facts.host:
-            how = "holds its lock" if marker.hold else "allocated by a command"
-            return f"live (host {marker.host} {how})"
+        if facts.shared and marker.hold:
+            return f"live (host {marker.host} holds its lock)"
+        if facts.shared:
+            until = f", until {when(marker.expires)}" if marker.expires is not None else ""
+            return f"live (host {marker.host} allocated by a command{until})"
         return "live (no lease here: another host or state folder)"
     return "live"
 
@@ -314,14 +345,10 @@ def _created(item: MarkedDatabase) -> float:
 
 
 def stale_spares(marked: Sequence[MarkedDatabase], cap: int) -> list[tuple[MarkedDatabase, str]]:
-    """Spares to drop: their template is gone, was rebuilt (another OID), is not the newest of its
-    seed, or they are beyond ``cap`` (``spares``) for their template (the oldest stay)."""
+    """Spares to drop: their template is gone, was rebuilt (another OID), or they are beyond
+    ``cap`` (``spares``) for their template (the oldest stay). Several templates of one seed live
+    side by side (branches with other migrations): each keeps its own spares."""
     templates = {item.name: item for item in marked if item.kind is Kind.TEMPLATE}
-    newest: dict[str, MarkedDatabase] = {}
-    for item in templates.values():
-        seed = str(item.marker.seed)
-        if seed not in newest or _created(item) > _created(newest[seed]):
-            newest[seed] = item
     kept: dict[str, int] = {}
     out = []
     spares = sorted((item for item in marked if item.kind is Kind.SPARE), key=_created)
@@ -332,8 +359,6 @@ def stale_spares(marked: Sequence[MarkedDatabase], cap: int) -> list[tuple[Marke
             out.append((item, f"spare of template {name}, which is gone"))
         elif template.oid != item.marker.template_oid:
             out.append((item, f"spare of an earlier build of {name}"))
-        elif newest.get(str(template.marker.seed)) is not template:
-            out.append((item, f"spare of {name}, no longer the newest template of its seed"))
         elif kept.get(name, 0) >= cap:
             out.append((item, f"spare beyond spares = {cap} for {name}"))
         else:
@@ -341,21 +366,48 @@ def stale_spares(marked: Sequence[MarkedDatabase], cap: int) -> list[tuple[Marke
     return out
 
 
+def last_used(item: MarkedDatabase) -> float:
+    """When a template was last cloned (or built, if never since)."""
+    return max(item.marker.last_used or 0.0, _created(item))
+
+
 def templates_to_prune(
-    marked: Sequence[MarkedDatabase], *, keep: str | None, limit: int
+    marked: Sequence[MarkedDatabase],
+    *,
+    keep: str | None,
+    limit: int,
+    now: float,
+    max_age: float,
 ) -> list[tuple[MarkedDatabase, str]]:
-    """Templates beyond the newest ``limit`` (``keep_templates``) of each seed; ``keep`` (the one
-    just built) counts as the newest of its seed."""
+    """Templates (one per fingerprint) to drop: not used for ``max_age`` seconds
+    (``template_keep_hours``) and not among the ``limit`` (``keep_templates``) most recently used
+    of their seed. ``keep`` (the one just built or used) always stays. So branches with other
+    migrations used at once each keep their template, however many there are."""
     by_seed: dict[str, list[MarkedDatabase]] = {}
     for item in marked:
         if item.kind is Kind.TEMPLATE:
             by_seed.setdefault(str(item.marker.seed), []).append(item)
     out = []
     for seed, items in by_seed.items():
-        items.sort(key=lambda it: (it.name == keep, _created(it)), reverse=True)
+        items.sort(key=lambda it: (it.name == keep, last_used(it)), reverse=True)
         for item in items[limit:]:
-            out.append((item, f"old template of seed {seed} (keep_templates = {limit})"))
+            idle = now - last_used(item)
+            if item.name != keep and idle > max_age:
+                out.append(
+                    (
+                        item,
+                        f"template of seed {seed} unused for {idle / 3600:.1f}h "
+                        f"(template_keep_hours = {max_age / 3600:g}, keep_templates = {limit})",
+                    )
+                )
     return out
+
+
+def count_databases(marked: Sequence[MarkedDatabase], host: str) -> tuple[int, int]:
+    """(this host's, all hosts') project databases and spares: what the caps count. Templates
+    and templates being built do not count."""
+    counted = [item for item in marked if item.kind.is_project_database or item.kind is Kind.SPARE]
+    return sum(1 for item in counted if item.marker.host == host), len(counted)
 
 
 def when(epoch: float) -> str:

@@ -5,7 +5,8 @@ A spare (``spares`` > 0) is made after a release, in a background thread the all
 ``<base>_spare_<fp[:12]>_<random>`` while a registry lease of kind ``spare`` names it (so a maker
 that dies before marking it leaves proof of what to drop), then marked ``kind spare`` with the
 template's name, OID and fingerprint. At most ``spares`` per template, made under an advisory
-lock; they count toward ``max_databases``. The next allocation claims one with
+lock; they count toward the maker's ``max_databases`` (on a shared server, any host may claim
+them). The next allocation claims one with
 ``ALTER DATABASE spare RENAME TO target; COMMENT ...`` in one implicit transaction: only a spare of
 the current template (same OID, so not from before a rebuild) is taken, and losing a race to
 another claimer just means trying the next, or cloning. Spares of old templates are dropped when a
@@ -27,9 +28,10 @@ from psycopg import sql
 
 from ..leases import Owner, Registry
 from .catalog import Catalog
-from .markers import Kind, Marker, stale_spares
+from .markers import Kind, Marker, count_databases, stale_spares
 from .names import ident, spare_key, spare_name
 from .roles import Roles
+from .shared import CreationGate
 
 __all__ = ["Spares"]
 
@@ -127,14 +129,27 @@ class Spares:
                     for item in marked
                     if item.kind is Kind.SPARE and item.marker.template_oid == row[0]
                 ]
-                count = sum(1 for item in marked if not item.is_template)
-                room = cat.config.database.max_databases - count
-                for _ in range(min(cap - len(current), room)):
-                    made.append(self._make(conn, template, int(row[0]), marker))
+                # Counted and made under the allocators' creation gate: the caps hold.
+                with CreationGate.of(cat.config, cat.registry.host, timeout=cat.build_timeout).held(
+                    conn, cat.clock
+                ):
+                    for _ in range(min(cap - len(current), self._room(conn))):
+                        made.append(self._make(conn, template, int(row[0]), marker))
             finally:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("SELECT pg_advisory_unlock(%s)", (spare_key(fp),))
         return made
+
+    def _room(self, conn: psycopg.Connection[Any]) -> int:
+        """How many more databases the caps allow: ``max_databases`` counts this host's (on a
+        shared server; every other host's spares are theirs), ``server_max_databases`` all."""
+        cat = self.catalog
+        db = cat.config.database
+        mine, everyone = count_databases(cat.marked(conn), cat.registry.host)
+        room = db.max_databases - (mine if cat.shared else everyone)
+        if db.server_max_databases:
+            room = min(room, db.server_max_databases - everyone)
+        return room
 
     def _make(
         self, conn: psycopg.Connection[Any], template: str, template_oid: int, of: Marker

@@ -10,16 +10,25 @@ lease is the proof it was ours). Never any other unmarked database.
 from __future__ import annotations
 
 import builtins
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import errors as sqlerrors
+from psycopg import sql
 
 from ..leases import Lease, Transaction, process_start_time
 from .catalog import Catalog
 from .markers import Action, Facts, Kind, MarkedDatabase, Marker, decide, stale_spares, status
-from .shared import DeathProof
+from .names import ident, name_key
+from .shared import DEATH_GRACE, DeathProof, held_keys
 from .templates import Templates
 
 __all__ = ["DatabaseInfo", "Sweeper", "facts", "owner_gone", "why_drop"]
+
+log = logging.getLogger("e2e_infra")
 
 LEASE_KIND = Kind.DATABASE.value
 _START_TIME_TOLERANCE = 0.05  # seconds between two readings of one process's start time
@@ -55,7 +64,13 @@ def owner_gone(marker: Marker, host: str) -> str | None:
 
 
 def facts(
-    txn: Transaction, marker: Marker, lease: Lease | None, now: float, *, shared: bool
+    txn: Transaction,
+    marker: Marker,
+    lease: Lease | None,
+    now: float,
+    *,
+    shared: bool,
+    locked: bool | None = None,
 ) -> Facts:
     """What the registry and the process table say about the owner of ``marker``; ``lease``:
     ours that the marker names, if any."""
@@ -69,6 +84,7 @@ def facts(
         has_lease=lease is not None,
         lease_keep_until=keep if isinstance(keep, (int, float)) else None,
         lease_stale=txn.stale_reason(lease) if lease is not None else None,
+        locked=locked,
     )
 
 
@@ -98,27 +114,38 @@ class Sweeper:
         self.catalog = catalog
         self.templates = templates
 
-    def cleanup(self) -> builtins.list[tuple[str, str]]:
-        """Drop what is proven dead (see the module); ``(name, why)`` of each database dropped."""
+    def cleanup(self, *, grace: float = DEATH_GRACE) -> builtins.list[tuple[str, str]]:
+        """Drop what is proven dead (see the module); ``(name, why)`` of each database dropped.
+
+        Another owner's database on a shared server is judged twice: its lock found free, then
+        free again ``grace`` seconds later (longer than an owner's re-take after losing its
+        connection); a project database that any session is connected to is never dropped."""
         cat = self.catalog
         dropped: builtins.list[tuple[str, str]] = []
         with cat.connections.lend(reuse=False) as conn:  # it takes session advisory locks
             marked = cat.marked(conn)
-            now = cat.clock.time()
-            doomed: builtins.list[tuple[MarkedDatabase, str]] = []
-            proof = DeathProof(conn)  # keys taken to prove another host's owner gone
-            with cat.registry.transaction() as txn:
-                by_id = {lease.id: lease for lease in txn.find(LEASE_KIND)}
-                for item in marked:
-                    lease = by_id.get(str(item.marker.lease))
-                    why = why_drop(txn, item, lease, now, shared=cat.shared, lock_free=proof)
-                    if why is not None:
-                        doomed.append((item, why))
-            doomed.extend(stale_spares(marked, cat.config.database.spares))
+            proof = DeathProof(conn)  # keys taken to prove another owner gone
+            doomed = self._judge(marked, proof.free_now)
+            suspects = [item for item, why, needs_proof in doomed if needs_proof]
+            if suspects:
+                cat.clock.sleep(grace)  # then judge again, from fresh facts
+                marked = cat.marked(conn)
+                again = {item.name for item in suspects}
+                doomed = [
+                    entry
+                    for entry in self._judge(marked, proof)
+                    if not entry[2] or entry[0].name in again
+                ]
             try:
-                for item, why in doomed:
-                    cat.drop(conn, item.name, template=item.is_template)
-                    dropped.append((item.name, why))
+                for item, why, _ in doomed:
+                    if item.kind.is_project_database:
+                        if drop_unused(cat, conn, item.name):
+                            dropped.append((item.name, why))
+                    elif cat.drop(conn, item.name, template=item.is_template):
+                        dropped.append((item.name, why))
+                for item, why in stale_spares(marked, cat.config.database.spares):
+                    if cat.drop(conn, item.name):
+                        dropped.append((item.name, why))
                 names = {item.name for item in marked}
                 dropped.extend(cat.drop_half_made(conn, names, lock_free=proof))
             finally:
@@ -132,11 +159,33 @@ class Sweeper:
                     txn.remove(lease)
         return dropped
 
+    def _judge(
+        self, marked: builtins.list[MarkedDatabase], lock_free: Callable[[str], bool]
+    ) -> builtins.list[tuple[MarkedDatabase, str, bool]]:
+        """``(item, why, needed the lock proof)`` of each database the policy lets go now."""
+        cat = self.catalog
+        now = cat.clock.time()
+        out: builtins.list[tuple[MarkedDatabase, str, bool]] = []
+        with cat.registry.transaction() as txn:
+            by_id = {lease.id: lease for lease in txn.find(LEASE_KIND)}
+            for item in marked:
+                lease = by_id.get(str(item.marker.lease))
+                verdict = decide(
+                    item.marker, facts(txn, item.marker, lease, now, shared=cat.shared)
+                )
+                if verdict.action is Action.DROP_IF_UNLOCKED:
+                    if lock_free(item.name):
+                        out.append((item, verdict.reason, True))
+                elif verdict.drop:
+                    out.append((item, verdict.reason, False))
+        return out
+
     def list(self) -> builtins.list[DatabaseInfo]:
         """Marked databases of this name base, joined with the leases; leases without one too."""
         cat = self.catalog
         with cat.connections.lend() as conn:
             marked = cat.marked(conn, size=True)
+            locks = held_keys(conn) if cat.shared else None
         now = cat.clock.time()
         out: builtins.list[DatabaseInfo] = []
         with cat.registry.transaction() as txn:
@@ -153,7 +202,17 @@ class Sweeper:
                         project=m.project,
                         kind=item.kind.value,
                         size=item.size,
-                        status=status(m, facts(txn, m, lease, now, shared=cat.shared)),
+                        status=status(
+                            m,
+                            facts(
+                                txn,
+                                m,
+                                lease,
+                                now,
+                                shared=cat.shared,
+                                locked=None if locks is None else name_key(item.name) in locks,
+                            ),
+                        ),
                         owner_pid=m.pid,
                         run_id=m.run,
                         created_at=m.created_at,
@@ -181,3 +240,25 @@ class Sweeper:
                     )
         order = {"template": 0, "building": 1, "spare": 2, "database": 3, "kept": 4, "missing": 5}
         return sorted(out, key=lambda info: (order.get(info.kind, 9), info.name))
+
+
+def drop_unused(cat: Catalog, conn: psycopg.Connection[Any], name: str) -> bool:
+    """Drop project database ``name`` unless a session is connected to it: new connections are
+    refused first, then the sessions counted, so none can slip in between. True if it was dropped
+    (False: in use, or already gone)."""
+    name_sql = ident(name)
+    try:
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(name_sql))
+    except (sqlerrors.InvalidCatalogName, sqlerrors.ObjectNotInPrerequisiteState):
+        return False  # gone, or being dropped by another cleanup
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)
+    ).fetchone()
+    if row is not None and row[0]:
+        log.info("kept %s: %d session(s) connected to it", name, row[0])
+        try:
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(name_sql))
+        except (sqlerrors.InvalidCatalogName, sqlerrors.ObjectNotInPrerequisiteState):
+            return False
+        return False
+    return cat.drop(conn, name)

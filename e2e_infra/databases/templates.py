@@ -6,6 +6,11 @@ lock held on a connection of its own: created as ``<base>_build_<fp[:12]>_<pid>`
 ``IS_TEMPLATE true, ALLOW_CONNECTIONS false`` and only then published by rename, so a database
 with the template's name is always complete. A half-built template is dropped on failure, and by
 the next builder or ``cleanup`` if its builder died.
+
+Templates are kept by last use, per fingerprint: each clone records its template's last use in
+the marker (rate-limited), and pruning drops only those not used for ``template_keep_hours``
+beyond the ``keep_templates`` most recently used of their seed, never one a clone is being made
+from (see :meth:`Templates.prune`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -24,12 +30,16 @@ from psycopg import sql
 from ..leases import Owner
 from ..migrations import Runner, advisory_lock, connect
 from .catalog import Catalog
-from .markers import Kind, Marker, stale_spares, templates_to_prune
-from .names import build_key, build_name, build_prefix, ident
+from .markers import Kind, MarkedDatabase, Marker, stale_spares, templates_to_prune
+from .names import build_key, build_name, build_prefix, ident, name_key
 
 __all__ = ["Templates"]
 
 log = logging.getLogger("e2e_infra")
+
+# A template's last use is written to its marker at most this often (seconds): enough for an age
+# counted in hours, and cheap.
+_TOUCH_EVERY = 300.0
 
 
 class Templates:
@@ -177,17 +187,85 @@ class Templates:
     def prune(
         self, conn: psycopg.Connection[Any], *, keep: str | None
     ) -> builtins.list[tuple[str, str]]:
-        """Drop templates beyond the newest ``keep_templates`` of each seed profile, then the
-        spares of templates that are gone or no longer the newest (the template changed)."""
+        """Drop the templates that were not used recently (see
+        :func:`.markers.templates_to_prune`), then the spares of templates that are gone.
+
+        Several hosts may prune at once, and clones may be in flight: each template is dropped
+        only under its name's advisory lock taken exclusively with ``pg_try_advisory_lock`` (a
+        clone holds it shared while it copies, see :meth:`using`; another pruner holds it while
+        it drops), and judged again from a fresh marker under that lock."""
         cat = self.catalog
         dropped = []
-        limit = cat.config.database.keep_templates
-        for item, why in templates_to_prune(cat.marked(conn), keep=keep, limit=limit):
-            cat.drop(conn, item.name, template=True)
-            log.info("dropped %s: %s", item.name, why)
-            dropped.append((item.name, why))
-        for item, why in stale_spares(cat.marked(conn), cat.config.database.spares):
-            cat.drop(conn, item.name)
-            log.info("dropped %s: %s", item.name, why)
-            dropped.append((item.name, why))
+        db = cat.config.database
+        max_age = db.template_keep_hours * 3600
+
+        def doomed() -> builtins.list[tuple[MarkedDatabase, str]]:
+            return templates_to_prune(
+                cat.marked(conn),
+                keep=keep,
+                limit=db.keep_templates,
+                now=cat.clock.time(),
+                max_age=max_age,
+            )
+
+        for item, _why in doomed():
+            key = name_key(item.name)
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            if not (row and row[0]):
+                continue  # being cloned from, or another pruner has it
+            try:
+                again = {it.name: why for it, why in doomed()}
+                if item.name in again and cat.drop(conn, item.name, template=True):
+                    log.info("dropped %s: %s", item.name, again[item.name])
+                    dropped.append((item.name, again[item.name]))
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        for item, why in stale_spares(cat.marked(conn), db.spares):
+            if cat.drop(conn, item.name):
+                log.info("dropped %s: %s", item.name, why)
+                dropped.append((item.name, why))
         return dropped
+
+    @contextlib.contextmanager
+    def using(self, conn: psycopg.Connection[Any], template: str) -> Iterator[None]:
+        """Hold ``template``'s name lock shared while cloning from it (no pruner drops it
+        meanwhile); then record its last use in its marker (see :meth:`touch`)."""
+        key = name_key(template)
+        advisory_lock(
+            conn,
+            key,
+            shared=True,
+            timeout=self.catalog.config.database.clone_timeout,
+            what=f"template {template} (another process is dropping it)",
+            clock=self.catalog.clock,
+        )
+        try:
+            yield
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
+        self.touch(conn, template)
+
+    def touch(self, conn: psycopg.Connection[Any], template: str) -> None:
+        """Record now as the template's last use in its marker, at most every
+        :data:`_TOUCH_EVERY` seconds, and never waiting on a clone in flight (COMMENT takes a
+        lock that conflicts with CREATE DATABASE's on the template): skipped if not granted at
+        once. Pruning is by last use, so templates in use stay."""
+        cat = self.catalog
+        now = cat.clock.time()
+        try:
+            row = conn.execute(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                (template,),
+            ).fetchone()
+            marker = Marker.parse(row[0]) if row else None
+            if marker is None or marker.kind is not Kind.TEMPLATE:
+                return
+            if now - max(marker.last_used or 0.0, marker.created_at or 0.0) < _TOUCH_EVERY:
+                return
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '50ms'")
+                conn.execute(dataclasses.replace(marker, last_used=now).comment_sql(template))
+        except (sqlerrors.LockNotAvailable, sqlerrors.InvalidCatalogName):
+            pass  # busy or gone: the next clone records it

@@ -51,6 +51,8 @@ _DB_KEYS = {
     "seed_commands",
     "default_seed",
     "keep_templates",
+    "template_keep_hours",
+    "server_max_databases",
     "max_databases",
     "keep_hours",
     "clone_strategy",

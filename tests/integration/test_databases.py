@@ -130,7 +130,8 @@ def test_editing_a_migration_builds_a_new_template_and_old_ones_are_dropped(
 ) -> None:
     migrations = tmp_path / "migrations"
     shutil.copytree(FIXTURES / "migrations", migrations)
-    allocator = make_allocator(migrations_dir=migrations, keep_templates=2)
+    # Age 0: only the keep_templates most recently used of the seed stay.
+    allocator = make_allocator(migrations_dir=migrations, keep_templates=2, template_keep_hours=0)
     owner = Owner.current()
     templates = []
     for version in range(3):
@@ -148,7 +149,7 @@ def test_editing_a_migration_builds_a_new_template_and_old_ones_are_dropped(
         allocator.release("quality")
     assert len(set(templates)) == 3
     left = {n for n, m in databases(pg_cluster, allocator.base + "_").items() if m}
-    assert left == {templates[1], templates[2]}  # the oldest beyond keep_templates was dropped
+    assert left == {templates[1], templates[2]}  # the least recently used was dropped
 
 
 def test_a_failing_migration_names_the_file_and_leaves_nothing_behind(

@@ -8,6 +8,8 @@ Two "hosts" are two processes with their own config (state folder, ``host_id``) 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +34,8 @@ from conftest import (
 
 from e2e_infra.config import Config
 from e2e_infra.databases import DatabaseAllocator, host_tag
+from e2e_infra.databases.names import name_key
+from e2e_infra.errors import DatabaseError, DatabaseLimitError
 from e2e_infra.leases import Owner
 from e2e_infra.testing import FakeClock
 
@@ -85,9 +89,7 @@ def host_config(tmp_path: Path, pg: PgCluster, base: str, host: str, **extra: An
         admin_url=pg.tcp.url,
         host_id=host,
         name_base=base,
-        migrations_dir=FIXTURES / "migrations",
-        seeds_dir=FIXTURES / "seeds",
-        **extra,
+        **{"migrations_dir": FIXTURES / "migrations", "seeds_dir": FIXTURES / "seeds", **extra},
     )
 
 
@@ -180,32 +182,398 @@ def test_two_hosts_allocate_apart_and_cleanup_drops_only_the_dead_hosts_database
             host.stop()
 
 
-def test_a_command_allocation_cannot_hold_a_lock_so_other_hosts_wait_for_the_lease_ttl(
+def test_a_command_allocation_lives_until_its_renewable_expiry_on_every_host(
     pg_cluster: PgCluster, base: str, tmp_path: Path
 ) -> None:
     shell = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        config_c = host_config(tmp_path, pg_cluster, base, "host-c")
+        clock = FakeClock(start=0.0, wall=time.time())
+        config_c = host_config(tmp_path, pg_cluster, base, "host-c", lease_ttl=60)
+        allocator_c = _allocator(config_c, clock=clock)
         # `invoke db.allocate` records its parent as the owner: not this process.
         owner = Owner.of_pid(shell.pid, host="host-c", run_id="cli")
-        got = _allocator(config_c).allocate("alpha", owner)
+        got = allocator_c.allocate("alpha", owner)
         marker = server_databases(pg_cluster, got.name)[got.name]
         assert marker is not None and marker["hold"] is False
+        assert marker["expires"] == pytest.approx(clock.time() + 60)
         assert holders(pg_cluster) == []
 
-        clock = FakeClock(start=0.0, wall=time.time())
-        config_a = host_config(tmp_path, pg_cluster, base, "host-a", lease_ttl=60)
+        config_a = host_config(tmp_path, pg_cluster, base, "host-a")
         allocator_a = _allocator(config_a, clock=clock)
         assert allocator_a.cleanup() == []
-        assert {i.name: i.status for i in allocator_a.list()}[got.name] == (
-            "live (host host-c allocated by a command)"
+        assert {i.name: i.status for i in allocator_a.list()}[got.name].startswith(
+            "live (host host-c allocated by a command, until "
         )
-        clock.advance(61)
+        clock.advance(50)
+        assert allocator_c.renew("alpha") == [got.name]  # `invoke db.renew`
+        clock.advance(50)  # past the first expiry, within the renewed one
+        assert allocator_a.cleanup() == []
+        clock.advance(11)
         dropped = dict(allocator_a.cleanup())
-        assert list(dropped) == [got.name] and "lease_ttl" in dropped[got.name]
+        assert list(dropped) == [got.name] and "not renewed" in dropped[got.name]
     finally:
         shell.kill()
         shell.wait()
+
+
+# --- proof of life that survives connection loss --------------------------------------------------
+
+HOLDER = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    import psycopg
+    import e2e_infra
+    config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
+    registry = e2e_infra.make_registry(config)
+    allocator = e2e_infra.database_allocator(
+        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
+    )
+    got = allocator.allocate(sys.argv[2], e2e_infra.Owner.current(host=config.host_id))
+    print(json.dumps({"name": got.name}), flush=True)
+    stop, ok, failed = Path(sys.argv[3]), 0, 0
+    deadline = time.monotonic() + 120
+    while not stop.exists() and time.monotonic() < deadline:  # a suite: one query at a time
+        try:
+            with psycopg.connect(got.url.conninfo(), connect_timeout=5) as conn:
+                conn.execute("SELECT count(*) FROM notes").fetchone()
+            ok += 1
+        except psycopg.Error:
+            failed += 1
+        time.sleep(0.1)
+    lost, retakes = allocator.holds.lost, allocator.holds.retakes
+    allocator.release_all()
+    allocator.close()
+    print(json.dumps({"ok": ok, "failed": failed, "lost": lost, "retakes": retakes}), flush=True)
+    """
+)
+
+
+class Holder:
+    """A suite-like owner: allocates, queries its database until told to stop, reports."""
+
+    def __init__(self, config: Config, project: str, stop: Path, prefix: tuple[str, ...] = ()):
+        self.stop = stop
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", HOLDER, str(_source(config)), project, str(stop)],
+            stdout=subprocess.PIPE,
+            env=clean_environ({"PYTHONPATH": str(REPO_ROOT)}),
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        assert self.proc.stdout is not None
+        self.name = json.loads(self.proc.stdout.readline())["name"]
+
+    def finish(self) -> dict[str, Any]:
+        self.stop.touch()
+        out, _ = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0
+        return json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+def end_advisory_lock_holders(pg: PgCluster) -> int:
+    """What a restart, a failover or a proxy does: end every session holding an advisory lock."""
+    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM (SELECT DISTINCT pid FROM pg_locks "
+            "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()) p"
+        ).fetchall()
+    return len(rows)
+
+
+def test_a_hold_lost_with_its_connection_is_taken_again_and_cleanup_elsewhere_keeps_the_database(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    config_a = host_config(tmp_path, pg_cluster, base, "host-a")
+    config_b = host_config(tmp_path, pg_cluster, base, "host-b")
+    holder = Holder(config_a, "alpha", tmp_path / "stop")
+    try:
+        allocator_b = _allocator(config_b)
+        for _ in range(3):
+            assert end_advisory_lock_holders(pg_cluster) >= 1
+            assert allocator_b.cleanup() == []  # judged twice across the grace: re-taken
+            assert holder.name in server_databases(pg_cluster, holder.name)
+        assert any(h.startswith(f"e2e-infra hold {holder.name}") for h in holders(pg_cluster))
+        result = holder.finish()
+    finally:
+        holder.kill()
+    assert result["failed"] == 0 and result["ok"] > 10
+    assert result["lost"] == {} and result["retakes"] >= 3
+
+
+def test_a_hold_that_cannot_be_taken_again_in_time_fails_the_run_naming_why(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    config = host_config(tmp_path, pg_cluster, base, "host-a")
+    allocator = _allocator(config)
+    allocator.holds.retake_timeout = 1.0
+    allocator.holds.interval = 3.0  # time for the blocker below to take the key first
+    lost: list[tuple[str, str]] = []
+    allocator.holds.on_lost = lambda name, why: lost.append((name, why))
+    got = allocator.allocate("alpha", Owner.current(host="host-a"))
+    with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as blocker:
+        # A cleanup that judged it dead takes the key exclusively: the owner cannot re-take it.
+        end_advisory_lock_holders(pg_cluster)
+        key = name_key(got.name)
+        deadline = time.monotonic() + 2
+        while blocker.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() != (True,):
+            assert time.monotonic() < deadline, "the ended session kept its lock"
+            time.sleep(0.01)
+        deadline = time.monotonic() + 15
+        while not lost:
+            assert time.monotonic() < deadline, "the loss was never reported"
+            time.sleep(0.1)
+    assert lost[0][0] == got.name and "within 1s" in lost[0][1]
+    with pytest.raises(DatabaseError, match=f"lost the proof of life of database {got.name}"):
+        allocator.check_holds()
+    allocator.release_all()
+    allocator.close()
+
+
+def test_cleanup_never_drops_a_database_a_session_is_connected_to(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    clock = FakeClock(start=0.0, wall=time.time())
+    config_a = host_config(tmp_path, pg_cluster, base, "host-a")
+    allocator_a = _allocator(config_a)
+    got = allocator_a.allocate("alpha", Owner.current(host="host-a"))
+    allocator_a.holds.release_all()  # the lock is gone, as if its owner had died
+    allocator_b = _allocator(host_config(tmp_path, pg_cluster, base, "host-b"), clock=clock)
+    infos = {info.name: info.status for info in allocator_b.list()}
+    assert infos[got.name].startswith("unlocked: its owner on host host-a holds no lock")
+    with psycopg.connect(got.url.conninfo()) as conn:
+        conn.execute("SELECT 1")
+        assert allocator_b.cleanup() == []  # unlocked twice, but in use
+        assert got.name in server_databases(pg_cluster, got.name)
+    dropped = dict(allocator_b.cleanup())
+    assert list(dropped) == [got.name] and "holds no lock" in dropped[got.name]
+    assert allocator_b.cleanup() == []  # reports only what it really dropped
+    allocator_a.close()
+
+
+# --- one host id, two pid namespaces --------------------------------------------------------------
+
+CLEANUP = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import e2e_infra
+    config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
+    registry = e2e_infra.make_registry(config)
+    allocator = e2e_infra.database_allocator(
+        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
+    )
+    print(json.dumps({"pid": os.getpid(), "dropped": allocator.cleanup()}), flush=True)
+    allocator.close()
+    """
+)
+
+UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc")
+
+
+def test_another_pid_namespace_with_the_same_host_id_keeps_and_never_reuses_a_live_database(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    assert shutil.which("unshare") and os.geteuid() == 0, "needs unshare as root"
+    config_a = host_config(tmp_path, pg_cluster, base, "ci-runner")
+    config_b = host_config(tmp_path / "checkout-b", pg_cluster, base, "ci-runner")
+    a = Holder(config_a, "alpha", tmp_path / "stop-a")
+    b: Holder | None = None
+    try:
+        out = subprocess.run(
+            [*UNSHARE, sys.executable, "-c", CLEANUP, str(_source(config_b))],
+            capture_output=True,
+            text=True,
+            env=clean_environ({"PYTHONPATH": str(REPO_ROOT)}),
+            cwd=REPO_ROOT,
+            timeout=120,
+            check=True,
+        )
+        report = json.loads(out.stdout)
+        assert report["pid"] == 1  # really another pid namespace: A's pid means nothing there
+        assert report["dropped"] == []
+        b = Holder(config_b, "alpha", tmp_path / "stop-b", prefix=UNSHARE)
+        assert b.name != a.name  # A's name is in use by a live owner: never dropped to reuse
+        present = server_databases(pg_cluster, base + "_")
+        assert a.name in present and b.name in present
+        result_b, result_a = b.finish(), a.finish()
+    finally:
+        for holder in (a, b):
+            if holder is not None:
+                holder.kill()
+    for result in (result_a, result_b):
+        assert result["failed"] == 0 and result["lost"] == {}
+
+
+# --- branches: templates by last use, per fingerprint ---------------------------------------------
+
+
+def templates_on(pg: PgCluster, base: str) -> dict[str, int]:
+    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname, oid FROM pg_database WHERE starts_with(datname, %s)", (base + "_tpl_",)
+        ).fetchall()
+    return {str(name): int(oid) for name, oid in rows}
+
+
+def test_three_branches_at_once_build_each_template_once_and_every_allocation_succeeds(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    configs = []
+    for branch in range(3):
+        migrations = tmp_path / f"branch{branch}" / "migrations"
+        shutil.copytree(FIXTURES / "migrations", migrations)
+        (migrations / "0009_branch.sql").write_text(f"CREATE TABLE branch_{branch} (id int);\n")
+        configs.append(
+            host_config(
+                tmp_path / f"branch{branch}",
+                pg_cluster,
+                base,
+                f"host-{branch}",
+                migrations_dir=migrations,
+            )
+        )
+    seen: dict[str, int] = {}
+    for _round in range(3):
+        hosts = [Host(_source(config), ["alpha", "beta"]) for config in configs]
+        try:
+            for host in hosts:
+                host.tell("go")
+            names = [json.loads(host.readline()) for host in hosts]
+            assert all(len(got) == 2 for got in names)  # no allocation failed
+            for host in hosts:
+                host.tell("release")
+            assert [host.proc.wait(timeout=60) for host in hosts] == [0, 0, 0]
+        finally:
+            for host in hosts:
+                host.stop()
+        now = templates_on(pg_cluster, base)
+        assert len(now) == 3  # one per fingerprint, none pruned (keep_templates = 2 per seed)
+        assert all(seen.get(name, oid) == oid for name, oid in now.items())  # never rebuilt
+        seen.update(now)
+
+
+# --- caps -----------------------------------------------------------------------------------------
+
+ALLOCATE = textwrap.dedent(
+    """
+    import json, os, sys
+    from pathlib import Path
+    import e2e_infra
+    config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
+    registry = e2e_infra.make_registry(config)
+    allocator = e2e_infra.database_allocator(
+        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
+    )
+    sys.stdin.readline()  # go
+    try:
+        got = allocator.allocate(sys.argv[2], e2e_infra.Owner.current(host=config.host_id))
+        print(json.dumps({"name": got.name}), flush=True)
+    except e2e_infra.E2EInfraError as exc:
+        print(json.dumps({"error": type(exc).__name__}), flush=True)
+    sys.stdin.readline()  # release
+    allocator.release_all()
+    allocator.close()
+    """
+)
+
+
+def test_max_databases_counts_this_hosts_databases_and_holds_under_concurrency(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    config = host_config(tmp_path, pg_cluster, base, "host-a", max_databases=3)
+    other = _allocator(host_config(tmp_path, pg_cluster, base, "host-b", max_databases=3))
+    for project in ("x1", "x2", "x3"):  # another host's databases do not count here
+        other.allocate(project, Owner.current(host="host-b"))
+    _allocator(config).ensure_template("default")
+    env = clean_environ({"PYTHONPATH": str(REPO_ROOT)})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ALLOCATE, str(_source(config)), f"p{i}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        for i in range(6)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = []
+        for proc in procs:
+            assert proc.stdout is not None
+            results.append(json.loads(proc.stdout.readline()))
+        got = [r["name"] for r in results if "name" in r]
+        assert len(got) == 3  # six at once, a cap of three: exactly three
+        assert [r["error"] for r in results if "error" in r] == ["DatabaseLimitError"] * 3
+    finally:
+        for proc in procs:
+            proc.communicate("release\n", timeout=60)
+    other.release_all()
+    other.close()
+
+
+def test_the_server_cap_sweeps_a_dead_hosts_databases_before_refusing(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    config_d = host_config(tmp_path, pg_cluster, base, "host-d")
+    dead = Host(_source(config_d), ["alpha", "beta"])
+    try:
+        dead.tell("go")
+        names = json.loads(dead.readline())
+    finally:
+        dead.stop()  # SIGKILL: its databases stay, its locks end with its connections
+    deadline = time.monotonic() + 10
+    while any(h.endswith(f" {dead.proc.pid}") for h in holders(pg_cluster)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    clock = FakeClock(start=0.0, wall=time.time())
+    config_a = host_config(tmp_path, pg_cluster, base, "host-a", server_max_databases=2)
+    allocator_a = _allocator(config_a, clock=clock)
+    got = allocator_a.allocate("alpha", Owner.current(host="host-a"))  # swept, then allocated
+    present = server_databases(pg_cluster, base + "_")
+    assert got.name in present and not set(names) & set(present)
+    allocator_a.allocate("beta", Owner.current(host="host-a"))
+    with pytest.raises(DatabaseLimitError, match="server_max_databases = 2"):
+        allocator_a.allocate("gamma", Owner.current(host="host-a"))
+    allocator_a.release_all()
+    allocator_a.close()
+
+
+def test_a_shared_server_hands_out_a_warm_spare_by_rename(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    config_a = host_config(tmp_path, pg_cluster, base, "host-a", spares=1)
+    config_b = host_config(tmp_path, pg_cluster, base, "host-b", spares=1)
+    allocator_a, allocator_b = _allocator(config_a), _allocator(config_b)
+    first = allocator_a.allocate("alpha", Owner.current(host="host-a"))
+    allocator_a.release("alpha")
+    allocator_a.close()  # waits for the spare made after the release
+    spares = [
+        n for n, m in server_databases(pg_cluster, base + "_").items() if m and m["kind"] == "spare"
+    ]
+    assert len(spares) == 1
+    oid = templates_on_oid(pg_cluster, spares[0])
+    got = allocator_b.allocate("beta", Owner.current(host="host-b"))  # another host claims it
+    assert templates_on_oid(pg_cluster, got.name) == oid  # the same database, renamed
+    assert got.template == first.template
+    allocator_b.release_all()
+    allocator_b.close()
+
+
+def templates_on_oid(pg: PgCluster, name: str) -> int | None:
+    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
+        row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def _allocator(config: Config, clock: FakeClock | None = None) -> DatabaseAllocator:

@@ -208,9 +208,20 @@ def test_on_a_shared_server_another_hosts_database_needs_lock_proof_or_the_ttl()
     late = decide(command, replace(shared, now=NOW + 61))
     assert late.drop and "lease_ttl (60s)" in late.reason
     assert decide(command, replace(shared, now=NOW + 10**6, ttl=None)).action is Action.KEEP
-    # This host's own databases are still judged by pid on a shared server.
+    # This host's own databases too need the lock proof: a dead-looking pid may live in another
+    # pid namespace that uses the same host id.
     mine = db(hold=True)
-    assert decide(mine, replace(shared, owner_gone="owner pid 4242 is gone")).drop
+    verdict = decide(mine, replace(shared, owner_gone="owner pid 4242 is gone"))
+    assert verdict.action is Action.DROP_IF_UNLOCKED and "4242 is gone" in verdict.reason
+
+
+def test_a_command_allocation_on_a_shared_server_lives_until_its_renewable_expiry() -> None:
+    shared = facts(shared=True, ttl=None, owner_gone="owner pid 4242 is gone")
+    for host in (HERE, THERE):  # never by pid, even on the same host id
+        command = db(host=host, hold=False, created_at=NOW - 10**6, expires=NOW + 5)
+        assert decide(command, shared).action is Action.KEEP
+        late = decide(command, replace(shared, now=NOW + 6))
+        assert late.drop and "not renewed" in late.reason
 
 
 def test_templates_and_spares_are_never_dropped_by_the_owner_policy() -> None:
@@ -274,7 +285,9 @@ def spare(name: str, template: str, oid: int, created: float) -> MarkedDatabase:
     return item(name, marker)
 
 
-def test_only_the_oldest_spares_of_the_newest_build_within_the_cap_survive() -> None:
+def test_only_the_oldest_spares_of_the_current_build_of_each_template_within_the_cap_survive() -> (
+    None
+):
     marked = [
         tpl("tpl_old", "default", 10, 1.0),
         tpl("tpl_new", "default", 20, 2.0),
@@ -285,12 +298,13 @@ def test_only_the_oldest_spares_of_the_newest_build_within_the_cap_survive() -> 
         spare("s_first", "tpl_new", 20, 3.0),
     ]
     doomed = {entry.name: why for entry, why in stale_spares(marked, cap=1)}
-    assert set(doomed) == {"s_old", "s_rebuilt", "s_gone", "s_second"}
+    # tpl_old lives on (another branch's template): its spare stays.
+    assert set(doomed) == {"s_rebuilt", "s_gone", "s_second"}
     no_spares = {entry.name for entry, _ in stale_spares(marked, cap=0)}
-    assert no_spares == set(doomed) | {"s_first"}
+    assert no_spares == set(doomed) | {"s_first", "s_old"}
 
 
-def test_templates_beyond_keep_templates_go_per_seed_newest_and_the_new_one_stay() -> None:
+def test_templates_go_when_unused_for_the_age_and_beyond_the_most_recently_used_of_a_seed() -> None:
     marked = [
         tpl("a1", "default", 1, 1.0),
         tpl("a2", "default", 2, 2.0),
@@ -298,13 +312,24 @@ def test_templates_beyond_keep_templates_go_per_seed_newest_and_the_new_one_stay
         tpl("b1", "auth", 4, 1.0),
         spare("s", "a3", 3, 1.0),
     ]
-    pruned = {entry.name for entry, _ in templates_to_prune(marked, keep=None, limit=2)}
-    assert pruned == {"a1"}
-    # The template just built stays even if its clock was behind.
-    pruned = {entry.name for entry, _ in templates_to_prune(marked, keep="a1", limit=1)}
-    assert pruned == {"a2", "a3"}
-    reasons = [why for _, why in templates_to_prune(marked, keep=None, limit=1)]
-    assert all("keep_templates = 1" in why for why in reasons)
+
+    def prune(keep: str | None, limit: int, now: float = 1000.0, age: float = 100.0) -> set[str]:
+        doomed = templates_to_prune(marked, keep=keep, limit=limit, now=now, max_age=age)
+        return {entry.name for entry, _ in doomed}
+
+    assert prune(None, 2) == {"a1"}
+    assert prune(None, 2, now=50.0) == set()  # all used within the age: all stay
+    # The template just built (or used) stays even if its clock was behind.
+    assert prune("a1", 1) == {"a2", "a3"}
+    # Last use, not creation, orders them: a1 cloned recently outranks the newer a2 and a3.
+    used = Marker(kind=Kind.TEMPLATE, seed="default", created_at=1.0, last_used=990.0)
+    marked[0] = item("a1", used, 1)
+    assert prune(None, 1) == {"a2", "a3"}
+    assert prune(None, 1, age=20.0) == {"a2", "a3"}
+    reasons = [
+        why for _, why in templates_to_prune(marked, keep=None, limit=1, now=1000.0, max_age=0)
+    ]
+    assert reasons and all("keep_templates = 1" in why for why in reasons)
 
 
 def test_a_spare_is_claimable_only_from_the_same_build_of_the_same_template() -> None:

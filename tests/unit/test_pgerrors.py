@@ -66,6 +66,47 @@ def test_a_failed_connection_names_the_fix_for_its_cause() -> None:
     assert auth is not None and "check the user and password" in str(auth)
 
 
+def test_a_server_of_an_admin_url_is_never_sent_to_the_local_clusters_tasks() -> None:
+    external = ConnInfo.parse("postgresql://ci:pw@db.example:5432/postgres")
+    assert external.external and not SERVER.external
+    refused = to_error(
+        psycopg.OperationalError("connection refused"), ErrorContext(Phase.CONNECT, external)
+    )
+    assert refused is not None and "invoke pg." not in str(refused)
+    assert "E2E_ADMIN_DATABASE_URL is up and reachable" in str(refused)
+    lost = to_error(
+        psycopg.OperationalError("server closed the connection"),
+        ErrorContext(Phase.ADMIN, external, action="clean up databases"),
+    )
+    assert lost is not None and "invoke pg." not in str(lost)
+
+
+def test_a_session_ended_by_the_server_is_named_as_such_with_no_local_task() -> None:
+    for server in (SERVER, ConnInfo.parse("postgresql://ci@db.example/postgres")):
+        ended = to_error(
+            sqlerrors.AdminShutdown("terminating connection due to administrator command"),
+            ErrorContext(Phase.ADMIN, server, action="allocate a database"),
+        )
+        assert isinstance(ended, ServerUnreachableError)
+        assert "a restart, a failover or pg_terminate_backend" in str(ended)
+        assert "invoke pg.status" not in str(ended)
+
+
+def test_a_database_dropped_by_a_concurrent_process_is_its_own_clear_error() -> None:
+    context = ErrorContext(Phase.ADMIN, SERVER, action="allocate a database")
+    invalid = to_error(
+        sqlerrors.ObjectNotInPrerequisiteState('cannot alter invalid database "e2e_db_tpl_x"'),
+        context,
+    )
+    assert isinstance(invalid, DatabaseError) and not isinstance(invalid, ServerUnreachableError)
+    assert "was dropping that database at the same moment" in str(invalid)
+    assert "lost the connection" not in str(invalid)
+    busy = to_error(sqlerrors.ObjectInUse("source database is being accessed"), context)
+    assert busy is not None and "pg_stat_activity" in str(busy)
+    gone = to_error(sqlerrors.InvalidCatalogName('database "x" does not exist'), context)
+    assert gone is not None and "dropped by another process" in str(gone)
+
+
 def test_a_failing_file_is_a_migration_error_naming_it() -> None:
     context = ErrorContext(Phase.APPLY, SERVER, file="migrations/0002.sql", what="migration")
     with pytest.raises(MigrationError) as info, map_errors(context):
