@@ -574,8 +574,7 @@ class ProjectSession:
                 self.ports.release(self.project.name, run_id=self.run_id)
             except Exception as exc:
                 errors.append(f"ports: {exc}")
-            if not errors:  # else it reclaims what is left once this process has ended
-                self._stop_guardian()
+            self._stop_guardian()
         self.result.duration = self.clock.monotonic() - self._started
         if errors:
             left = mask_secrets("; ".join(errors), self._secrets)

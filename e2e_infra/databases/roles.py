@@ -279,9 +279,12 @@ class Roles:
             return row is None
         role = ident(name)
         try:
-            # DROP OWNED: what it made or was granted in the admin's database (the rest went with
-            # its own database).
-            conn.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE IF EXISTS {}").format(role, role))
+            try:
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(role))
+            except sqlerrors.DependentObjectsStillExist:
+                # It made or was granted something in the admin's database (what it had in its
+                # own went with it): DROP OWNED only then, it scans the shared dependencies.
+                conn.execute(sql.SQL("DROP OWNED BY {}; DROP ROLE IF EXISTS {}").format(role, role))
         except sqlerrors.UndefinedObject:
             return True  # dropped meanwhile (another cleanup)
         except sqlerrors.DependentObjectsStillExist as exc:
