@@ -542,6 +542,13 @@ class ProjectSession:
         with signals_deferred(), self.phase("teardown"):
             exits = self._watch.exits([process for process, _lease in self._servers])
             # Servers first, the dependents before what they depend on: SIGTERM all, then wait.
+            if self.result.ports and not self.registry.path.is_file():
+                log.warning(
+                    "%s: the lease registry %s disappeared during the run; releasing what the run "
+                    "holds from memory",
+                    self.project.name,
+                    self.registry.path,
+                )
             for process, _lease in reversed(self._servers):
                 with contextlib.suppress(Exception):
                     process.terminate()
@@ -558,7 +565,7 @@ class ProjectSession:
             if self._database is not None and self._allocator is not None:
                 keep = self.failed and self.keep_on_failure
                 try:
-                    self._allocator.release(name=self._database.name, keep=keep)
+                    self._allocator.release_lease(self._database.lease, keep=keep)
                     self.result.kept_database = keep
                     if keep:
                         log.warning(

@@ -244,6 +244,12 @@ class DatabaseAllocator:
             leases = txn.find(LEASE_KIND, project=project, resource=name, run_id=run_id)
         return self._release(leases, keep=keep)
 
+    @_server_errors("release a database")
+    def release_lease(self, lease: Lease, *, keep: bool = False) -> builtins.list[str]:
+        """Drop (or keep) the database of ``lease``, as its holder knows it: it goes even when
+        the registry lost the lease (a deleted state folder)."""
+        return self._release([lease], keep=keep)
+
     @_server_errors("release databases")
     def release_all(self, *, keep: bool = False) -> builtins.list[str]:
         """Drop every database leased in this registry, kept ones included (or keep them all)."""

@@ -388,3 +388,42 @@ def test_a_server_that_hangs_before_healthy_and_ignores_sigterm_is_killed_within
         if "hanging" in " ".join(p.info["cmdline"] or []) and process_start_time(p.pid) is not None
     ]
     assert os.path.exists(project_folder(config.results_dir, "hung") / "run.json")
+
+
+# --- the registry deleted mid-run -----------------------------------------------------------------
+
+
+def test_a_registry_deleted_mid_run_still_drops_the_runs_database(
+    tmp_path: Path, new_cluster: Callable[..., e2e_infra.LocalCluster]
+) -> None:
+    """The state folder vanishes while the suite runs (rm -rf, a test runner wiping its folder):
+    the session releases what it holds from memory and says so once."""
+    cluster = new_cluster(make_config(tmp_path / "pg", port_range="18230-18239"))
+    migrations = tmp_path / "migrations"
+    migrations.mkdir()
+    (migrations / "0001.sql").write_text("CREATE TABLE t (a int);\n")
+    (tmp_path / "seeds" / "default").mkdir(parents=True)
+    (tmp_path / "seeds" / "default" / "0001.sql").write_text("INSERT INTO t VALUES (1);\n")
+    suite = "import shutil, sys; shutil.rmtree(sys.argv[1])"
+    path = write_pyproject(
+        tmp_path / "run",
+        port_range="18240-18259",
+        migrations_dir=migrations,
+        seeds_dir=tmp_path / "seeds",
+        projects={
+            "wiped": {
+                "command": f"{{python}} -c '{suite}' {tmp_path / 'run' / 'state'}",
+                "servers": [],
+            }
+        },
+    )
+    config = e2e_infra.load_config(path, environ=clean_environ())
+    admin = cluster.tcp_conninfo()
+    proc = nox(path, "-s", "e2e-wiped", E2E_ADMIN_DATABASE_URL=admin.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    output = proc.stdout + proc.stderr
+    assert output.count("disappeared during the run") == 1
+    record = json.loads((project_folder(config.results_dir, "wiped") / "run.json").read_text())
+    assert record["result"] == "passed" and record["database"]
+    assert record["database"] not in e2e_databases(admin, config.database.name_base)
+    assert project_leases(config) == []
