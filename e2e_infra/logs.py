@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from .conninfo import mask_secrets
 
-__all__ = ["TAIL_LINES", "file_size", "log_tail", "read_end"]
+__all__ = ["TAIL_LINES", "file_size", "log_tail", "open_log", "read_end"]
 
 TAIL_LINES = 20
 _TAIL_BYTES = 64 * 1024  # the tail is read from at most this many bytes at the end of the log
+
+
+def open_log(path: Path) -> IO[bytes]:
+    """``path`` opened for appending, created 0600: a log may hold what a process printed of
+    its configuration, so it is the user's alone (its folder is 0700 too)."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
 
 
 def file_size(path: Path) -> int:

@@ -32,6 +32,7 @@ import psutil
 
 from .clock import Clock, SystemClock, wait_until
 from .errors import DeadlineExceeded
+from .logs import open_log
 
 __all__ = [
     "KILL",
@@ -433,7 +434,7 @@ def spawn(
     fix.
     """
     if isinstance(log, Path):
-        with log.open("ab") as handle:
+        with open_log(log) as handle:
             return spawn(
                 argv,
                 cwd=cwd,

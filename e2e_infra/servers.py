@@ -50,7 +50,7 @@ from .errors import (
     ServerStartTimeoutError,
 )
 from .health import POLL_CAP, HealthCheck, wait_healthy
-from .logs import TAIL_LINES, log_tail, read_end
+from .logs import TAIL_LINES, log_tail, open_log, read_end
 from .ports import port_is_free
 from .processes import (
     Child,
@@ -371,7 +371,7 @@ class ServerProcess:
                 server=self.name,
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
+        with open_log(self.log_path) as log_file:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log_file.write(f"--- e2e-infra {stamp}: starting {self.name}: {shown}\n".encode())
             log_file.flush()

@@ -314,13 +314,17 @@ class ProjectSession:
         ]
         if others and self.config.run is not None:
             try:
-                self.results_dir.mkdir(parents=True)
+                self.config.run_dir.mkdir(parents=True, exist_ok=True)
+                self.results_dir.mkdir()
                 others = []  # the other one writes into another run's folder
             except FileExistsError:
                 pass
         if others:
             self.results_dir = self.results_dir / "runs" / self.run_id
         self.results_dir.mkdir(parents=True, exist_ok=True)
+        for folder in {self.config.run_dir, self.results_dir}:  # logs and records: the user's
+            with contextlib.suppress(OSError):
+                folder.chmod(0o700)
         point_latest(self.config)
         if not others:
             for stale in ("run.json", "junit.xml", *(f"{s}.log" for s in self.config.servers)):
@@ -610,7 +614,8 @@ class ProjectSession:
             self.results_dir.mkdir(parents=True, exist_ok=True)
             path = self.results_dir / "run.json"
             tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.result.to_json(), indent=2) + "\n", encoding="utf-8")
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+                out.write(json.dumps(self.result.to_json(), indent=2) + "\n")
             os.replace(tmp, path)
         if self.result.result in ("passed", "failed"):  # how long the suite takes, for CI plans
             from .matrix import record_duration

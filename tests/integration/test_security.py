@@ -193,6 +193,12 @@ def test_no_password_appears_in_logs_errors_human_output_or_run_json(
         text = file.read_bytes().decode("utf-8", errors="replace")
         for secret in secrets:
             assert secret not in text, file
+    # Server logs and run records are the user's alone: 0600 files in 0700 folders.
+    folder = project_folder(tmp_path / "results", "fails")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700  # the run's folder
+    for name in ("run.json", "web.log"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
 
 
 # --- private state --------------------------------------------------------------------------------
