@@ -211,15 +211,10 @@ class LocalCluster:
     def purge(self) -> list[str]:
         """Stop the cluster and remove its folder (data, socket, log) and its password: what
         ``pg.stop --purge`` does. Returns the paths removed; idempotent."""
-        with self._lock():
-            pm = live_postmaster(self.data_dir)
-            if pm is not None:
-                self._stop_postmaster(pm.pid)
-            kill_orphans(self.data_dir, clock=self.clock)
-            self.ports.release(PORT_PROJECT)
+        self.stop()
+        with self._lock():  # purge_folders refuses a cluster someone started in between
             removed = purge_folders(self.cluster_dir, self.socket_dir)
-            with contextlib.suppress(FileNotFoundError):
-                self.password_file.unlink()
+            self.password_file.unlink(missing_ok=True)
         return removed
 
     def status(self) -> ClusterStatus:
@@ -392,13 +387,7 @@ class LocalCluster:
         check_reachable_by(user, self.cluster_dir)
         make_private_dir(user, self.cluster_dir)
         make_private_dir(user, self.socket_dir)
-        write_owner(
-            self.cluster_dir,
-            root=self.config.root,
-            state_dir=self.state_dir,
-            config=self.config.source,
-            socket_dir=self.socket_dir,
-        )
+        write_owner(self.cluster_dir, self.config, self.socket_dir)
         kill_orphans(self.data_dir, clock=self.clock)
         self._remove_stale_lock_files()
         fresh_password = None

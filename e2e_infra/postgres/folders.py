@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import Config
 from ..errors import ClusterError
 from .postmaster import live_postmaster, postgres_processes
 
@@ -44,15 +45,13 @@ SCAN_ROOTS = (Path("/dev/shm"), Path("/tmp"))
 _OURS = ("data", "data.init", "sock", OWNER_FILE, "postgres.log")
 
 
-def write_owner(
-    cluster_dir: Path, *, root: Path, state_dir: Path, config: Path | None, socket_dir: Path
-) -> None:
+def write_owner(cluster_dir: Path, config: Config, socket_dir: Path) -> None:
     """Record who uses ``cluster_dir`` (best effort: a full disk must not stop a start)."""
     record = {
         "tool": "e2e-infra",
-        "root": str(root),
-        "state_dir": str(state_dir),
-        "config": str(config) if config else None,
+        "root": str(config.root),
+        "state_dir": str(config.state_dir),
+        "config": str(config.source) if config.source else None,
         "socket_dir": str(socket_dir),
         "uid": os.geteuid(),
         "recorded_at": time.time(),
