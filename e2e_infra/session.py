@@ -547,12 +547,8 @@ class ProjectSession:
             exits = self._watch.exits([process for process, _lease in self._servers])
             # Servers first, the dependents before what they depend on: SIGTERM all, then wait.
             if self.result.ports and not self.registry.path.is_file():
-                log.warning(
-                    "%s: the lease registry %s disappeared during the run; releasing what the run "
-                    "holds from memory",
-                    self.project.name,
-                    self.registry.path,
-                )
+                lost = f"the lease registry {self.registry.path} disappeared during the run"
+                log.warning("%s: %s; releasing what it holds from memory", self.project.name, lost)
             for process, _lease in reversed(self._servers):
                 with contextlib.suppress(Exception):
                     process.terminate()
