@@ -48,10 +48,7 @@ HOST = textwrap.dedent(
     import psycopg
     import e2e_infra
     config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
-    registry = e2e_infra.make_registry(config)
-    allocator = e2e_infra.database_allocator(
-        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
-    )
+    allocator = e2e_infra.Workspace(config).databases
     stop_at, sweeper = float(sys.argv[2]), sys.argv[3] == "1"
     out = open(sys.argv[4], "a")
     def emit(**data):

@@ -98,8 +98,9 @@ RULES: tuple[Rule, ...] = (
         Phase.CONNECT,
         psycopg.OperationalError,
         ServerUnreachableError,
-        "cannot connect to PostgreSQL at {where} ({reason}); check that the server of "
-        "E2E_ADMIN_DATABASE_URL is up and reachable from this host, and that the URL is right",
+        "cannot connect to PostgreSQL at {where} ({reason}); check that this server runs and "
+        "accepts connections (that the server of E2E_ADMIN_DATABASE_URL is up and reachable from "
+        "this host) and that the URL (E2E_ADMIN_DATABASE_URL / admin_url) is right",
         external=True,
     ),
     Rule(

@@ -277,8 +277,7 @@ def test_sigkill_between_a_server_spawn_and_its_lease_is_cleaned_by_e2e_cleanup(
         assert [x for x in leases if x["kind"] == "contained"], "the marker is recorded first"
         assert [x["data"]["name"] for x in leases if x["kind"] == "server"] == ["gate"]
         contained = [x for x in leases if x["kind"] == "contained"]
-        run_id = contained[0]["owner"]["run_id"]
-        guardian_of(run_id).kill()
+        guardian_of(int(contained[0]["owner"]["pid"])).kill()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

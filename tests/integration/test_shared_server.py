@@ -225,10 +225,7 @@ HOLDER = textwrap.dedent(
     import psycopg
     import e2e_infra
     config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
-    registry = e2e_infra.make_registry(config)
-    allocator = e2e_infra.database_allocator(
-        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
-    )
+    allocator = e2e_infra.Workspace(config).databases
     got = allocator.allocate(sys.argv[2], e2e_infra.Owner.current(host=config.host_id))
     print(json.dumps({"name": got.name}), flush=True)
     stop, ok, failed = Path(sys.argv[3]), 0, 0
@@ -364,10 +361,7 @@ CLEANUP = textwrap.dedent(
     from pathlib import Path
     import e2e_infra
     config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
-    registry = e2e_infra.make_registry(config)
-    allocator = e2e_infra.database_allocator(
-        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
-    )
+    allocator = e2e_infra.Workspace(config).databases
     print(json.dumps({"pid": os.getpid(), "dropped": allocator.cleanup()}), flush=True)
     allocator.close()
     """
@@ -466,10 +460,7 @@ ALLOCATE = textwrap.dedent(
     from pathlib import Path
     import e2e_infra
     config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
-    registry = e2e_infra.make_registry(config)
-    allocator = e2e_infra.database_allocator(
-        config, registry, e2e_infra.PortAllocator.from_config(config, registry)
-    )
+    allocator = e2e_infra.Workspace(config).databases
     sys.stdin.readline()  # go
     try:
         got = allocator.allocate(sys.argv[2], e2e_infra.Owner.current(host=config.host_id))
