@@ -131,8 +131,7 @@ class HttpCheck:
             return False
         finally:
             conn.close()
-        self.last_error = "" if 200 <= status < 400 else f"HTTP {status}"
-        return 200 <= status < 400
+        return self._judge(status)
 
     def await_answer(
         self, timeout: float, alive: Callable[[], bool] | None = None, clock: Clock | None = None
@@ -172,6 +171,10 @@ class HttpCheck:
             return False
         finally:
             conn.close()
+        return self._judge(status)
+
+    def _judge(self, status: int) -> bool:
+        """2xx and 3xx answer "healthy"; anything else is kept as the last error."""
         self.last_error = "" if 200 <= status < 400 else f"HTTP {status}"
         return 200 <= status < 400
 
