@@ -75,7 +75,7 @@ def pg_stop(c: Context, purge: bool = False) -> None:
     if purge:
         removed = cluster.purge()
         shown = ", ".join(removed) if removed else f"nothing ({cluster.cluster_dir} was not there)"
-        print(f"stopped the local PostgreSQL cluster and removed {shown}")
+        print(f"the local PostgreSQL cluster is stopped; removed {shown}")
         return
     if cluster.stop():
         print(f"stopped the local PostgreSQL cluster in {cluster.data_dir}")
