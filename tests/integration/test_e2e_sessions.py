@@ -117,6 +117,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 "command": "{python} -c 'import time; time.sleep(120)'",
                 "servers": ["backend", "frontend"],
             },
+            "ancestry": {  # writes which process started its suite
+                "command": "{python} -c \"import os, psutil; open(r'{results_dir}/parent.txt', 'w')"
+                ".write(' '.join(psutil.Process(os.getppid()).cmdline()))\"",
+                "database": False,
+                "servers": [],
+            },
             "unhealthy": {
                 "command": "{python} -c 'pass'",
                 "database": False,
@@ -274,6 +280,12 @@ def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
             timeout=120,
             what="the slow project's suite to start",
         )
+        # The session runs in a fork of the warm server the main nox process started, not in
+        # its nox worker (which only relays): suite -> session -> fork server -> main nox.
+        suite = next(p for p in leftovers.processes() if "time.sleep(120)" in " ".join(p.cmdline()))
+        session = suite.parent()
+        assert session is not None and "--parallel-worker" not in session.cmdline()
+        assert session.parent().ppid() == proc.pid
         proc.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         proc.communicate(timeout=30)
@@ -290,3 +302,26 @@ def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("fork_server", ["on", "0"])
+def test_parallel_sessions_run_in_the_warm_fork_server_unless_turned_off(
+    workspace: Path, config: e2e_infra.Config, fork_server: str
+) -> None:
+    env = {**clean_env(workspace), "E2E_FORKSERVER": fork_server}
+    sessions = ["-s", "e2e-ancestry", "e2e-static_pages"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "2", *sessions],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    parent = (project_folder(config.results_dir, "ancestry") / "parent.txt").read_text()
+    # Either way a nox process ran the session; with the server on, not the -j worker itself.
+    assert "nox" in parent
+    assert ("--parallel-worker" in parent) is (fork_server == "0")
+    assert run_json(config, "static_pages")["result"] == "passed"
+    Leftovers(config).assert_none()

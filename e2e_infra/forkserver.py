@@ -1,0 +1,311 @@
+"""A warm interpreter that forks one child per request: what a ``nox -j`` worker asks to run its
+session, instead of importing the tool (psycopg, servers, health...) and parsing the config itself.
+
+Why: under ``nox -j`` every session runs in a fresh ``python -m nox`` worker. nox's own start-up
+is nox's, but before this each worker also imported psycopg and the session's modules (~0.5 s of
+CPU per project on a 2-core runner, the largest part of the tool's cost under ``-j``). The main
+nox process loads the noxfile once; :meth:`ForkServer.start`, called there, forks a *server* that
+imports all of that once and then forks a child per request. A child costs a ``fork``.
+
+The protocol (a ``SOCK_SEQPACKET`` unix socket in a 0700 temporary folder; peers of another uid
+are refused):
+
+1. The worker sends one JSON message (the request: its cwd, its environment, the payload) with
+   its standard input, output and error attached (``SCM_RIGHTS``).
+2. The server forks. The child leaves the server's session (``setsid``: the terminal's Ctrl-C
+   reaches nox, which passes it on, as it does to its workers), takes the worker's descriptors as
+   0/1/2, its cwd and environment, and answers ``{"pid": ...}``.
+3. While the child runs, the worker relays each SIGINT/SIGTERM/SIGHUP it gets as a message; the
+   child raises it on itself. If the worker dies (nox SIGKILLs workers 2 s after an interrupt),
+   the child sees the end of the connection and stops as if interrupted once.
+4. The child answers with the handler's JSON result and exits (``os._exit``: no inherited
+   ``atexit`` runs twice). The server reaps it.
+
+Anything that goes wrong before the child answered ``pid`` (no server, a server that died, a
+refused peer) makes :func:`request` return ``None``: the caller runs the work itself, so the fork
+server can only make a run cheaper, never make it fail. The server ends when the process that
+started it does (a pipe it holds), and removes its folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ADDRESS_ENV", "RELAYED", "ForkServer", "request"]
+
+log = logging.getLogger("e2e_infra")
+
+ADDRESS_ENV = "E2E_FORKSERVER_ADDRESS"  # set by the process that started the server
+RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_MAX_MESSAGE = 4 << 20  # a request carries the worker's environment
+_PID_TIMEOUT = 60.0  # the server may still be importing when the first workers ask
+_POLL = 0.5
+_STOP_TIMEOUT = 5.0
+
+Handler = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+class ForkServer:
+    """The server as its starter sees it: its address, and :meth:`close` (also at exit)."""
+
+    def __init__(self, pid: int, folder: Path, address: str, stop_fd: int) -> None:
+        self.pid = pid
+        self.folder = folder
+        self.address = address
+        self._stop_fd = stop_fd
+
+    @classmethod
+    def start(cls, handler: Handler, preload: Callable[[], None]) -> ForkServer | None:
+        """Fork the server from this (single-threaded) process; ``None`` where it cannot be.
+
+        ``preload`` runs in the server before its first fork (imports); ``handler`` in each child.
+        The socket listens before the fork, so a request sent while the server still preloads
+        waits in the backlog instead of failing.
+        """
+        if not hasattr(os, "fork") or threading.active_count() != 1:
+            return None  # forking a process with other threads could copy a held lock
+        folder = Path(tempfile.mkdtemp(prefix="e2e-infra-fork-"))  # 0700
+        address = str(folder / "socket")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            listener.bind(address)
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        stop_r, stop_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # or the child would print what this process had buffered, again
+        pid = os.fork()
+        if pid == 0:  # the server
+            code = 1
+            try:
+                os.close(stop_w)
+                code = _Server(listener, stop_r, folder, handler).serve(preload)
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    log.exception("e2e-infra fork server failed; sessions run in their workers")
+            finally:
+                os._exit(code)
+        listener.close()
+        os.close(stop_r)
+        os.set_inheritable(stop_w, False)
+        return cls(pid, folder, address, stop_w)
+
+    def close(self, timeout: float = _STOP_TIMEOUT) -> None:
+        """Stop the server (children already forked run on) and reap it; idempotent."""
+        if self._stop_fd < 0:
+            return
+        os.close(self._stop_fd)
+        self._stop_fd = -1
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                    os.waitpid(self.pid, 0)
+                    break
+                time.sleep(0.005)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Server:
+    def __init__(self, listener: socket.socket, stop_fd: int, folder: Path, handler: Handler):
+        self.listener = listener
+        self.stop_fd = stop_fd
+        self.folder = folder
+        self.handler = handler
+
+    def serve(self, preload: Callable[[], None]) -> int:
+        # The terminal's Ctrl-C reaches the whole foreground group, this server too: nox decides
+        # what an interrupt means for its sessions; the server ends when its starter does.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        preload()
+        selector = selectors.DefaultSelector()
+        selector.register(self.listener, selectors.EVENT_READ)
+        selector.register(self.stop_fd, selectors.EVENT_READ)
+        running = True
+        while running:
+            for key, _ in selector.select(timeout=_POLL):
+                if key.fileobj == self.stop_fd:
+                    running = False  # the starter closed its end, or died
+                elif running:
+                    self._accept()
+            _reap()
+        self.listener.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return 0
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        fds: list[int] = []
+        try:
+            if _peer_uid(conn) != os.getuid():
+                return
+            message, fds, _, _ = socket.recv_fds(conn, _MAX_MESSAGE, 3)
+            if len(fds) != 3:
+                return
+            request = json.loads(message)
+            pid = os.fork()
+            if pid == 0:
+                _child(conn, fds, request, self.handler, (self.listener.fileno(), self.stop_fd))
+        except (OSError, ValueError):
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+            conn.close()
+
+
+def _child(
+    conn: socket.socket,
+    fds: list[int],
+    request: Mapping[str, Any],
+    handler: Handler,
+    server_fds: tuple[int, ...],
+) -> None:
+    """In the forked child: become the worker's stand-in, run the handler, answer, exit."""
+    code = 1
+    try:
+        for fd in server_fds:
+            os.close(fd)
+        os.setsid()
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        conn.sendall(json.dumps({"pid": os.getpid()}).encode())
+        relay = _Relay(conn)
+        relay.start()
+        try:
+            result = handler(request["payload"])
+        except BaseException as exc:  # the handler's own failures are its answer
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        relay.finished = True
+        conn.sendall(json.dumps({"result": result}).encode())
+        code = 0
+    except BaseException:  # a worker gone before the child began: nothing ran, nothing to say
+        pass
+    finally:
+        os._exit(code)
+
+
+class _Relay(threading.Thread):
+    """Raises on this process the signals the worker relays; the worker's end is a SIGTERM."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        super().__init__(name="e2e-infra relay", daemon=True)
+        self.conn = conn
+        self.finished = False
+
+    def run(self) -> None:
+        received = False
+        with contextlib.suppress(OSError):
+            for message in iter(lambda: self.conn.recv(64), b""):
+                received = True
+                os.kill(os.getpid(), int(message))
+        if not received and not self.finished:
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker died: stop, as nox would have asked
+
+
+def request(payload: Mapping[str, Any], address: str | None = None) -> dict[str, Any] | None:
+    """Have the fork server run ``payload`` with this process's stdio, cwd and environment.
+
+    Returns the handler's result, or ``None`` when no server took the request (run it here
+    then). Signals this process receives meanwhile are relayed to the child.
+    """
+    address = address or os.environ.get(ADDRESS_ENV)
+    if not address:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.settimeout(_PID_TIMEOUT)
+        sock.connect(address)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # what this worker printed comes before what the child prints
+        message = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "payload": payload})
+        socket.send_fds(sock, [message.encode()], [0, 1, 2])
+        started = sock.recv(_MAX_MESSAGE)
+        pid = int(json.loads(started)["pid"]) if started else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        sock.close()
+        return None
+    if pid <= 0:
+        sock.close()
+        return None
+    with sock, _relaying(sock):
+        return _await_result(sock, pid)
+
+
+def _await_result(sock: socket.socket, pid: int) -> dict[str, Any]:
+    # No deadline of its own: the child's run is bounded by the session's timeouts, and its end
+    # (by any means) closes the connection.
+    sock.settimeout(None)
+    try:
+        answer = sock.recv(_MAX_MESSAGE)
+        result: dict[str, Any] = json.loads(answer)["result"] if answer else {}
+    except (OSError, ValueError, KeyError):
+        result = {}
+    if not result:
+        return {"error": f"the session process {pid} ended without an answer"}
+    return result
+
+
+@contextlib.contextmanager
+def _relaying(sock: socket.socket) -> Any:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def relay(signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):
+            sock.send(str(signum).encode())
+
+    previous = {sig: signal.signal(sig, relay) for sig in RELAYED}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _reap() -> None:
+    with contextlib.suppress(ChildProcessError):
+        for _ in range(1024):
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return

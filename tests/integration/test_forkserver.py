@@ -1,0 +1,177 @@
+"""The fork server: a warm process that runs a worker's request in a fork, with the worker's stdio,
+cwd and environment; signals relayed; the worker's death stops the child; nothing outlives it.
+
+Real processes only: ``tests/fixtures/forkserver_starter.py`` starts a server (as the main nox
+process does), and each "worker" is a ``python -c`` calling ``forkserver.request`` (as a nox
+``-j`` worker does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from e2e_infra.clock import wait_until
+from e2e_infra.forkserver import ADDRESS_ENV
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTER = ROOT / "tests" / "fixtures" / "forkserver_starter.py"
+WORKER = (
+    "import json, sys\n"
+    "from e2e_infra import forkserver\n"
+    "result = forkserver.request(json.loads(sys.argv[1]))\n"
+    "print('RESULT ' + json.dumps(result), flush=True)\n"
+)
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], address: str, pid: int) -> None:
+        self.proc = proc
+        self.address = address
+        self.pid = pid
+
+    def worker(
+        self, payload: dict[str, Any], *, cwd: Path = ROOT, **env: str
+    ) -> subprocess.Popen[str]:
+        environ = {**os.environ, "PYTHONPATH": str(ROOT), ADDRESS_ENV: self.address, **env}
+        return subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(payload)],
+            cwd=cwd,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # the starter closes the server and exits
+            self.proc.wait(timeout=15)
+
+
+def result_of(out: str) -> Any:
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert lines, out
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    proc = subprocess.Popen(
+        [sys.executable, str(STARTER)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    info = json.loads(proc.stdout.readline())
+    started = Server(proc, info["address"], info["pid"])
+    try:
+        yield started
+    finally:
+        started.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def test_a_request_runs_in_a_fork_of_the_server_with_the_workers_stdio_cwd_and_env(
+    server: Server, tmp_path: Path
+) -> None:
+    worker = server.worker({"do": "echo", "n": 1}, cwd=tmp_path, FORK_TEST_MARKER="from-worker")
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
+    result = result_of(out)
+    assert result["ppid"] == server.pid  # forked by the server, not started by the worker
+    assert result["pid"] not in (server.pid, worker.pid)
+    assert result["sid"] == result["pid"]  # its own session: the terminal's Ctrl-C goes to nox
+    assert result["preloaded_in"] == [server.pid]  # preloaded once, in the server
+    assert Path(result["cwd"]) == tmp_path
+    assert result["marker"] == "from-worker"
+    assert result["payload"] == {"do": "echo", "n": 1}
+    # The child wrote to the worker's own stdout and stderr (passed over the socket).
+    assert "hello from the child" in out
+    assert "and its stderr" in err
+    assert not psutil.pid_exists(result["pid"]) or psutil.Process(result["pid"]).status() in (
+        psutil.STATUS_ZOMBIE,
+        psutil.STATUS_DEAD,
+    )
+
+
+def test_the_socket_lives_in_a_private_folder(server: Server) -> None:
+    folder = Path(server.address).parent
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_ISSOCK(Path(server.address).stat().st_mode)
+
+
+def test_a_signal_to_the_worker_reaches_the_child_and_the_worker_gets_the_answer(
+    server: Server, tmp_path: Path
+) -> None:
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    worker = server.worker({"do": "wait_signal", "ready": str(ready), "done": str(done)})
+    wait_until(ready.exists, timeout=60, what="the child to start")
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err  # the worker relayed it and waited for the answer
+    assert result_of(out) == {"signals": [signal.SIGTERM]}
+
+
+def test_a_worker_killed_outright_stops_its_child(server: Server, tmp_path: Path) -> None:
+    ready, done = tmp_path / "ready", tmp_path / "done"
+    worker = server.worker({"do": "wait_signal", "ready": str(ready), "done": str(done)})
+    wait_until(ready.exists, timeout=60, what="the child to start")
+    child = int(ready.read_text())
+    worker.kill()  # as nox does to a worker 2 s after an interrupt
+    worker.communicate(timeout=10)
+    wait_until(done.exists, timeout=10, what="the child to notice its worker died")
+    assert json.loads(done.read_text()) == [signal.SIGTERM]
+    wait_until(lambda: not _alive(child), timeout=10, what="the child to exit")
+
+
+def test_a_failing_handler_is_an_answer_not_a_hang(server: Server) -> None:
+    worker = server.worker({"do": "raise"})
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
+    assert result_of(out) == {"error": "ValueError: the handler failed"}
+
+
+def test_no_server_means_run_it_yourself(server: Server) -> None:
+    server.close()  # its starter ends: the server stops and removes its folder
+    assert not Path(server.address).parent.exists()
+    assert not _alive(server.pid)
+    worker = server.worker({"do": "echo"})
+    out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
+    assert result_of(out) is None
+    assert "hello from the child" not in out
+
+
+def test_a_server_whose_starter_died_ends_too(server: Server) -> None:
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    wait_until(lambda: not _alive(server.pid), timeout=10, what="the server to end")
+    assert not Path(server.address).parent.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return False
