@@ -42,11 +42,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADDRESS_ENV", "RELAYED", "ForkServer", "request"]
+__all__ = ["ADDRESS_ENV", "RELAYED", "Call", "ForkServer", "request", "start"]
 
 log = logging.getLogger("e2e_infra")
 
@@ -237,11 +237,45 @@ class _Relay(threading.Thread):
             os.kill(os.getpid(), signal.SIGTERM)  # the worker died: stop, as nox would have asked
 
 
-def request(payload: Mapping[str, Any], address: str | None = None) -> dict[str, Any] | None:
-    """Have the fork server run ``payload`` with this process's stdio, cwd and environment.
+class Call:
+    """A request the server took: the child's pid, its relay, and (blocking) its answer."""
 
-    Returns the handler's result, or ``None`` when no server took the request (run it here
-    then). Signals this process receives meanwhile are relayed to the child.
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.sock = sock
+        self.pid = pid
+
+    def signal(self, signum: int) -> None:
+        """Have the child raise ``signum`` on itself (as if it had been sent to it)."""
+        with contextlib.suppress(OSError):
+            self.sock.send(str(signum).encode())
+
+    def result(self) -> dict[str, Any]:
+        """The handler's answer; an ``error`` if the child ended without one. Closes the call.
+
+        No deadline of its own: the child's run is bounded by the session's own timeouts, and
+        its end, by any means, closes the connection.
+        """
+        with self.sock:
+            self.sock.settimeout(None)
+            try:
+                answer = self.sock.recv(_MAX_MESSAGE)
+                result: dict[str, Any] = json.loads(answer)["result"] if answer else {}
+            except (OSError, ValueError, KeyError):
+                result = {}
+        if not result:
+            return {"error": f"the session process {self.pid} ended without an answer"}
+        return result
+
+
+def start(
+    payload: Mapping[str, Any],
+    address: str | None = None,
+    stdio: tuple[int, int, int] = (0, 1, 2),
+) -> Call | None:
+    """Have the fork server start ``payload`` with ``stdio`` and this process's cwd and environment.
+
+    ``None`` when no server took it (run it yourself then): no address, no server, a server that
+    died before its child answered.
     """
     address = address or os.environ.get(ADDRESS_ENV)
     if not address:
@@ -250,10 +284,11 @@ def request(payload: Mapping[str, Any], address: str | None = None) -> dict[str,
     try:
         sock.settimeout(_PID_TIMEOUT)
         sock.connect(address)
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()  # what this worker printed comes before what the child prints
+        if stdio[1:] == (1, 2):
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()  # what this process printed comes before what the child prints
         message = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "payload": payload})
-        socket.send_fds(sock, [message.encode()], [0, 1, 2])
+        socket.send_fds(sock, [message.encode()], list(stdio))
         started = sock.recv(_MAX_MESSAGE)
         pid = int(json.loads(started)["pid"]) if started else 0
     except (OSError, ValueError, KeyError, TypeError):
@@ -262,35 +297,27 @@ def request(payload: Mapping[str, Any], address: str | None = None) -> dict[str,
     if pid <= 0:
         sock.close()
         return None
-    with sock, _relaying(sock):
-        return _await_result(sock, pid)
+    return Call(sock, pid)
 
 
-def _await_result(sock: socket.socket, pid: int) -> dict[str, Any]:
-    # No deadline of its own: the child's run is bounded by the session's timeouts, and its end
-    # (by any means) closes the connection.
-    sock.settimeout(None)
-    try:
-        answer = sock.recv(_MAX_MESSAGE)
-        result: dict[str, Any] = json.loads(answer)["result"] if answer else {}
-    except (OSError, ValueError, KeyError):
-        result = {}
-    if not result:
-        return {"error": f"the session process {pid} ended without an answer"}
-    return result
+def request(payload: Mapping[str, Any], address: str | None = None) -> dict[str, Any] | None:
+    """:func:`start` with this process's stdio, relay its signals, and wait for the answer.
+
+    Returns the handler's result, or ``None`` when no server took the request (run it here).
+    """
+    call = start(payload, address)
+    if call is None:
+        return None
+    with _relaying(call):
+        return call.result()
 
 
 @contextlib.contextmanager
-def _relaying(sock: socket.socket) -> Any:
+def _relaying(call: Call) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def relay(signum: int, _frame: object) -> None:
-        with contextlib.suppress(OSError):
-            sock.send(str(signum).encode())
-
-    previous = {sig: signal.signal(sig, relay) for sig in RELAYED}
+    previous = {sig: signal.signal(sig, lambda signum, _: call.signal(signum)) for sig in RELAYED}
     try:
         yield
     finally:

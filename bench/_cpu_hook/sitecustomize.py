@@ -17,10 +17,11 @@ if _DIR:
     def _record() -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         argv = " ".join(sys.argv)
-        # The tool: nox (main or worker), a guardian. Other: a suite, a server.
-        role = "tool" if "nox" in argv.split(" ")[0] or "e2e_infra" in argv else "other"
+        # The tool: nox (main or worker), invoke, a guardian. Other: a suite, a server.
+        first = argv.split(" ")[0]
+        role = "tool" if "nox" in first or "invoke" in first or "e2e_infra" in argv else "other"
         path = os.path.join(_DIR, f"{os.getpid()}.cpu")
         with open(path, "a") as out:
-            out.write(f"{role} {usage.ru_utime + usage.ru_stime!r} {argv[:200]}\n")
+            out.write(f"{role} {usage.ru_utime + usage.ru_stime!r} {argv[:4000]}\n")
 
     atexit.register(_record)

@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,10 @@ def _run_projects(
             return 0
     started = time.time()
     config = _for_run(config)
+    if os.environ.get("E2E_FORKSERVER", "").lower() not in ("0", "off", "no"):
+        code = _run_batch(config, projects, int(jobs), started)
+        if code is not None:
+            return code
     argv = _nox_argv(config, "-j", jobs, "-s", *(f"e2e-{p}" for p in projects))
     env = {**os.environ, "E2E_SUMMARY": "0", "E2E_RUN_ID": str(config.run)}
     if config.source is not None:  # the sessions read the same config, wherever nox runs them
@@ -83,12 +88,7 @@ def _run_projects(
         nox.stop(escalation(10.0))
         raise
     code = nox.popen.wait()
-    runs = e2e_infra.collect_runs(config, since=started)
-    e2e_infra.print_summary(config, runs)
-    if merged := e2e_infra.merge_playwright_reports(config, runs):
-        print(f"Playwright report: {merged}", file=sys.stderr)
-    report = e2e_infra.write_html_report(config, runs)
-    print(f"report: {report}", file=sys.stderr)
+    _summarize(config, started)
     if live and code != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         print(
@@ -96,6 +96,62 @@ def _run_projects(
             file=sys.stderr,
         )
     return code
+
+
+def _run_batch(
+    config: e2e_infra.Config, projects: list[str], jobs: int, started: float
+) -> int | None:
+    """The projects in forks of one warm server, no nox workers; ``None``: no server here.
+
+    Each project's output goes to ``<run>/<project>.output.log``; without the live table it is
+    printed as one block when the project ends (as ``nox -j`` does), with it only a failed
+    project's last lines are, after the summary.
+    """
+    from e2e_infra.runner import INTERRUPT_GRACE, Batch, Finished
+
+    live = e2e_infra.use_live_display(sys.stderr)
+    printing = threading.Lock()
+
+    def print_block(finished: Finished) -> None:
+        body = finished.output.read_text(encoding="utf-8", errors="replace").rstrip("\n")
+        mark = "passed" if finished.passed else "failed"
+        lines = [f"== e2e-{finished.project}: {mark} ==", body, *finished.logs]
+        lines += [f"error: {finished.error}"] if finished.error else []
+        with printing:
+            print("\n".join(line for line in lines if line), file=sys.stderr, flush=True)
+
+    batch = Batch.start(config, projects, jobs, on_finished=None if live else print_block)
+    if batch is None:
+        return None
+    try:
+        try:
+            e2e_infra.follow_run(config, projects, started, batch.done, live=live, file=sys.stderr)
+        except KeyboardInterrupt:
+            batch.interrupt()  # each running project releases what it holds
+            batch.wait(INTERRUPT_GRACE)
+            raise
+        finished = batch.wait(INTERRUPT_GRACE)
+    finally:
+        batch.close()
+    _summarize(config, started)
+    failed = [item for item in finished if not item.passed]
+    if live:
+        for item in failed:
+            tail = item.output.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            print(
+                "\n".join([f"last lines of {item.project}:", *tail, f"(all of it: {item.output})"]),
+                file=sys.stderr,
+            )
+    return 1 if failed or len(finished) < len(projects) else 0
+
+
+def _summarize(config: e2e_infra.Config, started: float) -> None:
+    runs = e2e_infra.collect_runs(config, since=started)
+    e2e_infra.print_summary(config, runs)
+    if merged := e2e_infra.merge_playwright_reports(config, runs):
+        print(f"Playwright report: {merged}", file=sys.stderr)
+    report = e2e_infra.write_html_report(config, runs)
+    print(f"report: {report}", file=sys.stderr)
 
 
 def _choose_jobs(config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool) -> str:
@@ -160,7 +216,11 @@ def e2e_all(
     shard: str = "",
     dry_run: bool = False,
 ) -> None:
-    """Run every E2E project in parallel through nox (-j), with a live status; then a summary."""
+    """Run every E2E project in parallel, with a live status; then a summary.
+
+    Each project runs in a fork of one warm process (no interpreter per project);
+    E2E_FORKSERVER=0 runs them through nox -j instead.
+    """
     from ..matrix import parse_projects
 
     config = load()
@@ -182,7 +242,7 @@ def e2e_all(
         runs = e2e_infra.collect_runs(config, since=started, projects=chosen)
         failed = sorted({run.project for run in runs if run.result != "passed"})
         what = f"{len(failed)} of {len(chosen)} projects did not pass: {', '.join(failed)}"
-        raise Exit(f"error: {what if failed else f'nox exited with {code}'}", code=code)
+        raise Exit(f"error: {what if failed else f'the run exited with {code}'}", code=code)
 
 
 @task(name="list", help={"json": JSON_HELP})

@@ -13,7 +13,6 @@ library, so a session is a few lines.
 from __future__ import annotations
 
 import atexit
-import importlib
 import os
 import sys
 import time
@@ -24,30 +23,13 @@ from typing import Any
 import nox
 
 import e2e_infra
-from e2e_infra import forkserver
+from e2e_infra import forkserver, runner
 
 __all__ = ["register_sessions"]
 
 _STARTED = time.time()
 _registered: dict[str, e2e_infra.Config] = {}  # the config each registered project came from
 _server: forkserver.ForkServer | None = None
-# What a session imports on first use (psycopg above all): imported once in the fork server.
-_WARM_MODULES = (
-    "psycopg",
-    "psutil",
-    "e2e_infra.session",
-    "e2e_infra.databases",
-    "e2e_infra.servers",
-    "e2e_infra.health",
-    "e2e_infra.watch",
-    "e2e_infra.reclaim",
-    "e2e_infra.report",
-    "e2e_infra.junit",
-    "e2e_infra.matrix",
-    "e2e_infra.playwright",
-    "e2e_infra.guardian",
-    "e2e_infra.progress",
-)
 
 
 def _load(config_path: Path | None) -> e2e_infra.Config | None:
@@ -62,37 +44,6 @@ def _load(config_path: Path | None) -> e2e_infra.Config | None:
         return None
 
 
-def _outcome(config: e2e_infra.Config, project: str, posargs: Sequence[str]) -> dict[str, Any]:
-    """Run one project; what the session logs and, if it failed, its one error line.
-
-    Runs in the nox worker, or in a fork of the warm server (:mod:`e2e_infra.forkserver`) on the
-    worker's behalf: JSON in, JSON out, so the worker prints it either way.
-    """
-    # status.json at each phase: `invoke e2e.all` shows it live while nox -j runs.
-    status = e2e_infra.StatusWriter(config)
-    try:
-        result = e2e_infra.run_project(config, project, posargs, on_phase=status)
-    except e2e_infra.E2EInfraError as exc:  # an interrupt: released already; one line
-        status.finish(project, "interrupted")
-        return {"error": f"{project}: {exc.one_line()}"}
-    except Exception as exc:  # a defect of ours: still one masked line, never a traceback
-        status.finish(project, "error")
-        message = e2e_infra.mask_secrets(" ".join(f"{type(exc).__name__}: {exc}".split()))
-        return {
-            "error": f"{project}: unexpected {message[:500]} (a bug in e2e-infra: please report "
-            "it; run `invoke e2e.cleanup` if anything was left behind)"
-        }
-    status.finish(project, result.result)
-    phases = ", ".join(f"{k} {v:.2f}s" for k, v in result.phases.items())
-    logs = [f"{project}: {result.result} in {result.duration:.2f}s ({phases})"]
-    if result.log_tail:
-        logs.append(f"last lines of the server log:\n{result.log_tail}")
-    error = None
-    if not result.passed:
-        error = f"{project} {result.result}" + (f": {result.error}" if result.error else "")
-    return {"logs": logs, "error": error}
-
-
 def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Session], None]:
     def session_func(session: nox.Session) -> None:
         outcome = None
@@ -101,7 +52,7 @@ def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Sessi
             if outcome is not None and outcome.get("unknown"):
                 outcome = None  # a project the server's config does not have: run it here
         if outcome is None:
-            outcome = _outcome(config, project, session.posargs)
+            outcome = runner.project_outcome(config, project, session.posargs)
         for line in outcome.get("logs", []):
             session.log(line)
         if outcome.get("error"):
@@ -118,13 +69,7 @@ def _serve(payload: Mapping[str, Any]) -> dict[str, Any]:
     config = _registered.get(project)
     if config is None:
         return {"unknown": True}
-    return _outcome(config, project, [str(arg) for arg in payload["posargs"]])
-
-
-def _preload() -> None:
-    """In the fork server, once: what every session imports, so that no child imports it."""
-    for module in _WARM_MODULES:
-        importlib.import_module(module)
+    return runner.project_outcome(config, project, [str(arg) for arg in payload["posargs"]])
 
 
 def _parallel_requested(argv: Sequence[str]) -> bool:
@@ -152,7 +97,7 @@ def _start_fork_server() -> None:
         return
     if "--parallel-worker" in sys.argv or not _parallel_requested(sys.argv[1:]):
         return
-    _server = forkserver.ForkServer.start(_serve, _preload)
+    _server = forkserver.ForkServer.start(_serve, runner.preload)
     if _server is not None:
         os.environ[forkserver.ADDRESS_ENV] = _server.address  # the workers inherit it
         atexit.register(_server.close)

@@ -325,3 +325,63 @@ def test_parallel_sessions_run_in_the_warm_fork_server_unless_turned_off(
     assert ("--parallel-worker" in parent) is (fork_server == "0")
     assert run_json(config, "static_pages")["result"] == "passed"
     Leftovers(config).assert_none()
+
+
+def invoke_all(workspace: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all", *args],
+        cwd=ROOT,
+        env={**clean_env(workspace), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("fork_server", ["on", "0"])
+def test_invoke_e2e_all_runs_projects_in_forks_without_nox_workers_unless_turned_off(
+    workspace: Path, config: e2e_infra.Config, fork_server: str
+) -> None:
+    proc = invoke_all(
+        workspace, "--projects", "ancestry,static_pages", "--jobs", "2", E2E_FORKSERVER=fork_server
+    )
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    parent = (project_folder(config.results_dir, "ancestry") / "parent.txt").read_text()
+    if fork_server == "on":  # a fork of the invoke process's warm server: no nox at all
+        assert "e2e.all" in parent and "nox" not in parent
+        assert "== e2e-static_pages: passed ==" in out
+    else:
+        assert "--parallel-worker" in parent
+    assert run_json(config, "static_pages")["result"] == "passed"
+    Leftovers(config).assert_none()
+
+
+def test_sigint_to_invoke_e2e_all_releases_everything_within_10s(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    proc = invoke_all(workspace, "--projects", "slow,static_pages,failing", "--jobs", "3")
+    leftovers = Leftovers(config)
+    try:
+        e2e_infra.wait_until(
+            lambda: any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes()),
+            timeout=120,
+            what="the slow project's suite to start",
+        )
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+
+        def released() -> bool:
+            return (
+                not leftovers.leases() and not leftovers.processes() and not leftovers.databases()
+            )
+
+        e2e_infra.wait_until(released, timeout=10, what="everything to be released")
+        assert time.monotonic() - interrupted < 10, out
+        assert proc.returncode != 0
+        assert "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

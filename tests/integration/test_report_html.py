@@ -33,6 +33,7 @@ PROJECTS = {"alpha": 0, "beta": 0, "gamma": 3}  # name -> exit code of its suite
 SUITE = """\
 import sys, time
 name, code, junit = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+print(f"suite {name} says hello", flush=True)
 time.sleep(0.3)
 with open(junit, "w") as out:
     out.write(f'<testsuite name="{name}" tests="1" failures="{int(code != 0)}">'
@@ -143,11 +144,15 @@ def test_invoke_e2e_all_shows_plain_status_lines_and_writes_the_report(tmp_path:
     for name in PROJECTS:
         assert f"] {name}: suite (" in proc.stderr
     assert "] alpha: passed in" in proc.stderr and "] gamma: failed in" in proc.stderr
+    # Each project's output as one block when it ends (it ran in a fork of one warm process).
+    block = proc.stderr.partition("== e2e-alpha: passed ==")[2]
+    assert block.lstrip().startswith("suite alpha says hello"), proc.stderr
+    assert "== e2e-gamma: failed ==" in proc.stderr
     status = json.loads((project_folder(tmp_path / "results", "gamma") / "status.json").read_text())
     assert status["done"] is True and status["phase"] == "failed"
 
 
-def test_on_a_terminal_the_status_is_a_live_table_and_nox_output_goes_to_a_log(
+def test_on_a_terminal_the_status_is_a_live_table_and_project_output_goes_to_files(
     tmp_path: Path,
 ) -> None:
     config = write_config(tmp_path)
@@ -179,10 +184,11 @@ def test_on_a_terminal_the_status_is_a_live_table_and_nox_output_goes_to_a_log(
     assert proc.wait(timeout=180) != 0
     screen = b"".join(chunks).decode("utf-8", "replace")
     assert "e2e run: 3/3 done" in screen  # the live table's title, redrawn in place
-    # nox's chatter went to the log; only its tail is shown, after the run, as it failed.
-    during, _, after = screen.partition("last lines of nox's output:")
-    assert "Running session e2e-" not in during and "nox.log" in after
-    assert "Running session e2e-alpha" in (run_folder(tmp_path / "results") / "nox.log").read_text()
+    # The projects' output went to a file each; only a failed one's tail is shown, after the run.
+    during, _, after = screen.partition("last lines of gamma:")
+    assert "says hello" not in during and "gamma.output.log" in after
+    run = run_folder(tmp_path / "results")
+    assert "suite alpha says hello" in (run / "alpha.output.log").read_text()
     check_page(run_folder(tmp_path / "results") / "report.html")
 
 
