@@ -3,6 +3,7 @@
     python bench/scale.py                       # 17 and 100 projects, without and with a database
     python bench/scale.py --counts 17,100 --rounds 3 --database both
     python bench/scale.py --jobs 2              # nox -j 2 instead of -j auto
+    python bench/scale.py --runner all,nox      # invoke e2e.all and nox -j, side by side
 
 Synthetic projects: no servers, the suite is ``true``, so everything measured is the tool (plus nox
 and Python start-up). Each configuration runs ``python -m nox -j auto -t e2e`` exactly as a user
@@ -15,6 +16,11 @@ each ``run.json`` phase and of the whole in-process session (``duration``), and 
 last tenth of the projects (do later projects pay more: registry size, lock contention?).
 
 Target (issue #6): overhead per project grows by at most 1.5x from 17 to 100 projects.
+
+The CPU per project has a fixed part (one interpreter importing nox or invoke, the warm server's
+imports, the summary) spread over the projects, and a marginal part that every further project
+adds. The marginal CPU per project is the slope between the smallest and the largest count:
+(CPU(high) - CPU(low)) / (high - low), printed per runner (issue #14: <= 100 ms).
 """
 
 from __future__ import annotations
@@ -62,12 +68,18 @@ def configure(tmp: Path, count: int, database: bool, tmpfs: bool) -> Path:
     )
 
 
-def run_once(config: Path, jobs: str) -> dict[str, Any]:
+def command(runner: str, jobs: str) -> list[str]:
+    if runner == "all":  # each project in a fork of the invoke process's warm server
+        return [sys.executable, "-m", "invoke", "-r", str(REPO), "e2e.all", "--jobs", jobs]
+    return [*NOX, "-j", jobs, "-t", "e2e"]
+
+
+def run_once(config: Path, jobs: str, runner: str = "nox") -> dict[str, Any]:
     results = config.parent / "results"
     shutil.rmtree(results, ignore_errors=True)
-    timed = run_timed([*NOX, "-j", jobs, "-t", "e2e"], env=bench_env(config, E2E_SUMMARY="0"))
+    timed = run_timed(command(runner, jobs), env=bench_env(config, E2E_SUMMARY="0"))
     runs = []
-    for path in sorted(results.glob("*/run.json")):
+    for path in sorted([*results.glob("*/run.json"), *results.glob("*/*/run.json")]):
         runs.append(json.loads(path.read_text()))
     failed = [r["project"] for r in runs if r["result"] != "passed"]
     if timed.returncode != 0 or failed:
@@ -89,36 +101,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default="17,100")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--database", choices=("no", "yes", "both"), default="both")
-    parser.add_argument("--jobs", default="auto", help="nox -j value (default auto)")
+    parser.add_argument("--jobs", default="auto", help="nox -j / e2e.all --jobs (default auto)")
+    parser.add_argument(
+        "--runner", default="nox", help="nox (nox -j), all (invoke e2e.all), or both: all,nox"
+    )
     parser.add_argument(
         "--tmpfs", action="store_true", help="postgres.tmpfs = true: the cluster on /dev/shm"
     )
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
+    runners = [r.strip() for r in args.runner.split(",") if r.strip()]
+    if set(runners) - {"nox", "all"}:
+        parser.error("--runner: nox, all, or both")
     variants = {"no": [False], "yes": [True], "both": [False, True]}[args.database]
 
     print(f"machine: {machine()}; load average at start {load_average():.2f}")
     where = "/dev/shm (tmpfs = true)" if args.tmpfs else "the default (tmpfs = auto)"
     print(f"cluster data folder on {where}")
-    samples: dict[tuple[int, bool], list[dict[str, Any]]] = {}
+    samples: dict[tuple[str, int, bool], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="e2e-bench-scale-") as name:
         tmp = Path(name)
         configs = {(n, db): configure(tmp, n, db, args.tmpfs) for db in variants for n in counts}
         try:
             if True in variants:
                 warm = configure(tmp, 1, True, args.tmpfs)
-                timed = run_once(warm, args.jobs)
+                timed = run_once(warm, args.jobs, runners[0])
                 print(f"warm-up (cluster start, template build): {timed['wall']:.2f}s")
             for round_no in range(args.rounds):
-                for key, config in configs.items():
-                    sample = run_once(config, args.jobs)
-                    samples.setdefault(key, []).append(sample)
-                    print(
-                        f"  round {round_no + 1}: {key[0]:>3} projects, database={key[1]!s:<5} "
-                        f"{sample['wall']:6.2f}s load {sample['load']:.2f}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                for (count, database), config in configs.items():
+                    for runner in runners:  # interleaved: load falls on both alike
+                        sample = run_once(config, args.jobs, runner)
+                        samples.setdefault((runner, count, database), []).append(sample)
+                        print(
+                            f"  round {round_no + 1}: {runner:<3} {count:>3} projects, "
+                            f"database={database!s:<5} {sample['wall']:6.2f}s "
+                            f"load {sample['load']:.2f}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
         finally:
             if True in variants:
                 print(f"stopped and removed cluster {stop_cluster(configs[(counts[0], True)])}")
@@ -130,13 +150,17 @@ def _phase_ms(runs: list[dict[str, Any]], phase: str) -> float:
     return median([r["phases"].get(phase, 0.0) for r in runs]) * 1000
 
 
-def report(samples: dict[tuple[int, bool], list[dict[str, Any]]], args: argparse.Namespace) -> None:
+def report(
+    samples: dict[tuple[str, int, bool], list[dict[str, Any]]], args: argparse.Namespace
+) -> None:
     rows = []
-    per_project: dict[tuple[int, bool], float] = {}
-    for (count, database), items in samples.items():
+    per_project: dict[tuple[str, int, bool], float] = {}
+    cpu: dict[tuple[str, int, bool], float] = {}
+    for (runner, count, database), items in samples.items():
         walls = [s["wall"] for s in items]
         per = median(walls) / count
-        per_project[(count, database)] = per
+        per_project[(runner, count, database)] = per
+        cpu[(runner, count, database)] = median([s["cpu"] for s in items])
         runs = [r for s in items for r in s["runs"]]
         late = [
             r
@@ -145,6 +169,7 @@ def report(samples: dict[tuple[int, bool], list[dict[str, Any]]], args: argparse
         ]
         rows.append(
             (
+                _runner_label(runner, args.jobs),
                 count,
                 "yes" if database else "no",
                 spread(walls),
@@ -158,10 +183,11 @@ def report(samples: dict[tuple[int, bool], list[dict[str, Any]]], args: argparse
                 f"{median([s['load'] for s in items]):.2f}",
             )
         )
-    print(f"\nnox -j {args.jobs} -t e2e, median of {args.rounds} rounds (min-max); ms per project")
+    print(f"\nmedian of {args.rounds} rounds (min-max); ms per project")
     print(
         table(
             (
+                "command",
                 "projects",
                 "database",
                 "wall",
@@ -177,18 +203,26 @@ def report(samples: dict[tuple[int, bool], list[dict[str, Any]]], args: argparse
             rows,
         )
     )
-    counts = sorted({c for c, _ in samples})
+    counts = sorted({c for _, c, _ in samples})
     verdicts = []
-    for database in sorted({d for _, d in samples}):
-        low, high = (counts[0], database), (counts[-1], database)
-        if low in per_project and high in per_project and low != high:
-            growth = per_project[high] / per_project[low]
-            verdicts.append(
-                f"database={'yes' if database else 'no'}: overhead per project "
-                f"{counts[0]} -> {counts[-1]}: {growth:.2f}x (target <= 1.5x)"
-            )
+    for runner in sorted({r for r, _, _ in samples}):
+        for database in sorted({d for _, _, d in samples}):
+            low, high = (runner, counts[0], database), (runner, counts[-1], database)
+            if low in per_project and high in per_project and low != high:
+                growth = per_project[high] / per_project[low]
+                marginal = (cpu[high] - cpu[low]) / (counts[-1] - counts[0])
+                verdicts.append(
+                    f"{_runner_label(runner, args.jobs)}, database={'yes' if database else 'no'}: "
+                    f"overhead per project {counts[0]} -> {counts[-1]}: {growth:.2f}x "
+                    f"(target <= 1.5x); marginal CPU per project {marginal * 1000:.0f} ms "
+                    "(target <= 100 ms)"
+                )
     if verdicts:
-        print("\ne2e-infra: " + "; ".join(verdicts))
+        print("\ne2e-infra:\n  " + "\n  ".join(verdicts))
+
+
+def _runner_label(runner: str, jobs: str) -> str:
+    return f"invoke e2e.all --jobs {jobs}" if runner == "all" else f"nox -j {jobs} -t e2e"
 
 
 if __name__ == "__main__":

@@ -357,10 +357,11 @@ def test_invoke_e2e_all_runs_projects_in_forks_without_nox_workers_unless_turned
     Leftovers(config).assert_none()
 
 
+@pytest.mark.parametrize("jobs", ["3", "1"])
 def test_sigint_to_invoke_e2e_all_releases_everything_within_10s(
-    workspace: Path, config: e2e_infra.Config
+    workspace: Path, config: e2e_infra.Config, jobs: str
 ) -> None:
-    proc = invoke_all(workspace, "--projects", "slow,static_pages,failing", "--jobs", "3")
+    proc = invoke_all(workspace, "--projects", "slow,static_pages,failing", "--jobs", jobs)
     leftovers = Leftovers(config)
     try:
         e2e_infra.wait_until(
@@ -381,6 +382,9 @@ def test_sigint_to_invoke_e2e_all_releases_everything_within_10s(
         assert time.monotonic() - interrupted < 10, out
         assert proc.returncode != 0
         assert "Traceback" not in out
+        if jobs == "1":  # the queued projects never started
+            run = run_folder(config.results_dir)
+            assert not (run / "static_pages").exists() and not (run / "failing").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
