@@ -20,6 +20,7 @@ import contextlib
 import enum
 import logging
 import os
+import select
 import signal
 import subprocess
 import time
@@ -50,6 +51,7 @@ __all__ = [
     "kill_tree_if_ours",
     "spawn",
     "start_time",
+    "wait_exit",
 ]
 
 log = logging.getLogger("e2e_infra")
@@ -411,6 +413,29 @@ class Child(Stoppable):
         if self.own_group:
             return not group_members(self.record.pgid, self.record.start_time)
         return _all_gone(list(self._tree.values()))
+
+
+def wait_exit(popen: subprocess.Popen[Any], timeout: float) -> int:
+    """``popen.wait(timeout)`` without its polling: block on a pidfd until the child ends.
+
+    ``Popen.wait`` with a timeout wakes up to every 50 ms to call ``waitpid``; each wake-up costs
+    CPU (~0.1 ms here), ~60 per 3 s suite. A pidfd becomes readable when the process ends: one
+    wake-up. Raises :class:`subprocess.TimeoutExpired` like ``Popen.wait``; a signal handler's
+    exception (an interrupt) propagates from the wait.
+    """
+    if popen.returncode is not None:
+        return popen.returncode
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel), or reaped already
+        return popen.wait(timeout=timeout)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        raise subprocess.TimeoutExpired(popen.args, timeout)
+    return popen.wait()  # it has ended: this reaps it at once
 
 
 def spawn(

@@ -42,6 +42,7 @@ from .errors import (
 from .interrupts import Interrupts, signals_deferred
 from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id, process_start_time
 from .ports import port_is_free
+from .processes import wait_exit
 from .reclaim import SERVER_KIND, reclaim
 from .report import point_latest
 from .servers import placeholder_values, process_env
@@ -470,7 +471,7 @@ class ProjectSession:
                 suite_lease = self._record_suite(proc)
             self._watch.suite_started(proc, [process for process, _lease in self._servers])
             try:
-                returncode = proc.wait(timeout=self.project.timeout)
+                returncode = wait_exit(proc, self.project.timeout)
             except subprocess.TimeoutExpired:
                 with self._interrupts.critical():
                     _terminate(proc, grace=5.0)

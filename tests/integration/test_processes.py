@@ -25,6 +25,7 @@ from e2e_infra.processes import (
     group_members,
     kill_tree_if_ours,
     spawn,
+    wait_exit,
 )
 
 pytestmark = pytest.mark.integration
@@ -202,3 +203,25 @@ def test_kill_tree_if_ours_ends_a_recorded_tree_and_spares_a_reused_pid(
     assert kill_tree_if_ours(child.record, grace=0.3) is True
     child.popen.wait(timeout=5)
     wait_until(lambda: gone(grandchild), timeout=5, what="the grandchild to be gone")
+
+
+def test_wait_exit_returns_the_code_as_soon_as_the_child_ends() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(0.2); raise SystemExit(3)"]
+    )
+    started = time.monotonic()
+    assert wait_exit(proc, 30.0) == 3
+    assert time.monotonic() - started < 5.0
+    assert proc.returncode == 3
+    assert wait_exit(proc, 30.0) == 3  # reaped already: the same code
+
+
+def test_wait_exit_times_out_like_popen_wait_and_leaves_the_child_running() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            wait_exit(proc, 0.2)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
