@@ -1,12 +1,15 @@
 """The watch over a running suite: servers that die, and what the project's processes cost.
 
-One :class:`Watcher` thread per suite. Every ``interval`` (100 ms) it polls each server's leader
-(one ``waitpid``); a server that exited without being asked to becomes a :class:`ServerExit` (its
-name, exit status or signal, when, its masked log tail), and ``on_exit`` is called for it (the
-session stops the suite when the server's ``on_exit`` is "stop"). Every ``sample_every`` (0.5 s)
-it sums the resident memory of the run's processes (servers, suite, browsers: what carries the
-run's marker, see :mod:`e2e_infra.containment`) and keeps the peak. The loop ends when the suite
-does (:meth:`Watcher.stop`); the suite's own timeout bounds it.
+One :class:`Watcher` thread per suite. It sleeps in one ``select`` on a pidfd per server leader
+(readable the moment the leader ends) and on a pipe that :meth:`Watcher.stop` writes to, so it
+wakes only when something happened or a sample is due: a wake-up costs CPU, and polling every
+100 ms cost more than the watch's work. A server that exited without being asked to becomes a
+:class:`ServerExit` (its name, exit status or signal, when, its masked log tail), and ``on_exit`` is
+called for it (the session stops the suite when the server's ``on_exit`` is "stop"). Without
+pidfds (an old kernel), or for a server whose pid is unknown, it polls every ``interval`` (100 ms).
+Every ``sample_every`` (0.5 s) it sums the resident memory of the run's processes (servers,
+suite, browsers: what carries the run's marker, see :mod:`e2e_infra.containment`) and keeps the
+peak. The loop ends when the suite does (:meth:`Watcher.stop`); the suite's own timeout bounds it.
 
 CPU is not sampled: the kernel adds a reaped child's CPU, and what that child reaped, to its
 parent's ``children_user`` / ``children_system``. The suite and the servers are our children, and
@@ -20,8 +23,10 @@ pages shared between a browser's processes once per process, so for Chromium it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -53,6 +58,9 @@ class Watched(Protocol):
 
     @property
     def stop_record(self) -> Any: ...
+
+    @property
+    def record(self) -> Any: ...  # its ProcessRecord (``pid``), None before it started
 
     def tail(self, lines: int = ...) -> str: ...
 
@@ -146,29 +154,62 @@ class Watcher(threading.Thread):
         self.samples = 0
         self.cpu_seconds = 0.0  # the watcher's own CPU: its cost
         self._done = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # stop() writes one byte: the loop wakes at once
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the loop and wait for it (an ``on_exit`` in progress may take its grace)."""
         self._done.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
         if self.is_alive():
             self.join(timeout)
+        if not self.is_alive():
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def run(self) -> None:
         began = time.thread_time()
         next_sample = 0.0
+        pidfds = self._pidfds()
         try:
             # Bounded by the suite: the session stops us as soon as the suite has ended.
             while not self._done.is_set():
                 self._poll()
+                for server in [s for s in pidfds if s not in self.servers or s.stop_record]:
+                    os.close(pidfds.pop(server))  # reported, or stopped by us: no more to see
                 now = time.monotonic()
                 if self.members is not None and now >= next_sample:
                     self._sample()
                     next_sample = now + self.sample_every
-                self._done.wait(self.interval)
+                self._wait(pidfds, next_sample if self.members is not None else None)
         except Exception:  # a watch must never take the run down
             log.exception("the server watch stopped")
         finally:
+            for fd in pidfds.values():
+                os.close(fd)
             self.cpu_seconds = time.thread_time() - began
+
+    def _pidfds(self) -> dict[Watched, int]:
+        """A pidfd per server leader; one that has none is polled every ``interval``."""
+        out: dict[Watched, int] = {}
+        for server in self.servers:
+            pid = getattr(getattr(server, "record", None), "pid", None)
+            if pid is None:
+                continue
+            try:
+                out[server] = os.pidfd_open(pid)
+            except (AttributeError, OSError):
+                continue
+        return out
+
+    def _wait(self, pidfds: dict[Watched, int], next_sample: float | None) -> None:
+        """Sleep until a server ends, :meth:`stop` is called or the next sample is due."""
+        timeout = None if next_sample is None else max(next_sample - time.monotonic(), 0.0)
+        if len(pidfds) < len(self.servers):  # some server can only be polled
+            timeout = self.interval if timeout is None else min(timeout, self.interval)
+        select.select([self._wake_r, *pidfds.values()], [], [], timeout)
 
     def _poll(self) -> None:
         for server in list(self.servers):
