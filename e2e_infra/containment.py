@@ -42,6 +42,7 @@ __all__ = [
     "MARKER",
     "Containment",
     "descendants",
+    "marked_descendants",
     "marker_of",
     "set_subreaper",
     "sweep_dead",
@@ -84,11 +85,12 @@ def set_subreaper(on: bool) -> bool | None:
     return bool(previous.value)
 
 
-def descendants(pid: int) -> list[int]:
+def descendants(pid: int, descend: Callable[[int], bool] | None = None) -> list[int]:
     """Every descendant of ``pid`` (children of all its threads), read from ``/proc``.
 
     Cheaper than psutil's ``children(recursive=True)``, which reads every process on the machine:
-    this reads only the tree's own files.
+    this reads only the tree's own files. ``descend(child)`` False: ``child`` is listed, but what
+    it started is not walked.
     """
     found: list[int] = []
     stack = [pid]
@@ -109,8 +111,43 @@ def descendants(pid: int) -> list[int]:
                 if child not in seen:
                     seen.add(child)
                     found.append(child)
-                    stack.append(child)
+                    if descend is None or descend(child):
+                        stack.append(child)
     return found
+
+
+_MARKER_ENTRY = MARKER.encode() + b"="
+
+
+def _environ_marker(pid: int) -> str | None:
+    """The marker in ``pid``'s environment, "" when it has none, None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    for entry in data.split(b"\0"):
+        if entry.startswith(_MARKER_ENTRY):
+            return entry[len(_MARKER_ENTRY) :].decode("utf-8", "replace")
+    return ""
+
+
+def marked_descendants(pid: int) -> list[tuple[int, str]]:
+    """The descendants of ``pid`` that carry a marker (any run's), each with its value.
+
+    Reads ``/proc/<pid>/environ`` itself (psutil's ``environ()`` also reads the start time and the
+    boot time). The walk does not enter a process whose environment it read without a marker:
+    the embedded cluster's postmaster and its backends (one per connection, new pids all the
+    time), a guardian. A marker is inherited, so what such a process starts carries none unless
+    it sets one back on purpose. A process whose environment cannot be read is entered.
+    """
+    markers: dict[int, str | None] = {}
+
+    def descend(child: int) -> bool:
+        markers[child] = value = _environ_marker(child)
+        return value != ""
+
+    return [(child, value) for child in descendants(pid, descend) if (value := markers.get(child))]
 
 
 def marker_of(proc: psutil.Process) -> str | None:
@@ -147,6 +184,18 @@ def _find(
     return found
 
 
+def _started_since(pids: Iterable[int], since: float) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() >= since - _START_TOLERANCE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 def _reap(pids: Iterable[int]) -> None:
     """Reap the ended orphans that reparented to us (the subreaper is their parent now)."""
     for pid in pids:
@@ -173,6 +222,7 @@ class Containment:
     subreaper: bool | None  # our state before open(); None: the kernel has no subreaper
     _env_before: str | None = None
     _marked: dict[int, bool] = field(default_factory=dict)  # pid -> carries our marker
+    _procs: dict[int, psutil.Process] = field(default_factory=dict)  # members, by pid
 
     @classmethod
     def open(cls, registry: Registry, owner: Owner, project: str) -> Containment:
@@ -207,9 +257,21 @@ class Containment:
             return descendants(os.getpid())
         return psutil.pids()  # no subreaper: orphans are pid 1's, so look everywhere
 
+    def _in_tree(self, what: str | None) -> list[int] | None:
+        """Our descendants carrying this run's marker (``what`` as in :meth:`find`); None
+        without a subreaper (then every process must be looked at)."""
+        if self.subreaper is None:
+            return None
+        marked = marked_descendants(os.getpid())
+        return [pid for pid, value in marked if _matches(value, self.token, what)]
+
     def find(self, what: str | None = None) -> list[psutil.Process]:
         """Live processes carrying this run's marker (``what``: one part; "": the bare token)."""
-        procs = _find(self._candidates(), self.token, what, self.since, {os.getpid()})
+        pids = self._in_tree(what)
+        if pids is None:
+            procs = _find(psutil.pids(), self.token, what, self.since, {os.getpid()})
+        else:  # their markers are read already: only the start time is left to check
+            procs = _started_since(pids, self.since)
         return [p for p in procs if _alive(p)]
 
     def end(self, what: str | None = None, grace: float = LEFTOVER_GRACE) -> int:
@@ -236,8 +298,20 @@ class Containment:
         return len(pids)
 
     def members(self) -> list[psutil.Process]:
-        """The run's live processes for a resource sample (each pid's environment read once)."""
-        out = []
+        """The run's live processes for a resource sample."""
+        pids = self._in_tree(None)
+        if pids is not None:
+            out = []
+            for pid in pids:  # one psutil.Process per pid: making one reads its start time
+                proc = self._procs.get(pid)
+                if proc is None:
+                    try:
+                        proc = self._procs[pid] = psutil.Process(pid)
+                    except psutil.Error:
+                        continue
+                out.append(proc)
+            return out
+        out = []  # no subreaper: every process on the machine, each pid's environment read once
         for pid in self._candidates():
             marked = self._marked.get(pid)
             if marked is None:

@@ -356,3 +356,37 @@ def test_the_dead_run_sweep_ends_only_its_own_marked_processes(tmp_path: Path) -
             proc.wait()
     assert os.environ.get(MARKER) == before
     assert [lease for lease in registry.snapshot() if lease.kind == "contained"] == []
+
+
+def test_the_tree_walk_finds_marked_processes_and_skips_what_unmarked_ones_start(
+    tmp_path: Path,
+) -> None:
+    from e2e_infra.containment import marked_descendants
+
+    # An unmarked parent (like the cluster's postmaster) whose child sets a marker back on
+    # purpose: that child is not looked at; a marked child with a marked grandchild is.
+    pid_file = tmp_path / "grandchild"
+    grandchild = (
+        "import os, subprocess, sys, time; "
+        f"p = subprocess.Popen(['sleep', '30'], env={{**os.environ, {MARKER!r}: 'x:inner'}}); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(30)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    unmarked = subprocess.Popen([sys.executable, "-c", grandchild], env=env)
+    marked = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], env={**env, MARKER: "x:suite"})
+    try:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the grandchild never started"
+            time.sleep(0.05)
+        inner = int(pid_file.read_text())
+        found = dict(marked_descendants(os.getpid()))
+        assert found.get(marked.pid) == "x:suite"
+        assert len([pid for pid, value in found.items() if value == "x:suite"]) == 2  # + its sleep
+        assert unmarked.pid not in found and inner not in found
+    finally:
+        for proc in (unmarked, marked):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
