@@ -30,6 +30,7 @@ started it does (a pipe it holds), and removes its folder.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -137,6 +138,11 @@ class _Server:
         # what an interrupt means for its sessions; the server ends when its starter does.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         preload()
+        # Every object so far is shared with the children copy-on-write; the garbage collector
+        # of a child would walk (and write to) all of them, copying their pages. Frozen, it
+        # leaves them alone: a child copies only what it really changes.
+        gc.collect()
+        gc.freeze()
         selector = selectors.DefaultSelector()
         selector.register(self.listener, selectors.EVENT_READ)
         selector.register(self.stop_fd, selectors.EVENT_READ)
