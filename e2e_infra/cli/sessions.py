@@ -72,9 +72,10 @@ def _serve(payload: Mapping[str, Any]) -> dict[str, Any]:
     return runner.project_outcome(config, project, [str(arg) for arg in payload["posargs"]])
 
 
-def _parallel_requested(argv: Sequence[str]) -> bool:
-    """Whether this nox call asks for parallel sessions (``-j N``/``--parallel``/NOX_PARALLEL)."""
-    value = os.environ.get("NOX_PARALLEL")
+def _parallel_requested(argv: Sequence[str], noxfile: int | None = None) -> bool:
+    """Whether this nox call asks for parallel sessions (``-j N``/``--parallel``/NOX_PARALLEL,
+    else ``nox.options.parallel`` set by the noxfile before ``register_sessions()``)."""
+    value = os.environ.get("NOX_PARALLEL") or (str(noxfile) if noxfile else None)
     options = list(argv)[: argv.index("--")] if "--" in argv else list(argv)  # not posargs
     for number, arg in enumerate(options):
         if arg in ("-j", "--parallel") and number + 1 < len(options):
@@ -95,7 +96,10 @@ def _start_fork_server() -> None:
     global _server
     if _server is not None or os.environ.get("E2E_FORKSERVER", "").lower() in ("0", "off", "no"):
         return
-    if "--parallel-worker" in sys.argv or not _parallel_requested(sys.argv[1:]):
+    noxfile = getattr(nox.options, "parallel", None)
+    if "--parallel-worker" in sys.argv or not _parallel_requested(
+        sys.argv[1:], noxfile if isinstance(noxfile, int) else None
+    ):
         return
     _server = forkserver.ForkServer.start(_serve, runner.preload)
     if _server is not None:

@@ -39,3 +39,12 @@ def test_auto_means_parallel_only_with_more_than_one_core(monkeypatch: pytest.Mo
     assert sessions._parallel_requested(["-j", "auto"]) is False
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert sessions._parallel_requested(["-j", "auto"]) is True
+
+
+def test_a_parallel_value_the_noxfile_set_counts_unless_the_command_line_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NOX_PARALLEL", raising=False)
+    assert sessions._parallel_requested(["-t", "e2e"], 4) is True
+    assert sessions._parallel_requested(["-t", "e2e"], 1) is False
+    assert sessions._parallel_requested(["-j", "1"], 4) is False
