@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -323,6 +324,10 @@ def test_a_migrate_command_running_when_nox_is_sigkilled_is_ended_by_the_guardia
         )
         log = (config.state_dir / "guardian.log").read_text()
         assert "ending 1 process(es) of dead run" in log and "(migrating)" in log
+        # Let the guardian finish its reclaim (it reaches the cluster) before the cluster stops:
+        # otherwise a cluster check of its could start it again after this test.
+        guardian = int(re.findall(r"guardian\[(\d+)\]", log)[-1])
+        e2e_infra.wait_until(lambda: pid_gone(guardian), timeout=30, what="the guardian to end")
 
 
 # --- the sweep touches nothing else ---------------------------------------------------------------
