@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ADDRESS_ENV", "RELAYED", "Call", "ForkServer", "request", "start"]
+__all__ = ["ADDRESS_ENV", "RELAYED", "Call", "ForkServer", "enabled", "request", "start"]
 
 log = logging.getLogger("e2e_infra")
 
@@ -59,6 +59,11 @@ _POLL = 0.5
 _STOP_TIMEOUT = 5.0
 
 Handler = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+def enabled() -> bool:
+    """Whether sessions may run in a fork server (``E2E_FORKSERVER=0`` says no)."""
+    return os.environ.get("E2E_FORKSERVER", "").lower() not in ("0", "off", "no")
 
 
 class ForkServer:

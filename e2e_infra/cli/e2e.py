@@ -18,6 +18,7 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 import e2e_infra
+from e2e_infra import forkserver
 from e2e_infra.processes import escalation, spawn
 
 from ._output import (
@@ -63,7 +64,7 @@ def _run_projects(
             return 0
     started = time.time()
     config = _for_run(config)
-    if os.environ.get("E2E_FORKSERVER", "").lower() not in ("0", "off", "no"):
+    if forkserver.enabled():
         code = _run_batch(config, projects, int(jobs), started)
         if code is not None:
             return code
@@ -90,11 +91,7 @@ def _run_projects(
     code = nox.popen.wait()
     _summarize(config, started)
     if live and code != 0:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        print(
-            "\n".join(["last lines of nox's output:", *tail, f"(all of it: {log_path})"]),
-            file=sys.stderr,
-        )
+        _print_tail("nox's output", log_path)
     return code
 
 
@@ -137,12 +134,13 @@ def _run_batch(
     failed = [item for item in finished if not item.passed]
     if live:
         for item in failed:
-            tail = item.output.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-            print(
-                "\n".join([f"last lines of {item.project}:", *tail, f"(all of it: {item.output})"]),
-                file=sys.stderr,
-            )
+            _print_tail(item.project, item.output)
     return 1 if failed or len(finished) < len(projects) else 0
+
+
+def _print_tail(what: str, log: Path, lines: int = 15) -> None:
+    tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    print("\n".join([f"last lines of {what}:", *tail, f"(all of it: {log})"]), file=sys.stderr)
 
 
 def _summarize(config: e2e_infra.Config, started: float) -> None:

@@ -94,7 +94,7 @@ def _parallel_requested(argv: Sequence[str], noxfile: int | None = None) -> bool
 def _start_fork_server() -> None:
     """In the main nox process of a parallel run: the warm server the workers ask (see above)."""
     global _server
-    if _server is not None or os.environ.get("E2E_FORKSERVER", "").lower() in ("0", "off", "no"):
+    if _server is not None or not forkserver.enabled():
         return
     noxfile = getattr(nox.options, "parallel", None)
     if "--parallel-worker" in sys.argv or not _parallel_requested(
