@@ -261,11 +261,7 @@ class DatabaseAllocator:
         """The newest live (or kept) database of ``project``; DatabaseNotFoundError if none."""
         validate_name(project, "project")
         with self.registry.transaction() as txn:
-            held = [
-                lease
-                for lease in txn.find(LEASE_KIND, project=project)
-                if self.clones.holds_lease(txn, lease)
-            ]
+            held = self.clones.held(txn, project)
         if not held:
             raise DatabaseNotFoundError(
                 f"project {project!r} has no live database; allocate one with "
@@ -342,9 +338,8 @@ class DatabaseAllocator:
         with self.registry.transaction() as txn:
             leases = [
                 lease
-                for lease in txn.find(LEASE_KIND, project=project)
-                if self.clones.holds_lease(txn, lease)
-                and lease.data.get("keep_until") is None
+                for lease in self.clones.held(txn, project)
+                if lease.data.get("keep_until") is None
                 and (owner is None or lease.owner.same_process(owner))
                 and lease.resource not in self.holds
             ]

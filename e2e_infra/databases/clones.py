@@ -54,6 +54,12 @@ class Cloner:
             return keep_until > self.catalog.clock.time()
         return txn.stale_reason(lease) is None
 
+    def held(self, txn: Transaction, project: str | None = None) -> list[Lease]:
+        """The database leases (of ``project``, or all) that still hold their database."""
+        return [
+            lease for lease in txn.find(LEASE_KIND, project=project) if self.holds_lease(txn, lease)
+        ]
+
     def lease_marker(self, lease: Lease, kind: Kind = Kind.DATABASE) -> Marker:
         """The marker of the lease's database."""
         cat, hold = self.catalog, lease.resource in self.holds
