@@ -37,6 +37,7 @@ from e2e_infra.conninfo import ConnInfo
 from e2e_infra.errors import BinariesNotFoundError, ServerUnreachableError
 from e2e_infra.ports import PortAllocator, port_is_free
 from e2e_infra.postgres import LocalCluster, check_reachable, find_binaries
+from e2e_infra.postgres.postmaster import Postmaster
 
 pytestmark = pytest.mark.integration
 
@@ -294,6 +295,40 @@ def test_sigkilled_postmaster_is_replaced_on_a_fresh_lease_without_orphans(
     assert _cluster_processes(cluster.data_dir) == []
     assert _postgres_leases(cluster) == []
     assert cluster.stop() is False  # idempotent
+
+
+def test_a_ready_cluster_is_taken_at_its_word_and_one_without_its_password_file_is_probed(
+    tmp_path: Path, new_cluster: NewCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(tmp_path, port_range="15450-15459")
+    cluster = new_cluster(config)
+    pid = cluster.status().pid
+    probes: list[int] = []
+    real_answers = LocalCluster._answers
+
+    def counted(self: LocalCluster, pm: Postmaster) -> bool:
+        probes.append(pm.pid)
+        return real_answers(self, pm)
+
+    monkeypatch.setattr(LocalCluster, "_answers", counted)
+    # Ready in its pid file, password file in place: no probe connection (each was a backend
+    # start on the server), and a lost port lease (registry reset) is still put back.
+    with make_registry(config).transaction() as txn:
+        for lease in txn.find("port"):
+            txn.remove(lease)
+    info = cluster.ensure_running()
+    assert probes == []
+    assert _postgres_leases(cluster) == [(cluster.status().port, pid, None)]
+    with psycopg.connect(info.conninfo(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+    # The password file gone (state folder wiped): under the lock, probed, a new password set.
+    cluster.password_file.unlink()
+    info = cluster.ensure_running()
+    assert probes == [pid] and cluster.password_file.is_file()
+    assert cluster.status().pid == pid  # the same server
+    with psycopg.connect(cluster.tcp_conninfo().conninfo(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 # --- the command line ---------------------------------------------------------------------------
