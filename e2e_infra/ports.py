@@ -122,27 +122,57 @@ class PortAllocator:
         self, project: str, names: Sequence[str], owner: Owner, *, kind: str = PORT_KIND
     ) -> dict[str, int]:
         """Lease one port per name for ``project``; the same owner asking again gets the same."""
+        with self.registry.transaction() as txn:
+            ports = self.allocate_in(txn, project, names, owner, kind=kind)
+        if isinstance(ports, PortsExhaustedError):
+            raise ports  # outside the transaction: reclaims are kept, no partial allocation is
+        return ports
+
+    def allocate_for_run(
+        self, project: str, names: Sequence[str], owner: Owner
+    ) -> tuple[dict[str, int], bool]:
+        """:meth:`allocate`, and whether another run of ``project`` holds ports now (it runs, and
+        writes into the project's results folder): one transaction, stale leases dropped first."""
+        with self.registry.transaction() as txn:
+            ports = self.allocate_in(txn, project, names, owner)
+            others = any(
+                lease.owner.run_id != owner.run_id for lease in txn.find(PORT_KIND, project=project)
+            )
+        if isinstance(ports, PortsExhaustedError):
+            raise ports
+        return ports, others
+
+    def allocate_in(
+        self,
+        txn: Transaction,
+        project: str,
+        names: Sequence[str],
+        owner: Owner,
+        *,
+        kind: str = PORT_KIND,
+    ) -> dict[str, int] | PortsExhaustedError:
+        """:meth:`allocate` inside the caller's transaction (which may read more of the registry
+        on the same lock). Exhausted: the error is returned, to be raised once the transaction
+        is written, and no lease is added."""
         validate_name(project, "project")
         wanted = _check_port_names(names)
-        with self.registry.transaction() as txn:
-            self._reclaim(txn)
-            result: dict[str, int] = {}
-            for lease in txn.find(kind, project=project):
-                name, port = lease.data.get("name"), _port_of(lease)
-                if name in wanted and _same_owner(lease.owner, owner):
-                    if port is not None and port in self.port_range and name not in result:
-                        result[name] = port
-                    else:  # outside a range that has since changed, or a duplicate: replace it
-                        txn.remove(lease)
-            missing = [name for name in wanted if name not in result]
-            picked, busy = self._pick(project, len(missing), self._held(txn, kind))
-            if len(picked) == len(missing):
-                for name, port in zip(missing, picked, strict=True):
-                    txn.add(_port_lease(kind, port, project, owner, name))
+        self._reclaim(txn)
+        result: dict[str, int] = {}
+        for lease in txn.find(kind, project=project):
+            name, port = lease.data.get("name"), _port_of(lease)
+            if name in wanted and _same_owner(lease.owner, owner):
+                if port is not None and port in self.port_range and name not in result:
                     result[name] = port
-                return {name: result[name] for name in wanted}
-            error = self._exhausted(txn, project, len(missing), len(picked), busy)
-        raise error  # outside the transaction: reclaims are kept, no partial allocation is
+                else:  # outside a range that has since changed, or a duplicate: replace it
+                    txn.remove(lease)
+        missing = [name for name in wanted if name not in result]
+        picked, busy = self._pick(project, len(missing), self._held(txn, kind))
+        if len(picked) == len(missing):
+            for name, port in zip(missing, picked, strict=True):
+                txn.add(_port_lease(kind, port, project, owner, name))
+                result[name] = port
+            return {name: result[name] for name in wanted}
+        return self._exhausted(txn, project, len(missing), len(picked), busy)
 
     def reallocate(self, project: str, name: str, owner: Owner) -> int:
         """Drop the owner's lease of ``name`` and lease a different free port for it."""

@@ -52,12 +52,14 @@ def reclaim(
     registry: Registry | None = None,
     run_id: str | None = None,
     databases: bool = True,
+    ports: bool = True,
 ) -> ReclaimReport:
     """Reclaim everything whose owner is provably gone (only ``run_id``'s, when given).
 
     Orphan server process groups are killed only if they are still ours (pid + start time);
     marked databases without a live lease are dropped (never unmarked ones); stale port leases are
-    released. The local PostgreSQL cluster is not started just to clean up.
+    released (``ports=False``: the caller allocates ports next, which drops them on the way). The
+    local PostgreSQL cluster is not started just to clean up.
     """
     from .servers import ProcessRecord, kill_group_if_ours, kill_tree_if_ours
 
@@ -108,7 +110,7 @@ def reclaim(
             )
     # Ports before databases: reaching the local cluster allocates its port, which would reclaim
     # the stale port leases on the way without reporting them.
-    for lease, why in ws.ports.reclaim_stale():
+    for lease, why in ws.ports.reclaim_stale() if ports else ():
         if run_id is None or lease.owner.run_id == run_id:
             report.ports.append((f"{lease.resource} ({lease.project})", why))
     if databases:

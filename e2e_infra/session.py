@@ -270,10 +270,12 @@ class ProjectSession:
             # What runs SIGKILLed with their guardian left (orphan servers and suites, ports): the
             # next run ends it on proof of death. A dead run's database goes when its name is
             # cloned again, or with `invoke e2e.cleanup`.
-            reclaim(self.config, registry=self.registry, databases=False)
-            ports = self.ports.allocate(project.name, self.config.port_names, self.owner)
+            reclaim(self.config, registry=self.registry, databases=False, ports=False)
+            ports, others = self.ports.allocate_for_run(
+                project.name, self.config.port_names, self.owner
+            )
             self.result.ports = dict(ports)
-            self._choose_results_dir()
+            self._choose_results_dir(others)
         database_url = ""
         if project.database:
             with self.phase("database"):
@@ -303,21 +305,14 @@ class ProjectSession:
             env=env,
         )
 
-    def _choose_results_dir(self) -> None:
-        """``<results>/<project>``, or ``.../runs/<id>`` when the same project already runs and
-        writes there (a run folder of its own is free unless this run already made it)."""
-        others = [
-            lease
-            for lease in self.registry.snapshot()
-            if lease.project == self.project.name
-            and lease.kind == "port"
-            and lease.owner.run_id != self.run_id
-        ]
+    def _choose_results_dir(self, others: bool) -> None:
+        """``<results>/<project>``, or ``.../runs/<id>`` when ``others`` (another run of the
+        project) write there (a run folder of its own is free unless this run already made it)."""
         if others and self.config.run is not None:
             try:
                 self.config.run_dir.mkdir(parents=True, exist_ok=True)
                 self.results_dir.mkdir()
-                others = []  # the other one writes into another run's folder
+                others = False  # the other one writes into another run's folder
             except FileExistsError:
                 pass
         if others:

@@ -189,6 +189,37 @@ def test_a_live_owners_lease_is_never_reclaimed_however_old(tmp_path: Path, me: 
     assert {lease.project for lease in ports.leases()} == {"old", "older", "web"}
 
 
+def test_allocate_for_run_tells_whether_another_live_run_holds_the_projects_ports(
+    registry: Registry, me: Owner
+) -> None:
+    ports = allocator(registry)
+    ports.allocate("web", ["a"], dead_owner(registry))  # a crashed run: not "another run"
+    ports.allocate("api", ["a"], live_foreigner("other"))  # another project: never counted
+
+    mine, others = ports.allocate_for_run("web", ["a", "b"], me)
+    assert others is False and len(set(mine.values())) == 2
+    assert {(lease.project, lease.owner.run_id) for lease in registry.snapshot()} == {
+        ("web", "run-1"),
+        ("api", "other"),
+    }  # the dead run's lease went in the same transaction
+    assert ports.allocate_for_run("web", ["a", "b"], me) == (mine, False)  # asking again
+
+    theirs, others = ports.allocate_for_run("web", ["a"], live_foreigner("second"))
+    assert others is True and theirs["a"] not in mine.values()
+
+
+def test_allocate_for_run_exhausted_raises_and_keeps_the_reclaims(
+    registry: Registry, me: Owner
+) -> None:
+    ports = allocator(registry, port_range=PortRange(20000, 20001))
+    ports.allocate("crashed", ["a"], dead_owner(registry))
+    ports.allocate("api", ["a"], live_foreigner("x"))
+
+    with pytest.raises(PortsExhaustedError):
+        ports.allocate_for_run("web", ["a", "b"], me)
+    assert [lease.project for lease in registry.snapshot()] == ["api"]  # nothing half-leased
+
+
 def test_reclaim_stale_returns_each_dead_lease_with_its_reason(
     registry: Registry, me: Owner
 ) -> None:
