@@ -44,6 +44,9 @@ WARM_MODULES = (
     "e2e_infra.playwright",
     "e2e_infra.guardian",
     "e2e_infra.progress",
+    "e2e_infra.preflight",
+    "e2e_infra.postgres",  # the local cluster: its check runs in every session
+    "encodings.idna",  # http.client's first connection to "localhost" imports it (~15 ms)
 )
 INTERRUPT_GRACE = 60.0  # for the running projects to release what they hold after a Ctrl-C
 
