@@ -5,7 +5,8 @@ the shard with the least work so far. Projects never run before get the median o
 durations (or :data:`DEFAULT_DURATION` when none is known); ties are broken by name.
 
 Where the durations come from: every finished project (passed or failed) appends its duration to
-``<results_dir>/durations.json`` (:func:`record_duration`), which keeps the last
+``<results_dir>/durations.json`` (:func:`record_duration`; ``invoke e2e.all`` records its projects
+together when they are done, :func:`record_durations`), which keeps the last
 :data:`KEEP_DURATIONS` per project, merged under a lock and replaced atomically, so concurrent
 projects and shards never lose each other's entries. A project's planning duration is the median of
 its entries; a project with none falls back to its newest ``run.json``.
@@ -55,6 +56,7 @@ __all__ = [
     "plan_shards",
     "read_durations",
     "record_duration",
+    "record_durations",
     "save_plan",
     "shard_projects",
 ]
@@ -133,10 +135,10 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            # Compact: the C encoder (indent forces the pure-Python one, ~4x the CPU), and every
-            # session rewrites the whole file: ~10 ms per project at 100 projects indented.
-            json.dump(data, handle, sort_keys=True, separators=(",", ":"))
-            handle.write("\n")
+            # json.dumps, compact: only a one-shot encode without indent takes the C encoder
+            # (json.dump and indent take the pure-Python one, ~10x the CPU), and every session
+            # rewrites the whole file: ~8 ms per project at 100 projects.
+            handle.write(json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -208,13 +210,27 @@ def record_duration(
 
     Durations are only a hint for planning: failing to record one never fails the run.
     """
-    if not (math.isfinite(seconds) and seconds > 0):
+    return record_durations(config, {project: seconds}, at=at)
+
+
+def record_durations(
+    config: Config, durations: Mapping[str, float], *, at: float | None = None
+) -> bool:
+    """Add a finished run of each project to the durations file in one update (a batch records
+    its projects together: every update reads and rewrites the whole file under its lock)."""
+    when = time.time() if at is None else at
+    extra = {
+        project: [(when, float(seconds))]
+        for project, seconds in durations.items()
+        if math.isfinite(seconds) and seconds > 0
+    }
+    if not extra:
         return False
     try:
-        _update(config, {project: [(time.time() if at is None else at, float(seconds))]})
+        _update(config, extra)
     except (OSError, filelock.Timeout) as exc:
         path = _durations_path(config)
-        log.warning("could not record the duration of %s in %s: %s", project, path, exc)
+        log.warning("could not record the duration of %s in %s: %s", ", ".join(extra), path, exc)
         return False
     return True
 

@@ -57,8 +57,11 @@ def preload() -> None:
         importlib.import_module(module)
 
 
-def project_outcome(config: Config, project: str, posargs: Sequence[str]) -> dict[str, Any]:
-    """Run one project: ``{"logs": [...], "error": one line or None}`` (never raises)."""
+def project_outcome(
+    config: Config, project: str, posargs: Sequence[str], *, record_duration: bool = True
+) -> dict[str, Any]:
+    """Run one project: ``{"logs": [...], "error": one line or None, "duration": seconds or
+    None}`` (never raises). ``record_duration=False``: the caller records ``duration``."""
     from .conninfo import mask_secrets
     from .errors import E2EInfraError
     from .progress import StatusWriter
@@ -67,7 +70,9 @@ def project_outcome(config: Config, project: str, posargs: Sequence[str]) -> dic
     # status.json at each phase: `invoke e2e.all` shows it live.
     status = StatusWriter(config)
     try:
-        result = run_project(config, project, posargs, on_phase=status)
+        result = run_project(
+            config, project, posargs, on_phase=status, record_duration=record_duration
+        )
     except E2EInfraError as exc:  # an interrupt: released already; one line
         status.finish(project, "interrupted")
         return {"logs": [], "error": f"{project}: {exc.one_line()}"}
@@ -87,7 +92,7 @@ def project_outcome(config: Config, project: str, posargs: Sequence[str]) -> dic
     error = None
     if not result.passed:
         error = f"{project} {result.result}" + (f": {result.error}" if result.error else "")
-    return {"logs": logs, "error": error}
+    return {"logs": logs, "error": error, "duration": result.duration if result.timed else None}
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,9 @@ class Batch:
 
     A thread per running project holds its request; the child writes what the session prints to
     ``<run dir>/<project>.output.log``. :meth:`interrupt` passes a Ctrl-C on to every running
-    project (they release what they hold) and drops the ones not started.
+    project (they release what they hold) and drops the ones not started. The projects' durations
+    are recorded together by :meth:`close` (each update reads and rewrites the whole durations
+    file under its lock: per project, that grew with the number of projects).
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class Batch:
         self.on_finished = on_finished
         self._lock = threading.Lock()
         self._calls: dict[str, Call] = {}
+        self._durations: dict[str, float] = {}  # recorded together by close()
         self._stopping = False
         self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="e2e-infra batch")
         self._futures: list[Future[Finished]] = [
@@ -146,7 +154,8 @@ class Batch:
         """
 
         def handler(payload: Mapping[str, Any]) -> dict[str, Any]:
-            return project_outcome(config, str(payload["project"]), list(payload["posargs"]))
+            project, posargs = str(payload["project"]), list(payload["posargs"])
+            return project_outcome(config, project, posargs, record_duration=False)
 
         server = ForkServer.start(handler, preload)
         if server is None:
@@ -175,6 +184,8 @@ class Batch:
             answer = call.result()
             with self._lock:
                 self._calls.pop(project, None)
+                if isinstance(answer.get("duration"), (int, float)):
+                    self._durations[project] = float(answer["duration"])
         finished = Finished(project, tuple(answer.get("logs", ())), answer.get("error"), output)
         if self.on_finished is not None:
             self.on_finished(finished)
@@ -206,6 +217,12 @@ class Batch:
         return results
 
     def close(self) -> None:
-        """Stop the pool and the server (the running children, if any, finish on their own)."""
+        """Stop the pool and the server (the running children, if any, finish on their own);
+        record the finished projects' durations in one update of the durations file."""
+        from .matrix import record_durations
+
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.server.close()
+        with self._lock:
+            durations, self._durations = self._durations, {}
+        record_durations(self.config, durations)

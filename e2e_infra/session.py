@@ -100,6 +100,11 @@ class RunResult:
     resources: dict[str, Any] | None = None  # peak_memory_bytes, cpu_seconds
 
     @property
+    def timed(self) -> bool:
+        """Its duration says how long the suite takes (it passed or failed; not an error)."""
+        return self.result in ("passed", "failed")
+
+    @property
     def passed(self) -> bool:
         return self.result == "passed"
 
@@ -165,6 +170,7 @@ class ProjectSession:
         on_phase: PhaseCallback | None = None,
         guardian: bool = True,
         teardown_grace: float | None = None,
+        record_duration: bool = True,
     ) -> None:
         self.config = config
         self.project: ProjectConfig = config.project(project)
@@ -177,6 +183,7 @@ class ProjectSession:
         )
         self.on_phase = on_phase
         self.use_guardian = guardian
+        self.record_duration = record_duration  # False: the caller records it (a batch, at once)
         self.teardown_grace = teardown_grace
         self.owner = Owner.current(host=config.host_id, run_id=self.run_id)
         self.ports = self.workspace.ports
@@ -609,7 +616,7 @@ class ProjectSession:
             with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
                 out.write(json.dumps(self.result.to_json(), indent=2) + "\n")
             os.replace(tmp, path)
-        if self.result.result in ("passed", "failed"):  # how long the suite takes, for CI plans
+        if self.record_duration and self.result.timed:  # how long the suite takes, for CI plans
             from .matrix import record_duration
 
             record_duration(self.config, self.project.name, self.result.duration)
@@ -658,6 +665,7 @@ def run_project(
     *,
     on_phase: PhaseCallback | None = None,
     keep_on_failure: bool | None = None,
+    record_duration: bool = True,
 ) -> RunResult:
     """Run one project end to end; return its result.
 
@@ -665,7 +673,13 @@ def run_project(
     healthy), is recorded in the result (``result``, ``error``, ``log_tail``) rather than raised,
     so adapters print one clear line instead of a traceback. An interrupt still propagates.
     """
-    session = ProjectSession(config, project, on_phase=on_phase, keep_on_failure=keep_on_failure)
+    session = ProjectSession(
+        config,
+        project,
+        on_phase=on_phase,
+        keep_on_failure=keep_on_failure,
+        record_duration=record_duration,
+    )
     try:
         with session:
             session.run_suite(posargs)

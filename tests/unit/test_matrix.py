@@ -25,6 +25,7 @@ from e2e_infra.matrix import (
     plan_shards,
     read_durations,
     record_duration,
+    record_durations,
     save_plan,
     shard_projects,
 )
@@ -171,6 +172,17 @@ def test_a_finished_project_adds_to_its_durations_and_keeps_the_last_few(tmp_pat
         "b": [7.0],
     }
     assert read_durations(config) == {"a": 14.0, "b": 7.0}  # the median of a's last five
+
+
+def test_a_batch_records_its_projects_in_one_update(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    assert record_duration(config, "a", 5.0, at=1.0)
+    assert record_durations(config, {"a": 6.0, "b": 2.0, "c": 0.0, "d": float("nan")}, at=2.0)
+    assert stored(config) == {"a": [5.0, 6.0], "b": [2.0]}  # meaningless ones left out
+    data = json.loads((config.results_dir / DURATIONS_FILE).read_text())
+    assert data["projects"]["b"] == [{"at": 2.0, "seconds": 2.0}]
+    assert not record_durations(config, {})
+    assert not record_durations(config, {"e": -1.0})
 
 
 @pytest.mark.parametrize("seconds", [0.0, -1.0, float("nan"), float("inf")])
