@@ -632,7 +632,7 @@ class ProjectSession:
         env = dict(os.environ)
         if self.config.source is not None:
             env["E2E_CONFIG"] = str(self.config.source)
-        # A fork that waits on a pipe, not a new interpreter: see e2e_infra.guardian.
+        # A shell that waits on a pipe, not an interpreter nor a fork: see e2e_infra.guardian.
         self._guardian = start_guardian(
             owner_pid=self.owner.pid,
             owner_start_time=self.owner.start_time,

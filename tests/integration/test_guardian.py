@@ -1,13 +1,15 @@
-"""The forked guardian: costs no interpreter, holds nothing of its owner's, exits when told."""
+"""The guardian: a shell, no interpreter, holds nothing of its owner's, exits when told."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import psutil
+from conftest import clean_environ, make_config  # tests/integration is on sys.path
 
 from e2e_infra.clock import wait_until
 from e2e_infra.guardian import Guardian, start_guardian
@@ -27,13 +29,14 @@ def _start(tmp_path: Path) -> Guardian:
     )
 
 
-def test_guardian_is_a_fork_in_its_own_session_that_stop_reaps_at_once(tmp_path: Path) -> None:
+def test_guardian_is_a_shell_in_its_own_session_that_stop_reaps_at_once(tmp_path: Path) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     started = time.monotonic()
     guardian = _start(tmp_path)
     forked = time.monotonic() - started
     child = psutil.Process(guardian.pid)
+    assert child.cmdline()[0] == "/bin/sh" and "e2e_infra.guardian" in child.cmdline()
     # Its own session: an interrupt to our group does not reach it.
     wait_until(lambda: os.getsid(child.pid) == child.pid, timeout=5, what="setsid", first=0.001)
     # It closed every descriptor it inherited but its pipe: not our listening socket.
@@ -48,3 +51,31 @@ def test_guardian_is_a_fork_in_its_own_session_that_stop_reaps_at_once(tmp_path:
     assert not psutil.pid_exists(child.pid) or child.status() != psutil.STATUS_ZOMBIE
     assert not (tmp_path / "guardian.log").exists()  # a normal end leaves no trace
     listener.close()
+
+
+def test_an_owner_that_dies_turns_the_shell_into_the_full_guardian_with_a_private_log(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path)
+    owner = subprocess.Popen(["sleep", "60"])
+    log = config.state_dir / "guardian.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    guardian = start_guardian(
+        owner_pid=owner.pid,
+        owner_start_time=process_start_time(owner.pid) or 0.0,
+        run_id="dead-run",
+        project="p",
+        timeout=60,
+        log_path=log,
+        cwd=tmp_path,
+        env={**clean_environ(), "E2E_CONFIG": str(config.source)},
+    )
+    # The owner holds the write end; here that is this test, so close it as a dying owner would
+    # (without the stop line), after the owner is gone.
+    owner.kill()
+    owner.wait(timeout=10)
+    os.close(guardian.fd)
+    assert guardian.proc is not None
+    # The full guardian: it finds the owner gone, reclaims the run (nothing held) and exits 0.
+    assert guardian.proc.wait(timeout=60) == 0
+    assert log.stat().st_mode & 0o777 == 0o600

@@ -211,12 +211,13 @@ def held_resources(leftovers: Leftovers, project: str) -> tuple[str, set[int], l
 
 
 def guardian_of(owner_pid: int) -> psutil.Process:
-    """The session's guardian: a fork of the owner (same command line) leading its own session."""
+    """The session's guardian: a child of the owner that names e2e_infra.guardian in its command
+    line (a shell until its owner dies) and leads its own session."""
     owner = psutil.Process(owner_pid)
     for child in owner.children():
-        if child.cmdline() == owner.cmdline() and os.getsid(child.pid) == child.pid:
+        if "e2e_infra.guardian" in child.cmdline() and os.getsid(child.pid) == child.pid:
             return child
-    raise AssertionError(f"no guardian forked from {owner_pid}")
+    raise AssertionError(f"no guardian started by {owner_pid}")
 
 
 def kill_session(proc: Nox, owner_pid: int) -> None:
