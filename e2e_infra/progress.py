@@ -230,12 +230,16 @@ def follow_run(
     # Bounded even if ``finished`` never turns true: every project run in turn, plus a margin.
     deadline = sum(config.projects[p].timeout for p in projects if p in config.projects) + 600.0
     last: list[ProjectStatus] = []
+    done: dict[str, ProjectStatus] = {}  # a finished project's files are not read again
 
     def refresh() -> bool:
         nonlocal last
         over = finished()
         now = time.time()
-        last = read_statuses(config, projects, since, now=now)
+        running = [p for p in projects if p not in done]
+        fresh = {s.project: s for s in read_statuses(config, running, since, now=now)}
+        done.update((name, status) for name, status in fresh.items() if status.done)
+        last = [done.get(p) or fresh[p] for p in projects]
         display.update(last, now)
         return over
 

@@ -8,14 +8,18 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from e2e_infra import progress
 from e2e_infra.config import Config, ProjectConfig
 from e2e_infra.html_report import latest_per_project, nice_ticks, write_html_report
+from e2e_infra.progress import StatusWriter
 from e2e_infra.report import RunSummary, artifact_kind, find_artifacts, print_summary
 
 FAILED_JUNIT = (
@@ -209,3 +213,40 @@ def test_the_terminal_summary_has_counts_failures_and_the_log_tail(tmp_path: Pat
     assert "tests.test_orders::test_total[chromium]: AssertionError: <b>41</b> != 42" in text
     assert "bye" in text and "hunter2" not in text
     assert merged == config.results_dir / "junit.xml"
+
+
+# --- the live status ------------------------------------------------------------------------------
+
+
+def test_following_a_run_reads_a_finished_projects_files_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(tmp_path, ["alpha", "beta"])
+    since = time.time()
+    write_run(config, "alpha", since + 1)  # alpha has finished
+    StatusWriter(config)("beta", "suite")  # beta runs
+    asked: list[list[str]] = []
+    real = progress.read_statuses
+
+    def counted(config: Config, projects: Any, since: float, **kw: Any) -> Any:
+        asked.append(list(projects))
+        return real(config, projects, since, **kw)
+
+    monkeypatch.setattr(progress, "read_statuses", counted)
+    ticks = iter(range(4))
+    out = io.StringIO()
+    last = progress.follow_run(
+        config,
+        ["alpha", "beta"],
+        since,
+        lambda: next(ticks) == 3,
+        live=False,
+        file=out,
+        interval=0.001,
+    )
+    assert asked == [["alpha", "beta"], ["beta"], ["beta"], ["beta"]]
+    assert [(s.project, s.phase, s.done) for s in last] == [
+        ("alpha", "passed", True),
+        ("beta", "suite", False),
+    ]
+    assert "alpha: passed" in out.getvalue() and "beta: suite" in out.getvalue()
