@@ -595,6 +595,7 @@ class ProjectSession:
         elif self.result.result == "running":
             self.result.result = "passed" if not self.failed else "error"
         self._watch.fail_for(exits, self._secrets)
+        self._watch.record_tool_cpu()
         self._write_record()
         if self._allocator is not None:
             # Last, off the recorded run: join the warm spare being prepared (if any) and close

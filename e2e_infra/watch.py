@@ -120,15 +120,16 @@ class CpuMeter:
     """CPU seconds of the children we reaped between :meth:`start` and :meth:`seconds`."""
 
     def __init__(self) -> None:
-        self._start = self._now()
+        self._start = self.reaped()
 
     @staticmethod
-    def _now() -> float:
+    def reaped() -> float:
+        """CPU seconds of every child this process reaped so far (and what they reaped)."""
         times = os.times()
         return times.children_user + times.children_system
 
     def seconds(self) -> float:
-        return max(self._now() - self._start, 0.0)
+        return max(self.reaped() - self._start, 0.0)
 
 
 class Watcher(threading.Thread):
@@ -287,6 +288,7 @@ class RunWatch:
         self.contain: Containment | None = None
         self.watcher: Watcher | None = None
         self.cpu: CpuMeter | None = None
+        self._began = (time.process_time(), CpuMeter.reaped())  # for tool_cpu_seconds
 
     def open(self, registry: Registry, owner: Owner) -> None:
         """Record the run's marker (intent first), then be the subreaper of what it starts."""
@@ -344,6 +346,18 @@ class RunWatch:
                 "samples": self.watcher.samples,
                 "watch_cpu_seconds": round(self.watcher.cpu_seconds, 4),
             }
+
+    def record_tool_cpu(self) -> None:
+        """``resources.tool_cpu_seconds``: the tool's own CPU for this run, the kernel's count:
+        what this process used since the session began (all its threads: one session per
+        process on every path: a fork, a nox worker, sequential nox) and what it reaped besides
+        the suite and servers (the guardian, a migrate command). The fork and exit of the
+        session's process, and the run's fixed part (nox or invoke), are not in it."""
+        if self.result.resources is None:
+            return
+        own = time.process_time() - self._began[0]
+        others = CpuMeter.reaped() - self._began[1] - self.result.resources["cpu_seconds"]
+        self.result.resources["tool_cpu_seconds"] = round(own + max(others, 0.0), 4)
 
     def fail_for(self, exits: Sequence[ServerExit], secrets: Sequence[str]) -> None:
         """A run whose server died is never ``passed``: name the server, its signal, its log."""

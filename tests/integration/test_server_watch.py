@@ -138,6 +138,9 @@ def test_a_suite_that_sigkills_its_backend_and_exits_0_does_not_pass(
     assert resources["peak_memory_bytes"] >= 64 * 1024 * 1024
     assert resources["cpu_seconds"] >= 0.25
     assert resources["watch_cpu_seconds"] < 0.2
+    # The tool's own share, apart: the session's process and what it reaped besides the suite
+    # and the server (a guardian's shell): more than nothing, far from the suite's busy loop.
+    assert 0 < resources["tool_cpu_seconds"] < 1.0
 
 
 def test_a_suite_is_stopped_as_soon_as_the_server_it_needs_dies(
