@@ -1,4 +1,4 @@
-"""A warm interpreter that forks one child per request: what a ``nox -j`` worker asks to run its
+"""A warm interpreter that forks a child per connection: what a ``nox -j`` worker asks to run its
 session, instead of importing the tool (psycopg, servers, health...) and parsing the config itself.
 
 Why: under ``nox -j`` every session runs in a fresh ``python -m nox`` worker. nox's own start-up
@@ -18,8 +18,11 @@ are refused):
 3. While the child runs, the worker relays each SIGINT/SIGTERM/SIGHUP it gets as a message; the
    child raises it on itself. If the worker dies (nox SIGKILLs workers 2 s after an interrupt),
    the child sees the end of the connection and stops as if interrupted once.
-4. The child answers with the handler's JSON result and exits (``os._exit``: no inherited
-   ``atexit`` runs twice). The server reaps it.
+4. The child answers with the handler's JSON result. Then it waits on the same connection: a
+   next request (:meth:`Call.again`: a batch's thread sends its next project to its child, so a
+   project costs no fork, no exit and no page copied again) starts again at step 2 without the
+   fork; the end of the connection makes it exit (``os._exit``: no inherited ``atexit`` runs
+   twice). The server reaps it.
 
 Anything that goes wrong before the child answered ``pid`` (no server, a server that died, a
 refused peer) makes :func:`request` return ``None``: the caller runs the work itself, so the fork
@@ -34,6 +37,8 @@ import gc
 import json
 import logging
 import os
+import queue
+import select
 import selectors
 import shutil
 import signal
@@ -159,6 +164,7 @@ class _Server:
                 elif running:
                     self._accept()
             _reap()
+        _reap()  # the children that ended since (a batch's, told to exit before we stopped)
         self.listener.close()
         shutil.rmtree(self.folder, ignore_errors=True)
         return 0
@@ -194,7 +200,8 @@ def _child(
     handler: Handler,
     server_fds: tuple[int, ...],
 ) -> None:
-    """In the forked child: become the worker's stand-in, run the handler, answer, exit."""
+    """In the forked child: become the worker's stand-in, run the handler, answer; take the
+    next request on the same connection (:meth:`Call.again`) until its end, then exit."""
     code = 1
     try:
         for fd in server_fds:
@@ -203,49 +210,97 @@ def _child(
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-        for fd in fds:
-            if fd > 2:
-                os.close(fd)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        conn.sendall(json.dumps({"pid": os.getpid()}).encode())
-        relay = _Relay(conn)
-        relay.start()
-        try:
-            result = handler(request["payload"])
-        except BaseException as exc:  # the handler's own failures are its answer
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        relay.finished = True
-        conn.sendall(json.dumps({"result": result}).encode())
-        code = 0
-    except BaseException:  # a worker gone before the child began: nothing ran, nothing to say
+        inbox = _Inbox(conn)
+        inbox.start()
+        taken: tuple[Mapping[str, Any], list[int]] | None = (request, fds)
+        while taken is not None:
+            request, fds = taken
+            _take_over(request, fds)
+            conn.sendall(json.dumps({"pid": os.getpid()}).encode())
+            inbox.begin()
+            try:
+                result = handler(request["payload"])
+            except BaseException as exc:  # the handler's own failures are its answer
+                result = {"error": f"{type(exc).__name__}: {exc}"}
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            inbox.end()
+            conn.sendall(json.dumps({"result": result}).encode())
+            code = 0
+            taken = inbox.next_request()
+    except BaseException:  # a worker gone (or a signal relayed) between requests: nothing runs
         pass
     finally:
         os._exit(code)
 
 
-class _Relay(threading.Thread):
-    """Raises on this process the signals the worker relays; the worker's end is a SIGTERM."""
+def _take_over(request: Mapping[str, Any], fds: list[int]) -> None:
+    """Become the requester's stand-in: its stdin/stdout/stderr, cwd and environment."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+
+
+class _Inbox(threading.Thread):
+    """The one reader of the child's connection: raises on this process the signals the worker
+    relays, queues the next request (it comes with descriptors), and at the end of the
+    connection stops a request still running (a SIGTERM: the worker died, as nox would have
+    asked, unless it relayed a signal already) or ends the child's loop."""
 
     def __init__(self, conn: socket.socket) -> None:
         super().__init__(name="e2e-infra relay", daemon=True)
         self.conn = conn
-        self.finished = False
+        self._lock = threading.Lock()
+        self._running = False
+        self._relayed = False
+        self._requests: queue.SimpleQueue[tuple[bytes, list[int]] | None] = queue.SimpleQueue()
+
+    def begin(self) -> None:
+        with self._lock:
+            self._running, self._relayed = True, False
+
+    def end(self) -> None:
+        with self._lock:
+            self._running = False
 
     def run(self) -> None:
-        received = False
         with contextlib.suppress(OSError):
-            for message in iter(lambda: self.conn.recv(64), b""):
-                received = True
-                os.kill(os.getpid(), int(message))
-        if not received and not self.finished:
-            os.kill(os.getpid(), signal.SIGTERM)  # the worker died: stop, as nox would have asked
+            while True:
+                message, fds, _flags, _addr = socket.recv_fds(self.conn, _MAX_MESSAGE, 3)
+                if not message:
+                    break
+                if fds:
+                    self._requests.put((message, fds))
+                    continue
+                with self._lock:
+                    self._relayed = True
+                with contextlib.suppress(ValueError):
+                    os.kill(os.getpid(), int(message))
+        with self._lock:
+            died = self._running and not self._relayed
+        if died:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self._requests.put(None)
+
+    def next_request(self) -> tuple[Mapping[str, Any], list[int]] | None:
+        """The next request and its descriptors; None at the end of the connection."""
+        while (item := self._requests.get()) is not None:
+            message, fds = item
+            try:
+                request = json.loads(message)
+                if len(fds) == 3 and isinstance(request, dict):
+                    return request, fds
+            except ValueError:
+                pass
+            for fd in fds:
+                os.close(fd)
+        return None
 
 
 class Call:
@@ -260,22 +315,50 @@ class Call:
         with contextlib.suppress(OSError):
             self.sock.send(str(signum).encode())
 
-    def result(self) -> dict[str, Any]:
-        """The handler's answer; an ``error`` if the child ended without one. Closes the call.
+    def result(self, *, keep: bool = False) -> dict[str, Any]:
+        """The handler's answer; an ``error`` if the child ended without one. Closes the call,
+        unless ``keep``: then the child waits for :meth:`again` or :meth:`close`.
 
         No deadline of its own: the child's run is bounded by the session's own timeouts, and
         its end, by any means, closes the connection.
         """
-        with self.sock:
-            self.sock.settimeout(None)
-            try:
-                answer = self.sock.recv(_MAX_MESSAGE)
-                result: dict[str, Any] = json.loads(answer)["result"] if answer else {}
-            except (OSError, ValueError, KeyError):
-                result = {}
+        self.sock.settimeout(None)
+        try:
+            answer = self.sock.recv(_MAX_MESSAGE)
+            result: dict[str, Any] = json.loads(answer)["result"] if answer else {}
+        except (OSError, ValueError, KeyError):
+            result = {}
+        if not result or not keep:
+            self.close()
         if not result:
             return {"error": f"the session process {self.pid} ended without an answer"}
         return result
+
+    def again(self, payload: Mapping[str, Any], stdio: tuple[int, int, int]) -> bool:
+        """Start ``payload`` in the same child, its last answer taken (``result(keep=True)``):
+        no fork, no exit, no page copied again. False (the call closed) if the child is gone."""
+        if self.sock.fileno() < 0:
+            return False
+        try:
+            self.sock.settimeout(_PID_TIMEOUT)
+            if _send(self.sock, payload, stdio) == self.pid:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self.close()
+        return False
+
+    def close(self, wait: float = 0.0) -> None:
+        """End the call: an idle child exits; wait up to ``wait`` seconds for it to have exited
+        (then the server reaps it: its CPU is counted where the server's is)."""
+        self.sock.close()
+        if wait > 0:
+            with contextlib.suppress(OSError):
+                pidfd = os.pidfd_open(self.pid)
+                try:
+                    select.select([pidfd], [], [], wait)
+                finally:
+                    os.close(pidfd)
 
 
 def start(
@@ -295,13 +378,7 @@ def start(
     try:
         sock.settimeout(_PID_TIMEOUT)
         sock.connect(address)
-        if stdio[1:] == (1, 2):
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()  # what this process printed comes before what the child prints
-        message = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "payload": payload})
-        socket.send_fds(sock, [message.encode()], list(stdio))
-        started = sock.recv(_MAX_MESSAGE)
-        pid = int(json.loads(started)["pid"]) if started else 0
+        pid = _send(sock, payload, stdio)
     except (OSError, ValueError, KeyError, TypeError):
         sock.close()
         return None
@@ -309,6 +386,17 @@ def start(
         sock.close()
         return None
     return Call(sock, pid)
+
+
+def _send(sock: socket.socket, payload: Mapping[str, Any], stdio: tuple[int, int, int]) -> int:
+    """Send a request with ``stdio``; the pid of the child that took it (0: none did)."""
+    if stdio[1:] == (1, 2):
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # what this process printed comes before what the child prints
+    message = json.dumps({"cwd": os.getcwd(), "env": dict(os.environ), "payload": payload})
+    socket.send_fds(sock, [message.encode()], list(stdio))
+    started = sock.recv(_MAX_MESSAGE)
+    return int(json.loads(started)["pid"]) if started else 0
 
 
 def request(payload: Mapping[str, Any], address: str | None = None) -> dict[str, Any] | None:

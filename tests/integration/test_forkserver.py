@@ -175,3 +175,52 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
         return False
+
+
+AGAIN = """\
+import json, os, signal, sys
+from e2e_infra import forkserver
+out = [open(path, "w") for path in sys.argv[1:3]]
+null = open(os.devnull, "rb")
+os.environ["FORK_TEST_MARKER"] = "first"
+call = forkserver.start({"do": "echo"}, None, (null.fileno(), out[0].fileno(), out[0].fileno()))
+first = call.result(keep=True)
+os.environ["FORK_TEST_MARKER"] = "second"
+os.chdir(sys.argv[3])
+again = call.again({"do": "echo", "n": 2}, (null.fileno(), out[1].fileno(), out[1].fileno()))
+second = call.result(keep=True)
+call.close(wait=5.0)
+# A child that is gone cannot take another request: the caller forks a new one.
+call = forkserver.start({"do": "echo"}, None, (null.fileno(), out[0].fileno(), out[0].fileno()))
+call.result(keep=True)
+os.kill(call.pid, signal.SIGKILL)
+dead = call.again({"do": "echo"}, (null.fileno(), out[1].fileno(), out[1].fileno()))
+print("RESULT " + json.dumps([first, again, second, dead]), flush=True)
+"""
+
+
+def test_a_child_takes_the_next_request_on_its_connection_then_exits_at_its_end(
+    server: Server, tmp_path: Path
+) -> None:
+    outs = [tmp_path / "first.log", tmp_path / "second.log"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", AGAIN, *map(str, outs), str(elsewhere)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), ADDRESS_ENV: server.address},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    first, again, second, dead = result_of(done.stdout)
+    # The same process ran both (no second fork), each time as the requester's stand-in.
+    assert again is True and second["pid"] == first["pid"]
+    assert (first["marker"], second["marker"]) == ("first", "second")
+    assert first["cwd"] == str(ROOT) and second["cwd"] == str(elsewhere)
+    assert second["payload"] == {"do": "echo", "n": 2}
+    assert [path.read_text().count("hello from the child") for path in outs] == [2, 1]
+    # Told the connection ended, the idle child exited, and the server reaped it.
+    assert not psutil.pid_exists(first["pid"])
+    assert dead is False
