@@ -23,10 +23,11 @@ from typing import Any
 import nox
 
 import e2e_infra
-from e2e_infra import forkserver, runner
+from e2e_infra import forkserver
 
 __all__ = ["register_sessions"]
 
+PROJECTS_ENV = "E2E_FORKSERVER_PROJECTS"  # the projects the main process's fork server runs
 _STARTED = time.time()
 _registered: dict[str, e2e_infra.Config] = {}  # the config each registered project came from
 _server: forkserver.ForkServer | None = None
@@ -44,7 +45,10 @@ def _load(config_path: Path | None) -> e2e_infra.Config | None:
         return None
 
 
-def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Session], None]:
+def _session_func(config: e2e_infra.Config | None, project: str) -> Callable[[nox.Session], None]:
+    """The session of ``project``; ``config`` None: a ``-j`` worker that parses the config only
+    if the fork server cannot run the project."""
+
     def session_func(session: nox.Session) -> None:
         outcome = None
         if session.parallel:  # a -j worker: the warm server runs it, if there is one
@@ -52,7 +56,15 @@ def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Sessi
             if outcome is not None and outcome.get("unknown"):
                 outcome = None  # a project the server's config does not have: run it here
         if outcome is None:
-            outcome = runner.project_outcome(config, project, session.posargs)
+            from e2e_infra import runner
+
+            loaded = config or _load(None)
+            if loaded is None:
+                session.error("the e2e-infra config cannot be loaded (see above)")
+            run = os.environ.get("E2E_RUN_ID") or loaded.run or e2e_infra.new_run_id()
+            outcome = runner.project_outcome(
+                loaded if config else loaded.for_run(run), project, session.posargs
+            )
         for line in outcome.get("logs", []):
             session.log(line)
         if outcome.get("error"):
@@ -65,6 +77,8 @@ def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Sessi
 
 def _serve(payload: Mapping[str, Any]) -> dict[str, Any]:
     """In a child of the fork server: run the project a worker asked for."""
+    from e2e_infra import runner
+
     project = str(payload["project"])
     config = _registered.get(project)
     if config is None:
@@ -101,9 +115,14 @@ def _start_fork_server() -> None:
         sys.argv[1:], noxfile if isinstance(noxfile, int) else None
     ):
         return
+    from e2e_infra import runner
+
     _server = forkserver.ForkServer.start(_serve, runner.preload)
     if _server is not None:
-        os.environ[forkserver.ADDRESS_ENV] = _server.address  # the workers inherit it
+        # The workers inherit both: where the server is, and which projects it runs (a worker
+        # registers those sessions without importing or parsing the config itself).
+        os.environ[forkserver.ADDRESS_ENV] = _server.address
+        os.environ[PROJECTS_ENV] = ",".join(_registered)
         atexit.register(_server.close)
 
 
@@ -114,6 +133,10 @@ def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> li
     else the nearest ``pyproject.toml`` from the current folder, which nox sets to the noxfile's).
     Idempotent: a name already registered is left as it is (nox warns on a second registration).
     """
+    served = _served_projects() if config is None else None
+    if served is not None:
+        nox.options.default_venv_backend = "none"
+        return [_register(None, project) for project in served]
     if config is None or isinstance(config, Path | str):
         loaded = _load(Path(config) if config is not None else None)
         if loaded is None:
@@ -128,18 +151,28 @@ def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> li
     if not _registered and "--parallel-worker" not in sys.argv:
         # The main nox process prints the summary; parallel workers (one session each) do not.
         atexit.register(_summary_at_exit)
-    names = []
-    for project in config.projects:
-        name = f"e2e-{project}"
-        names.append(name)
-        if name in nox.registry.get():
-            continue
-        _registered[project] = config
+    names = [_register(config, project) for project in config.projects]
+    _start_fork_server()  # after the registration: the server is a copy of this process
+    return names
+
+
+def _register(config: e2e_infra.Config | None, project: str) -> str:
+    name = f"e2e-{project}"
+    if name not in nox.registry.get():
+        if config is not None:
+            _registered[project] = config
         nox.session(name=name, tags=["e2e"], python=False, allow_parallel=True)(
             _session_func(config, project)
         )
-    _start_fork_server()  # after the registration: the server is a copy of this process
-    return names
+    return name
+
+
+def _served_projects() -> list[str] | None:
+    """In a ``-j`` worker of a run whose main process started the fork server: its projects."""
+    if "--parallel-worker" not in sys.argv or not os.environ.get(forkserver.ADDRESS_ENV):
+        return None
+    listed = os.environ.get(PROJECTS_ENV)
+    return [p for p in listed.split(",") if p] if listed else None
 
 
 def _summary_at_exit() -> None:
