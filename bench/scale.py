@@ -20,13 +20,17 @@ Target (issue #6): overhead per project grows by at most 1.5x from 17 to 100 pro
 The CPU per project has a fixed part (one interpreter importing nox or invoke, the warm server's
 imports, the summary) spread over the projects, and a marginal part that every further project
 adds. The marginal CPU per project is the slope between the smallest and the largest count:
-(CPU(high) - CPU(low)) / (high - low), printed per runner (issue #14: <= 100 ms).
+(CPU(high) - CPU(low)) / (high - low), printed per runner (issue #14: <= 100 ms). With the nox
+runner, the same slope of ``nox -j`` over sessions that do nothing (a generated noxfile) is nox's
+own cost per session (a fresh ``python -m nox`` worker each): printed beside it, with the
+difference, the tool's share.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -74,6 +78,29 @@ def command(runner: str, jobs: str) -> list[str]:
     return [*NOX, "-j", jobs, "-t", "e2e"]
 
 
+FLOOR_NOXFILE = """\
+import nox
+
+nox.options.default_venv_backend = "none"
+for number in range({count}):
+    nox.session(name=f"e2e-p{{number:03d}}", python=False, tags=["e2e"], allow_parallel=True)(
+        lambda session: None
+    )
+"""
+
+
+def nox_floor(tmp: Path, count: int, jobs: str) -> float:
+    """CPU seconds of ``nox -j`` running ``count`` sessions that do nothing: nox's own share."""
+    folder = tmp / f"floor-{count}"
+    folder.mkdir(exist_ok=True)
+    (folder / "noxfile.py").write_text(FLOOR_NOXFILE.format(count=count))
+    argv = [sys.executable, "-m", "nox", "-f", str(folder / "noxfile.py"), "-j", jobs, "-t", "e2e"]
+    timed = run_timed(argv, env=dict(os.environ), cwd=folder)
+    if timed.returncode != 0:
+        raise SystemExit(f"the nox floor run failed: {timed.output[-2000:]}")
+    return timed.cpu
+
+
 def run_once(config: Path, jobs: str, runner: str = "nox") -> dict[str, Any]:
     results = config.parent / "results"
     shutil.rmtree(results, ignore_errors=True)
@@ -119,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     where = "/dev/shm (tmpfs = true)" if args.tmpfs else "the default (tmpfs = auto)"
     print(f"cluster data folder on {where}")
     samples: dict[tuple[str, int, bool], list[dict[str, Any]]] = {}
+    floors: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="e2e-bench-scale-") as name:
         tmp = Path(name)
         configs = {(n, db): configure(tmp, n, db, args.tmpfs) for db in variants for n in counts}
@@ -139,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
                             file=sys.stderr,
                             flush=True,
                         )
+                if "nox" in runners:  # nox's own cost per session, with sessions doing nothing
+                    for count in counts:
+                        floors.setdefault(count, []).append(nox_floor(tmp, count, args.jobs))
         finally:
             if True in variants:
                 print(f"stopped and removed cluster {stop_cluster(configs[(counts[0], True)])}")
-    report(samples, args)
+    report(samples, args, {count: median(cpus) for count, cpus in floors.items()})
     return 0
 
 
@@ -151,7 +182,9 @@ def _phase_ms(runs: list[dict[str, Any]], phase: str) -> float:
 
 
 def report(
-    samples: dict[tuple[str, int, bool], list[dict[str, Any]]], args: argparse.Namespace
+    samples: dict[tuple[str, int, bool], list[dict[str, Any]]],
+    args: argparse.Namespace,
+    floors: dict[int, float],
 ) -> None:
     rows = []
     per_project: dict[tuple[str, int, bool], float] = {}
@@ -217,6 +250,13 @@ def report(
                     f"(target <= 1.5x); marginal CPU per project {marginal * 1000:.0f} ms "
                     "(target <= 100 ms)"
                 )
+                if runner == "nox" and counts[0] in floors and counts[-1] in floors:
+                    own = (floors[counts[-1]] - floors[counts[0]]) / (counts[-1] - counts[0])
+                    verdicts.append(
+                        f"  of which nox's own: {own * 1000:.0f} ms per session (nox -j "
+                        f"{args.jobs} with sessions that do nothing); the tool's share "
+                        f"{(marginal - own) * 1000:.0f} ms"
+                    )
     if verdicts:
         print("\ne2e-infra:\n  " + "\n  ".join(verdicts))
 
