@@ -62,6 +62,8 @@ _MAX_MESSAGE = 4 << 20  # a request carries the worker's environment
 _PID_TIMEOUT = 60.0  # the server may still be importing when the first workers ask
 _POLL = 0.5
 _STOP_TIMEOUT = 5.0
+_IDLE_TIMEOUT = 600.0  # an idle child nobody hands a connection to exits after this
+_IDLE_WAIT = 2.0  # for the children to exit once the server ends (its starter waits 5 s)
 
 Handler = Callable[[Mapping[str, Any]], dict[str, Any]]
 
@@ -142,6 +144,11 @@ class _Server:
         self.stop_fd = stop_fd
         self.folder = folder
         self.handler = handler
+        self.selector = selectors.DefaultSelector()
+        # Each child's end of the control channel, by the server's socket: "idle" from the child
+        # (its connection ended cleanly), a new connection to it (SCM_RIGHTS), or the end.
+        self.children: dict[socket.socket, int] = {}
+        self.idle: list[socket.socket] = []
 
     def serve(self, preload: Callable[[], None]) -> int:
         # The terminal's Ctrl-C reaches the whole foreground group, this server too: nox decides
@@ -153,21 +160,59 @@ class _Server:
         # leaves them alone: a child copies only what it really changes.
         gc.collect()
         gc.freeze()
-        selector = selectors.DefaultSelector()
-        selector.register(self.listener, selectors.EVENT_READ)
-        selector.register(self.stop_fd, selectors.EVENT_READ)
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.selector.register(self.stop_fd, selectors.EVENT_READ)
         running = True
         while running:
-            for key, _ in selector.select(timeout=_POLL):
+            for key, _ in self.selector.select(timeout=_POLL):
                 if key.fileobj == self.stop_fd:
                     running = False  # the starter closed its end, or died
-                elif running:
-                    self._accept()
+                elif key.fileobj is self.listener:
+                    if running:
+                        self._accept()
+                elif isinstance(key.fileobj, socket.socket):
+                    self._heard(key.fileobj)
             _reap()
-        _reap()  # the children that ended since (a batch's, told to exit before we stopped)
         self.listener.close()
+        # An idle child exits when its channel ends, a running one once it has answered: they
+        # are waited for a moment (and reaped, their CPU counted here); a long run goes on.
+        pids = list(self.children.values())
+        for ctl in list(self.children):
+            self._forget(ctl)
+        _wait_gone(pids, _IDLE_WAIT)
+        _reap()
         shutil.rmtree(self.folder, ignore_errors=True)
         return 0
+
+    def _heard(self, ctl: socket.socket) -> None:
+        try:
+            message = ctl.recv(16)
+        except OSError:
+            message = b""
+        if message == b"idle":
+            if ctl not in self.idle:
+                self.idle.append(ctl)
+        else:  # the child ended
+            self._forget(ctl)
+
+    def _forget(self, ctl: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(ctl)
+        self.children.pop(ctl, None)
+        if ctl in self.idle:
+            self.idle.remove(ctl)
+        ctl.close()
+
+    def _hand_over(self, conn: socket.socket, message: bytes, fds: list[int]) -> bool:
+        """Give the connection and its request to an idle child: no fork. False: none took it."""
+        while self.idle:
+            ctl = self.idle.pop()
+            try:
+                socket.send_fds(ctl, [message], [conn.fileno(), *fds])
+                return True
+            except OSError:  # it ended meanwhile
+                self._forget(ctl)
+        return False
 
     def _accept(self) -> None:
         try:
@@ -182,9 +227,17 @@ class _Server:
             if len(fds) != 3:
                 return
             request = json.loads(message)
+            if self._hand_over(conn, message, fds):
+                return
+            ctl, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             pid = os.fork()
             if pid == 0:
-                _child(conn, fds, request, self.handler, (self.listener.fileno(), self.stop_fd))
+                ctl.close()
+                inherited = (self.listener.fileno(), self.stop_fd, *map(_fileno, self.children))
+                _child(conn, fds, request, self.handler, inherited, ctl_child)
+            ctl_child.close()
+            self.children[ctl] = pid
+            self.selector.register(ctl, selectors.EVENT_READ)
         except (OSError, ValueError):
             return
         finally:
@@ -199,9 +252,13 @@ def _child(
     request: Mapping[str, Any],
     handler: Handler,
     server_fds: tuple[int, ...],
+    ctl: socket.socket,
 ) -> None:
     """In the forked child: become the worker's stand-in, run the handler, answer; take the
-    next request on the same connection (:meth:`Call.again`) until its end, then exit."""
+    next request on the same connection (:meth:`Call.again`) until its end. Then, if it ended
+    cleanly, tell the server it is idle and wait for the next connection the server hands over
+    (a ``nox -j`` worker's: no fork per session); exit when the server ends or after
+    :data:`_IDLE_TIMEOUT`."""
     code = 1
     try:
         for fd in server_fds:
@@ -210,29 +267,73 @@ def _child(
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        inbox = _Inbox(conn)
-        inbox.start()
-        taken: tuple[Mapping[str, Any], list[int]] | None = (request, fds)
+        ctl.settimeout(_IDLE_TIMEOUT)
+        taken: tuple[socket.socket, Mapping[str, Any], list[int]] | None = (conn, request, fds)
         while taken is not None:
-            request, fds = taken
-            _take_over(request, fds)
-            conn.sendall(json.dumps({"pid": os.getpid()}).encode())
-            inbox.begin()
-            try:
-                result = handler(request["payload"])
-            except BaseException as exc:  # the handler's own failures are its answer
-                result = {"error": f"{type(exc).__name__}: {exc}"}
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            inbox.end()
-            conn.sendall(json.dumps({"result": result}).encode())
+            conn, request, fds = taken
+            _serve_connection(conn, request, fds, handler)
             code = 0
-            taken = inbox.next_request()
+            _let_go()
+            conn.close()
+            ctl.sendall(b"idle")
+            taken = _handed_over(ctl)
     except BaseException:  # a worker gone (or a signal relayed) between requests: nothing runs
         pass
     finally:
         os._exit(code)
+
+
+def _serve_connection(
+    conn: socket.socket, request: Mapping[str, Any], fds: list[int], handler: Handler
+) -> None:
+    """Run the requests of one connection; return when it ended cleanly (raise otherwise)."""
+    inbox = _Inbox(conn)
+    inbox.start()
+    taken: tuple[Mapping[str, Any], list[int]] | None = (request, fds)
+    while taken is not None:
+        request, fds = taken
+        _take_over(request, fds)
+        conn.sendall(json.dumps({"pid": os.getpid()}).encode())
+        inbox.begin()
+        try:
+            result = handler(request["payload"])
+        except BaseException as exc:  # the handler's own failures are its answer
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        interrupted = inbox.relayed
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        inbox.end()
+        conn.sendall(json.dumps({"result": result}).encode())
+        if interrupted:
+            raise SystemExit(1)  # a run stopped by a signal: this process ends with it
+        taken = inbox.next_request()
+    inbox.join(_STOP_TIMEOUT)
+
+
+def _handed_over(ctl: socket.socket) -> tuple[socket.socket, Mapping[str, Any], list[int]] | None:
+    """The next connection the server hands over, with its request; None: the server ended."""
+    message, fds, _flags, _addr = socket.recv_fds(ctl, _MAX_MESSAGE, 4)
+    if not message or len(fds) != 4:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return socket.socket(fileno=fds[0]), json.loads(message), fds[1:]
+
+
+def _fileno(sock: socket.socket) -> int:
+    return sock.fileno()
+
+
+def _let_go() -> None:
+    """Give back the last requester's stdio (its reader waits for their end): /dev/null."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    os.close(null)
 
 
 def _take_over(request: Mapping[str, Any], fds: list[int]) -> None:
@@ -268,6 +369,12 @@ class _Inbox(threading.Thread):
     def end(self) -> None:
         with self._lock:
             self._running = False
+
+    @property
+    def relayed(self) -> bool:
+        """A signal was relayed during the current (or last) request."""
+        with self._lock:
+            return self._relayed
 
     def run(self) -> None:
         with contextlib.suppress(OSError):
@@ -348,17 +455,9 @@ class Call:
         self.close()
         return False
 
-    def close(self, wait: float = 0.0) -> None:
-        """End the call: an idle child exits; wait up to ``wait`` seconds for it to have exited
-        (then the server reaps it: its CPU is counted where the server's is)."""
+    def close(self) -> None:
+        """End the call: its child waits for the server's next connection, or exits with it."""
         self.sock.close()
-        if wait > 0:
-            with contextlib.suppress(OSError):
-                pidfd = os.pidfd_open(self.pid)
-                try:
-                    select.select([pidfd], [], [], wait)
-                finally:
-                    os.close(pidfd)
 
 
 def start(
@@ -422,6 +521,18 @@ def _relaying(call: Call) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait (at most ``timeout`` in all) for these processes to have exited."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(pid)
+            try:
+                select.select([pidfd], [], [], max(deadline - time.monotonic(), 0.0))
+            finally:
+                os.close(pidfd)
 
 
 def _peer_uid(conn: socket.socket) -> int:

@@ -241,6 +241,6 @@ class Batch:
             idle, self._idle = list(self._idle.values()), {}
             durations, self._durations = self._durations, {}
         for call in idle:
-            call.close(wait=2.0)  # the child, waiting for another project, exits
-        self.server.close()
+            call.close()
+        self.server.close()  # its children, idle now, exit with it
         record_durations(self.config, durations)

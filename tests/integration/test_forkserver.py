@@ -109,9 +109,14 @@ def test_a_request_runs_in_a_fork_of_the_server_with_the_workers_stdio_cwd_and_e
     # The child wrote to the worker's own stdout and stderr (passed over the socket).
     assert "hello from the child" in out
     assert "and its stderr" in err
-    assert not psutil.pid_exists(result["pid"]) or psutil.Process(result["pid"]).status() in (
-        psutil.STATUS_ZOMBIE,
-        psutil.STATUS_DEAD,
+    # Answered, the child waits for the server's next connection holding nothing of the
+    # worker's (its reader saw the end of the output above): stdio on /dev/null.
+    wait_until(
+        lambda: all(
+            os.readlink(f"/proc/{result['pid']}/fd/{fd}") == os.devnull for fd in (0, 1, 2)
+        ),
+        timeout=10,
+        what="the idle child to give back the worker's stdio",
     )
 
 
@@ -178,7 +183,7 @@ def _alive(pid: int) -> bool:
 
 
 AGAIN = """\
-import json, os, signal, sys
+import json, os, signal, sys, time
 from e2e_infra import forkserver
 out = [open(path, "w") for path in sys.argv[1:3]]
 null = open(os.devnull, "rb")
@@ -189,17 +194,22 @@ os.environ["FORK_TEST_MARKER"] = "second"
 os.chdir(sys.argv[3])
 again = call.again({"do": "echo", "n": 2}, (null.fileno(), out[1].fileno(), out[1].fileno()))
 second = call.result(keep=True)
-call.close(wait=5.0)
-# A child that is gone cannot take another request: the caller forks a new one.
+call.close()
+# Once the child is idle (it gave back the stdio, then told the server), a new connection is
+# handed to it: no fork.
+while os.readlink(f"/proc/{call.pid}/fd/1") != os.devnull:
+    time.sleep(0.01)
+time.sleep(0.2)
 call = forkserver.start({"do": "echo"}, None, (null.fileno(), out[0].fileno(), out[0].fileno()))
-call.result(keep=True)
+third = call.result(keep=True)
+# A child that is gone cannot take another request.
 os.kill(call.pid, signal.SIGKILL)
 dead = call.again({"do": "echo"}, (null.fileno(), out[1].fileno(), out[1].fileno()))
-print("RESULT " + json.dumps([first, again, second, dead]), flush=True)
+print("RESULT " + json.dumps([first, again, second, third, dead]), flush=True)
 """
 
 
-def test_a_child_takes_the_next_request_on_its_connection_then_exits_at_its_end(
+def test_a_child_takes_the_next_request_then_the_next_connection_without_a_fork(
     server: Server, tmp_path: Path
 ) -> None:
     outs = [tmp_path / "first.log", tmp_path / "second.log"]
@@ -214,13 +224,25 @@ def test_a_child_takes_the_next_request_on_its_connection_then_exits_at_its_end(
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    first, again, second, dead = result_of(done.stdout)
-    # The same process ran both (no second fork), each time as the requester's stand-in.
-    assert again is True and second["pid"] == first["pid"]
+    first, again, second, third, dead = result_of(done.stdout)
+    # The same process ran all three (no second fork), each time as the requester's stand-in.
+    assert again is True and second["pid"] == first["pid"] == third["pid"]
     assert (first["marker"], second["marker"]) == ("first", "second")
     assert first["cwd"] == str(ROOT) and second["cwd"] == str(elsewhere)
     assert second["payload"] == {"do": "echo", "n": 2}
     assert [path.read_text().count("hello from the child") for path in outs] == [2, 1]
-    # Told the connection ended, the idle child exited, and the server reaped it.
-    assert not psutil.pid_exists(first["pid"])
     assert dead is False
+    assert not psutil.pid_exists(first["pid"])  # killed, and reaped by the server
+
+
+def test_idle_children_exit_with_the_server(server: Server) -> None:
+    workers = [server.worker({"do": "echo"}) for _ in range(2)]
+    pids = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=60)
+        assert worker.returncode == 0, err
+        pids.append(result_of(out)["pid"])
+    children = {p.pid for p in psutil.Process(server.pid).children()}
+    assert set(pids) <= children  # idle, waiting for the next worker
+    server.close()
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
