@@ -21,8 +21,11 @@ are refused):
 4. The child answers with the handler's JSON result. Then it waits on the same connection: a
    next request (:meth:`Call.again`: a batch's thread sends its next project to its child, so a
    project costs no fork, no exit and no page copied again) starts again at step 2 without the
-   fork; the end of the connection makes it exit (``os._exit``: no inherited ``atexit`` runs
-   twice). The server reaps it.
+   fork. At the end of the connection the child gives back the requester's stdio and tells the
+   server, over a control channel made at its fork, that it is idle; the server hands it the
+   next connection it accepts (a ``nox -j`` worker's), before it forks another child.
+5. A child stopped by a signal, or whose requester died, exits (``os._exit``: no inherited
+   ``atexit`` runs twice); so do the idle ones when the server ends. The server reaps them.
 
 Anything that goes wrong before the child answered ``pid`` (no server, a server that died, a
 refused peer) makes :func:`request` return ``None``: the caller runs the work itself, so the fork
