@@ -232,7 +232,9 @@ def test_a_child_takes_the_next_request_then_the_next_connection_without_a_fork(
     assert second["payload"] == {"do": "echo", "n": 2}
     assert [path.read_text().count("hello from the child") for path in outs] == [2, 1]
     assert dead is False
-    assert not psutil.pid_exists(first["pid"])  # killed, and reaped by the server
+    wait_until(  # killed: the server sees its channel end and reaps it
+        lambda: not psutil.pid_exists(first["pid"]), timeout=10, what="the killed child reaped"
+    )
 
 
 def test_idle_children_exit_with_the_server(server: Server) -> None:
