@@ -20,11 +20,8 @@ that hangs past its own timeout is still reclaimed once it is killed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import select
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -36,6 +33,7 @@ from .clock import SystemClock, wait_until
 from .config import load_config
 from .errors import DeadlineExceeded, E2EInfraError
 from .leases import process_state
+from .processes import wait_exit
 
 __all__ = ["Guardian", "main", "start_guardian"]
 
@@ -99,14 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @dataclass
 class Guardian:
-    """The owner's handle on its guardian: the child's pid and the pipe's write end."""
+    """The owner's handle on its guardian: the process and the pipe's write end."""
 
-    pid: int
+    proc: subprocess.Popen[Any] = field(repr=False)
     fd: int
-    proc: subprocess.Popen[Any] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def stop(self) -> None:
-        """Tell the guardian the run ended normally and reap it. Idempotent."""
+        """Tell the guardian the run ended normally and reap it (SIGKILL if it has not exited
+        within 2 s of the line: it exits at once). Idempotent."""
         if self.fd < 0:
             return
         fd, self.fd = self.fd, -1
@@ -116,44 +118,11 @@ class Guardian:
             pass  # it is gone already (killed): nothing to tell, only to reap
         finally:
             os.close(fd)
-        _reap(self.pid, timeout=2.0)
-        if self.proc is not None:
-            self.proc.poll()  # reaped above: settles the Popen object, which would poll it later
-
-
-def _reap(pid: int, *, timeout: float) -> None:
-    """Reap the child, which exits at once on the byte; SIGKILL it if it has not in ``timeout``."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # no pidfd (old kernel): poll briefly
-        pidfd = -1
-    try:
-        if pidfd >= 0:
-            exited = bool(select.select([pidfd], [], [], timeout)[0])
-        else:
-            exited = _poll_exit(pid, timeout)
-        if not exited:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)  # it has exited, or SIGKILL ends it now
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
-
-
-def _poll_exit(pid: int, timeout: float) -> bool:
-    def reaped() -> bool:
         try:
-            return os.waitpid(pid, os.WNOHANG)[0] != 0
-        except ChildProcessError:
-            return True
-
-    try:
-        wait_until(reaped, timeout=timeout, what=f"guardian {pid} to exit", first=0.001, cap=0.02)
-    except DeadlineExceeded:
-        return False
-    return True
+            wait_exit(self.proc, 2.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def start_guardian(
@@ -202,7 +171,7 @@ def start_guardian(
         raise
     finally:
         os.close(read_end)
-    return Guardian(pid=proc.pid, fd=write_end, proc=proc)
+    return Guardian(proc=proc, fd=write_end)
 
 
 if __name__ == "__main__":
