@@ -236,7 +236,8 @@ class _Server:
             pid = os.fork()
             if pid == 0:
                 ctl.close()
-                inherited = (self.listener.fileno(), self.stop_fd, *map(_fileno, self.children))
+                others = (other.fileno() for other in self.children)
+                inherited = (self.listener.fileno(), self.stop_fd, *others)
                 _child(conn, fds, request, self.handler, inherited, ctl_child)
             ctl_child.close()
             self.children[ctl] = pid
@@ -324,10 +325,6 @@ def _handed_over(ctl: socket.socket) -> tuple[socket.socket, Mapping[str, Any], 
     return socket.socket(fileno=fds[0]), json.loads(message), fds[1:]
 
 
-def _fileno(sock: socket.socket) -> int:
-    return sock.fileno()
-
-
 def _let_go() -> None:
     """Give back the last requester's stdio (its reader waits for their end): /dev/null."""
     for stream in (sys.stdout, sys.stderr):
@@ -380,27 +377,35 @@ class _Inbox(threading.Thread):
             return self._relayed
 
     def run(self) -> None:
+        # Until the end of the connection: the requester closes it or dies, or this child exits
+        # (a daemon thread); no wait of its own: a run is bounded by the session's timeouts, an
+        # idle connection by next_request's deadline.
         with contextlib.suppress(OSError):
-            while True:
-                message, fds, _flags, _addr = socket.recv_fds(self.conn, _MAX_MESSAGE, 3)
-                if not message:
-                    break
-                if fds:
+            message, fds = self._receive()
+            while message:  # b"": the end of the connection
+                if fds:  # a request comes with the requester's stdio
                     self._requests.put((message, fds))
-                    continue
-                with self._lock:
-                    self._relayed = True
-                with contextlib.suppress(ValueError):
-                    os.kill(os.getpid(), int(message))
+                else:
+                    with self._lock:
+                        self._relayed = True
+                    with contextlib.suppress(ValueError):
+                        os.kill(os.getpid(), int(message))
+                message, fds = self._receive()
         with self._lock:
             died = self._running and not self._relayed
         if died:
             os.kill(os.getpid(), signal.SIGTERM)
         self._requests.put(None)
 
+    def _receive(self) -> tuple[bytes, list[int]]:
+        message, fds, _flags, _addr = socket.recv_fds(self.conn, _MAX_MESSAGE, 3)
+        return message, fds
+
     def next_request(self) -> tuple[Mapping[str, Any], list[int]] | None:
-        """The next request and its descriptors; None at the end of the connection."""
-        while (item := self._requests.get()) is not None:
+        """The next request and its descriptors; None at the end of the connection. A
+        connection with no request for :data:`_IDLE_TIMEOUT` raises ``queue.Empty``: the child
+        exits (its requester forks a new one if it asks again)."""
+        while (item := self._requests.get(timeout=_IDLE_TIMEOUT)) is not None:
             message, fds = item
             try:
                 request = json.loads(message)
