@@ -17,16 +17,24 @@ def _modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-@pytest.mark.parametrize("name", ["tasks.py", "noxfile.py"])
-def test_the_root_files_an_adopter_copies_are_a_few_lines(name: str) -> None:
-    lines = (ROOT / name).read_text(encoding="utf-8").splitlines()
-    assert len(lines) <= 20, f"{name} has {len(lines)} lines"
+@pytest.mark.parametrize("name", ["tasks.py.tmpl", "noxfile.py.tmpl"])
+def test_what_init_writes_for_an_adopter_is_a_few_lines_over_the_package(name: str) -> None:
+    lines = (PACKAGE / "templates" / name).read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 10, f"{name} has {len(lines)} lines"
     assert "from e2e_infra.cli import" in "\n".join(lines)
 
 
 def test_the_root_tasks_file_is_the_one_init_writes() -> None:
     template = PACKAGE / "templates" / "tasks.py.tmpl"
     assert (ROOT / "tasks.py").read_text() == template.read_text()
+
+
+def test_the_root_noxfile_is_the_one_init_writes_then_this_repositorys_own_sessions() -> None:
+    template = (PACKAGE / "templates" / "noxfile.py.tmpl").read_text()
+    root = (ROOT / "noxfile.py").read_text()
+    assert root.startswith(template)
+    own = root[len(template) :]
+    assert "register_sessions" not in own and "from e2e_infra" not in own
 
 
 def test_the_env_example_is_the_one_init_writes() -> None:
