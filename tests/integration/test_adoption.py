@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import uv
 from conftest import clean_environ, running_cluster
 
 import e2e_infra
@@ -34,10 +35,12 @@ def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh virtual environment with the wheel of this checkout installed, not editable.
+    """A fresh virtual environment holding the wheel of this checkout (not editable) and its
+    dependencies at the versions of the committed lock, as a team's CI would install it, with
+    pytest (the team's own test runner).
 
-    It sees the machine's site-packages for the dependencies (no download in a test), but the
-    package itself comes from the wheel: checked below by where it is imported from.
+    Nothing comes from the interpreter running the tests: no system site-packages, so a
+    dependency the wheel fails to declare fails here. uv installs them (from its cache when warm).
     """
     base = tmp_path_factory.mktemp("adoption")
     wheels = base / "wheels"
@@ -50,14 +53,16 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' build folder
     (wheel,) = wheels.glob("e2e_infra-*.whl")
     venv = base / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], base, env)
+    _run([sys.executable, "-m", "venv", str(venv)], base, env)
     python = str(venv / "bin" / "python")
-    _run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)],
-        base, env,
-    )  # fmt: skip
+    lock = ROOT / "requirements-dev.txt"
+    # The wheel, and pytest: the team's own test runner (its suites are pytest files).
+    install = ["pip", "install", "-q", "--python", python, "-c", str(lock), str(wheel), "pytest"]
+    _run([uv.find_uv_bin(), *install], base, env, timeout=600)
     where = _run([python, "-c", "import e2e_infra; print(e2e_infra.__file__)"], base, env)
     assert Path(where.strip()).is_relative_to(venv), where
+    outside = _run([python, "-c", "import sys; print(sys.base_prefix != sys.prefix)"], base, env)
+    assert outside.strip() == "True"
     return venv
 
 

@@ -278,8 +278,16 @@ def test_sigkilled_postmaster_is_replaced_on_a_fresh_lease_without_orphans(
     assert children_before  # checkpointer, walwriter...
 
     os.kill(old.pid, signal.SIGKILL)
-    wait_until(lambda: not cluster.status().running, timeout=10, what="the postmaster to die")
-    assert _postgres_leases(cluster)[0][2] is not None  # the lease is now provably stale
+    # Wait for the proof of death, not only for the pid file's process to stop looking like the
+    # postmaster: while the kernel tears a killed process down, its working folder is already gone
+    # (so `status()` says not running) but the process is not yet a zombie (so its lease is not
+    # yet provably stale). Asserting in that window failed 2 runs in 3 on a fresh machine.
+    wait_until(
+        lambda: _postgres_leases(cluster)[0][2] is not None,
+        timeout=10,
+        what="the killed postmaster's lease to be provably stale",
+    )
+    assert not cluster.status().running
 
     info = cluster.ensure_running()
     new = cluster.status()
