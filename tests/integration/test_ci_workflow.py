@@ -108,7 +108,7 @@ def test_actionlint_reports_what_is_wrong(tmp_path: Path) -> None:
 
 def test_each_shard_installs_what_its_suites_need() -> None:
     shard = load_workflow()["jobs"]["e2e"]
-    step(shard, lambda s: s.get("run") == "pip install -e '.[dev]'")
+    step(shard, lambda s: s.get("run") == "pip install -c requirements-dev.txt -e '.[dev]'")
     browser = step(shard, running("apt-get install"))["run"]
     assert "command -v chromium" in browser and "chromium" in browser.split("install")[-1]
     node = step(shard, running("npm ci"))
