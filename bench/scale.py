@@ -4,6 +4,7 @@
     python bench/scale.py --counts 17,100 --rounds 3 --database both
     python bench/scale.py --jobs 2              # nox -j 2 instead of -j auto
     python bench/scale.py --runner all,nox      # invoke e2e.all and nox -j, side by side
+    python bench/scale.py --baseline REV        # and the same commands of revision REV, interleaved
 
 Synthetic projects: no servers, the suite is ``true``, so everything measured is the tool (plus nox
 and Python start-up). Each configuration runs ``python -m nox -j auto -t e2e`` exactly as a user
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -72,10 +74,39 @@ def configure(tmp: Path, count: int, database: bool, tmpfs: bool) -> Path:
     )
 
 
-def command(runner: str, jobs: str) -> list[str]:
-    if runner == "all":  # each project in a fork of the invoke process's warm server
-        return [sys.executable, "-m", "invoke", "-r", str(REPO), "e2e.all", "--jobs", jobs]
-    return [*NOX, "-j", jobs, "-t", "e2e"]
+def command(runner: str, jobs: str, checkout: Path = REPO) -> list[str]:
+    if runner == "all":  # the projects on a pool of warm workers
+        return [sys.executable, "-m", "invoke", "-r", str(checkout), "e2e.all", "--jobs", jobs]
+    return [
+        sys.executable,
+        "-m",
+        "nox",
+        "-f",
+        str(checkout / "noxfile.py"),
+        "-j",
+        jobs,
+        "-t",
+        "e2e",
+    ]
+
+
+def baseline_checkout(tmp: Path, rev: str) -> Path:
+    """A checkout of ``rev`` (a detached git worktree under ``tmp``), to run beside this one."""
+    where = tmp / "baseline"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), rev],
+        check=True,
+        capture_output=True,
+    )
+    return where
+
+
+def remove_checkout(where: Path) -> None:
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "remove", "--force", str(where)],
+        check=False,
+        capture_output=True,
+    )
 
 
 FLOOR_NOXFILE = """\
@@ -101,10 +132,13 @@ def nox_floor(tmp: Path, count: int, jobs: str) -> float:
     return timed.cpu
 
 
-def run_once(config: Path, jobs: str, runner: str = "nox") -> dict[str, Any]:
+def run_once(config: Path, jobs: str, runner: str = "nox", checkout: Path = REPO) -> dict[str, Any]:
     results = config.parent / "results"
     shutil.rmtree(results, ignore_errors=True)
-    timed = run_timed(command(runner, jobs), env=bench_env(config, E2E_SUMMARY="0"))
+    env = bench_env(config, E2E_SUMMARY="0")
+    if checkout != REPO:  # that revision's package, not the installed one
+        env["PYTHONPATH"] = str(checkout)
+    timed = run_timed(command(runner, jobs, checkout), env=env, cwd=checkout)
     runs = []
     for path in sorted([*results.glob("*/run.json"), *results.glob("*/*/run.json")]):
         runs.append(json.loads(path.read_text()))
@@ -135,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tmpfs", action="store_true", help="postgres.tmpfs = true: the cluster on /dev/shm"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run each command of git revision REV, interleaved with this checkout's",
+    )
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     runners = [r.strip() for r in args.runner.split(",") if r.strip()]
@@ -150,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="e2e-bench-scale-") as name:
         tmp = Path(name)
         configs = {(n, db): configure(tmp, n, db, args.tmpfs) for db in variants for n in counts}
+        checkouts = {"": REPO}
+        if args.baseline:
+            checkouts[f"@{args.baseline}"] = baseline_checkout(tmp, args.baseline)
         try:
             if True in variants:
                 warm = configure(tmp, 1, True, args.tmpfs)
@@ -157,11 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warm-up (cluster start, template build): {timed['wall']:.2f}s")
             for round_no in range(args.rounds):
                 for (count, database), config in configs.items():
-                    for runner in runners:  # interleaved: load falls on both alike
-                        sample = run_once(config, args.jobs, runner)
-                        samples.setdefault((runner, count, database), []).append(sample)
+                    for runner, (rev, checkout) in (
+                        (r, c) for r in runners for c in checkouts.items()
+                    ):  # interleaved: load falls on all alike
+                        sample = run_once(config, args.jobs, runner, checkout)
+                        samples.setdefault((runner + rev, count, database), []).append(sample)
                         print(
-                            f"  round {round_no + 1}: {runner:<3} {count:>3} projects, "
+                            f"  round {round_no + 1}: {runner + rev:<3} {count:>3} projects, "
                             f"database={database!s:<5} {sample['wall']:6.2f}s "
                             f"load {sample['load']:.2f}",
                             file=sys.stderr,
@@ -173,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if True in variants:
                 print(f"stopped and removed cluster {stop_cluster(configs[(counts[0], True)])}")
+            for rev, checkout in checkouts.items():
+                if rev:
+                    remove_checkout(checkout)
     report(samples, args, {count: median(cpus) for count, cpus in floors.items()})
     return 0
 
@@ -257,12 +304,25 @@ def report(
                         f"{args.jobs} with sessions that do nothing); the tool's share "
                         f"{(marginal - own) * 1000:.0f} ms"
                     )
+    for (runner, count, database), items in sorted(samples.items()):
+        name, _, rev = runner.partition("@")
+        base = samples.get((f"{name}@{args.baseline}", count, database)) if not rev else None
+        if base:
+            new_wall = median([s["wall"] for s in items])
+            old_wall = median([s["wall"] for s in base])
+            verdicts.append(
+                f"{_runner_label(name, args.jobs)}, {count} projects, "
+                f"database={'yes' if database else 'no'}: {new_wall:.2f}s against "
+                f"{old_wall:.2f}s at {args.baseline}: {new_wall / old_wall:.2f}x wall time"
+            )
     if verdicts:
         print("\ne2e-infra:\n  " + "\n  ".join(verdicts))
 
 
 def _runner_label(runner: str, jobs: str) -> str:
-    return f"invoke e2e.all --jobs {jobs}" if runner == "all" else f"nox -j {jobs} -t e2e"
+    name, _, rev = runner.partition("@")
+    label = f"invoke e2e.all --jobs {jobs}" if name == "all" else f"nox -j {jobs} -t e2e"
+    return f"{label} ({rev})" if rev else label
 
 
 if __name__ == "__main__":

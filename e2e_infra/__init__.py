@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first
     )
     from .progress import StatusWriter, follow_run, use_live_display
     from .reclaim import reclaim
+    from .record import Result, RunRecord
     from .report import RunSummary, collect_runs, merge_junit, print_summary
     from .session import ProjectEnv, ProjectSession, RunResult, run_project
     from .workspace import Workspace, make_registry
@@ -134,6 +135,8 @@ _LAZY: dict[str, str] = {
     "make_registry": "workspace",
     "Workspace": "workspace",
     "reclaim": "reclaim",
+    "Result": "record",
+    "RunRecord": "record",
     "run_project": "session",
 }
 
@@ -165,6 +168,8 @@ __all__ = [
     "ProjectSession",
     "RunResult",
     "RunSummary",
+    "Result",
+    "RunRecord",
     "collect_runs",
     "make_registry",
     "Workspace",

@@ -155,6 +155,12 @@ def _as_env_table(value: Any, _env: bool) -> dict[str, str]:
 COMMON_PLACEHOLDERS = ("python", "database_url", "results_dir", "project", "root", "run_id")
 
 
+def allowed_placeholders(port_names: Sequence[str], *extra: str) -> tuple[str, ...]:
+    """The placeholders a command may use: the common ones, ``{ports.<name>}`` per port, and
+    ``extra`` (a server's ``{port}``, ``{fd}``)."""
+    return (*COMMON_PLACEHOLDERS, *extra, *(f"ports.{name}" for name in port_names))
+
+
 def placeholders(text: str) -> list[str]:
     """The ``{name}`` fields of ``text``; ValueError for a spec, conversion or bad braces.
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from ._parse import (
-    COMMON_PLACEHOLDERS,
     NAME_PATTERN,
     _as_auto_bool,
     _as_bool,
@@ -34,12 +33,14 @@ from ._parse import (
     _as_opt_str,
     _as_str,
     _Reader,
+    allowed_placeholders,
     check_placeholders,
 )
 from ._sources import find_config_file, read_env_files, read_toml
 from .conninfo import ConnInfo
 from .errors import ConfigError, InvalidNameError
 from .hostid import default_host_id
+from .layout import Layout
 
 __all__ = [
     "NAME_PATTERN",
@@ -214,9 +215,9 @@ class Config:
         return replace(self, run=run)
 
     @property
-    def run_dir(self) -> Path:
-        """Where this run's results go: ``<results_dir>/<run>`` (``results_dir`` with no run)."""
-        return self.results_dir / self.run if self.run else self.results_dir
+    def layout(self) -> Layout:
+        """Every path of this run's results (``<results_dir>/<run>/...``): see :mod:`.layout`."""
+        return Layout(self.results_dir, self.run)
 
     def project(self, name: str) -> ProjectConfig:
         validate_project_name(name)
@@ -230,9 +231,6 @@ class Config:
                 key=f"projects.{name}",
                 path=str(self.source) if self.source else None,
             ) from None
-
-    def project_dir(self, project: str) -> Path:
-        return self.run_dir / project
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -561,12 +559,7 @@ def _check_templates(
 def _check_server_placeholders(
     server: ServerConfig, port_names: tuple[str, ...], path: str
 ) -> None:
-    allowed = (
-        *COMMON_PLACEHOLDERS,
-        "port",
-        *(f"ports.{name}" for name in port_names),
-        *(("fd",) if server.listen_socket else ()),
-    )
+    allowed = allowed_placeholders(port_names, "port", *(("fd",) if server.listen_socket else ()))
     templates = {"command": server.command, "health": server.health}
     templates.update({f"env.{key}": value for key, value in server.env.items()})
     _check_templates(f"servers.{server.name}.", path, templates, allowed)
@@ -644,6 +637,5 @@ def _read_projects(
         project = projects[name]
         templates = {"command": project.command}
         templates.update({f"env.{key}": value for key, value in project.env.items()})
-        allowed = (*COMMON_PLACEHOLDERS, *(f"ports.{port}" for port in port_names))
-        _check_templates(prefix, path, templates, allowed)
+        _check_templates(prefix, path, templates, allowed_placeholders(port_names))
     return projects

@@ -27,12 +27,17 @@ from pathlib import Path
 from .config import Config
 from .conninfo import mask_secrets
 from .junit import FailedTest
-from .report import RunSummary, artifact_kind, collect_runs, run_artifacts
+from .record import Result, RunRecord
+from .report import (
+    artifact_kind,
+    collect_runs,
+    cpu_text,
+    peak_memory_text,
+    run_artifacts,
+    tests_of,
+)
 
-__all__ = ["REPORT_FILE", "latest_per_project", "nice_ticks", "render_html", "write_html_report"]
-
-REPORT_FILE = "report.html"
-MERGED_PLAYWRIGHT_REPORT = "playwright-report/index.html"  # every project's, merged at the end
+__all__ = ["latest_per_project", "nice_ticks", "render_html", "write_html_report"]
 _LOG_TAIL_LINES = 40
 _LOG_TAIL_CHARS = 8000
 # Phases before and after the suite in quiet colours; the suite's bar says how the run ended.
@@ -43,7 +48,6 @@ _PHASE_COLOURS: Mapping[str, str] = {
     "health": "#5aa6b0",
     "teardown": "#b9b9b9",
 }
-_STATUS = {"passed": "green", "failed": "red", "error": "red", "interrupted": "amber"}
 _STATUS_COLOURS: Mapping[str, str] = {
     "green": "#2e9d3a",
     "red": "#d32f2f",
@@ -116,15 +120,15 @@ details summary { cursor: pointer; color: #57606a; font-size: 13px; margin-top: 
 
 @dataclass(frozen=True)
 class _Row:
-    summary: RunSummary
+    summary: RunRecord
     artifacts: Sequence[Path] = ()
     extra_runs: int = 0
 
 
-def latest_per_project(runs: Sequence[RunSummary]) -> list[tuple[RunSummary, int]]:
+def latest_per_project(runs: Sequence[RunRecord]) -> list[tuple[RunRecord, int]]:
     """The latest run of each project, with how many other runs of it there were, in start
     order."""
-    by_project: dict[str, list[RunSummary]] = {}
+    by_project: dict[str, list[RunRecord]] = {}
     for run in runs:
         by_project.setdefault(run.project, []).append(run)
     latest = [
@@ -159,8 +163,8 @@ def _tick_label(value: float, step: float) -> str:
     return f"{text} s"
 
 
-def _status(result: str) -> str:
-    return _STATUS.get(result, "grey")
+def _status(result: Result) -> str:
+    return result.css
 
 
 def _colour(phase: str) -> str:
@@ -196,7 +200,7 @@ def _merged_link(path: Path | None, base: Path) -> str:
     )
 
 
-def _artifact_links(paths: Sequence[Path], base: Path, folder: Path) -> list[str]:
+def _artifact_links(paths: Sequence[Path], base: Path, folder: Path | None) -> list[str]:
     seen: dict[str, int] = {}
     links = []
     for path in paths:
@@ -204,7 +208,7 @@ def _artifact_links(paths: Sequence[Path], base: Path, folder: Path) -> list[str
         seen[kind] = seen.get(kind, 0) + 1
         label = kind if seen[kind] == 1 else f"{kind} {seen[kind]}"
         try:
-            shown = path.relative_to(folder).as_posix()
+            shown = path.relative_to(folder or base).as_posix()
         except ValueError:
             shown = os.path.relpath(path, base)
         links.append(
@@ -214,7 +218,7 @@ def _artifact_links(paths: Sequence[Path], base: Path, folder: Path) -> list[str
     return links
 
 
-def _result_phase(run: RunSummary) -> str | None:
+def _result_phase(run: RunRecord) -> str | None:
     """The phase whose bar shows the result: the suite, or where a run that never got there
     stopped."""
     if "suite" in run.phases:
@@ -223,7 +227,7 @@ def _result_phase(run: RunSummary) -> str | None:
     return before_teardown[-1] if before_teardown else None
 
 
-def _timeline(run: RunSummary, t0: float, axis: float) -> str:
+def _timeline(run: RunRecord, t0: float, axis: float) -> str:
     bars = []
     at = run.started_at - t0
     status = _status(run.result)
@@ -234,7 +238,7 @@ def _timeline(run: RunSummary, t0: float, axis: float) -> str:
         colour = _STATUS_COLOURS[status] if name == shows_result else _colour(name)
         title = f"{name}: {seconds:.2f} s (from +{at:.2f} s)"
         if name == shows_result:
-            title += f"; {run.result}"
+            title += f"; {run.result.label}"
         extra = " result" if name == shows_result else ""
         bars.append(
             f'<div class="phase{extra}" data-phase="{html.escape(name)}" '
@@ -245,8 +249,8 @@ def _timeline(run: RunSummary, t0: float, axis: float) -> str:
     return f'<div class="track bar-{status}">{"".join(bars)}</div>'
 
 
-def _counts(run: RunSummary) -> str:
-    tests = run.tests
+def _counts(run: RunRecord) -> str:
+    tests = tests_of(run)
     if tests.problem:
         return f'<span class="none">{html.escape(tests.problem)}</span>'
     parts = [f'<span class="{k}">{n} {k}</span>' for k, n in tests.counts()]
@@ -262,15 +266,16 @@ def _test_artifacts(failure: FailedTest, artifacts: Sequence[Path]) -> list[Path
 
 def _detail(row: _Row, base: Path, columns: int) -> str:
     run = row.summary
-    failures = run.tests.failures
-    if run.result == "passed" and not failures and not run.log_tail and not run.notes():
+    failures = tests_of(run).failures
+    if run.result is Result.PASSED and not failures and not run.log_tail and not run.notes():
         return ""
     parts = []
     if run.error:
         parts.append(f'<div class="error">{html.escape(mask_secrets(run.error))}</div>')
-    elif run.result != "passed" and not failures:
-        reason = run.tests.problem or "no failing test in its JUnit file"
-        parts.append(f'<div class="error">{html.escape(run.result)} ({html.escape(reason)})</div>')
+    elif not run.result.ok and not failures:
+        reason = tests_of(run).problem or "no failing test in its JUnit file"
+        label = html.escape(run.result.label)
+        parts.append(f'<div class="error">{label} ({html.escape(reason)})</div>')
     # A server that died, and what a part left running: one line each.
     parts += [f'<div class="note">{html.escape(note)}</div>' for note in run.notes()]
     if failures:
@@ -314,11 +319,11 @@ def render_html(
     ticks = nice_ticks(max(wall, 0.01))
     axis = ticks[-1]
     step = ticks[1] - ticks[0]
-    counts: dict[str, int] = {}
+    counts: dict[Result, int] = {}
     tests: dict[str, int] = {}
     for run in runs:
         counts[run.result] = counts.get(run.result, 0) + 1
-        for label, n in run.tests.counts():
+        for label, n in tests_of(run).counts():
             tests[label] = tests.get(label, 0) + n
     phases_seen: list[str] = []
     for run in runs:
@@ -338,13 +343,13 @@ def render_html(
         extra = f'<div class="extra">+{row.extra_runs} other run(s)</div>' if row.extra_runs else ""
         body.append(
             f'<tr class="run status-{status}" data-project="{html.escape(run.project)}" '
-            f'data-result="{html.escape(run.result)}" data-started="{run.started_at:.3f}">'
+            f'data-result="{html.escape(run.result.label)}" data-started="{run.started_at:.3f}">'
             f'<td class="project">{html.escape(run.project)}{extra}</td>'
-            f'<td class="result">{html.escape(run.result)}</td>'
+            f'<td class="result">{html.escape(run.result.label)}</td>'
             f'<td class="tests">{_counts(run)}</td>'
             f'<td class="duration">{run.duration:.2f} s</td>'
-            f'<td class="resources">{html.escape(run.peak_memory)}</td>'
-            f'<td class="resources">{html.escape(run.cpu)}</td>'
+            f'<td class="resources">{html.escape(peak_memory_text(run))}</td>'
+            f'<td class="resources">{html.escape(cpu_text(run))}</td>'
             f'<td class="timeline">{_timeline(run, t0, axis)}</td>'
             f'<td class="files">{"".join(link for link in links if link)}</td>'
             "</tr>" + _detail(row, base, columns)
@@ -357,10 +362,9 @@ def render_html(
         f'<i style="background:{_STATUS_COLOURS["red"]}"></i>suite: passed / failed</span>'
         "<span>hover a bar for its phase and duration</span>"
     )
-    order = ("failed", "error", "interrupted", "passed")
-    ranked = sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9)
+    ranked = sorted(counts.items(), key=lambda kv: kv[0].severity)
     totals = (
-        ", ".join(f'<b class="{_status(k)}">{n} {html.escape(k)}</b>' for k, n in ranked)
+        ", ".join(f'<b class="{_status(k)}">{n} {html.escape(k.label)}</b>' for k, n in ranked)
         or "no runs"
     )
     test_totals = ", ".join(f"{n} {k}" for k, n in tests.items())
@@ -394,17 +398,17 @@ def render_html(
 
 def write_html_report(
     config: Config,
-    runs: Sequence[RunSummary] | None = None,
+    runs: Sequence[RunRecord] | None = None,
     *,
     since: float | None = None,
     out: Path | None = None,
 ) -> Path:
     """Write ``<results>/report.html`` (atomically) for ``runs`` (default: the latest runs)."""
-    out = out or config.run_dir / REPORT_FILE
+    out = out or config.layout.report
     if runs is None:
         runs = collect_runs(config, since=since)
     rows = [_Row(run, run_artifacts(config, run), extra) for run, extra in latest_per_project(runs)]
-    merged: Path | None = config.run_dir / MERGED_PLAYWRIGHT_REPORT
+    merged: Path | None = config.layout.merged_playwright / "index.html"
     if merged is not None and not merged.is_file():
         merged = None
     page = render_html(rows, base=out.parent, playwright_report=merged)

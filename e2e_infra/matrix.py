@@ -39,12 +39,12 @@ import filelock
 
 from .config import Config
 from .errors import UsageError
+from .layout import DURATIONS
 from .leases import ensure_private_dir
 from .report import collect_runs
 
 __all__ = [
     "DEFAULT_DURATION",
-    "DURATIONS_FILE",
     "KEEP_DURATIONS",
     "Shard",
     "durations_for_plan",
@@ -64,7 +64,6 @@ __all__ = [
 log = logging.getLogger("e2e_infra")
 
 DEFAULT_DURATION = 60.0  # seconds, when no project has a recorded duration yet
-DURATIONS_FILE = "durations.json"  # in the results folder: what CI caches between runs
 KEEP_DURATIONS = 5  # per project: the median of the last few shrugs off one slow run
 PLAN_FILE = "shard-plan.json"  # in the state folder: the plan `e2e.all --shard` follows
 _LOCK_TIMEOUT = 30.0  # seconds; the lock is held for one small read and write
@@ -120,7 +119,7 @@ def parse_projects(text: str) -> list[str]:
 
 
 def _durations_path(config: Config) -> Path:
-    return config.results_dir / DURATIONS_FILE
+    return config.layout.durations
 
 
 @contextlib.contextmanager
@@ -262,12 +261,10 @@ def merge_shard_results(config: Config, folders: Iterable[str | Path]) -> list[P
             config.results_dir,
             dirs_exist_ok=True,
             ignore=lambda where, names, top=folder: [
-                n
-                for n in names
-                if n.startswith(".") or (Path(where) == top and n == DURATIONS_FILE)
+                n for n in names if n.startswith(".") or (Path(where) == top and n == DURATIONS)
             ],
         )
-    merge_durations(config, [folder / DURATIONS_FILE for folder in merged])
+    merge_durations(config, [folder / DURATIONS for folder in merged])
     return merged
 
 
@@ -283,7 +280,7 @@ def last_durations(config: Config, projects: Iterable[str] | None = None) -> dic
     """The duration of each project's latest recorded run (``run.json``); unknown ones left out."""
     latest: dict[str, tuple[float, float]] = {}
     for run in collect_runs(config, projects=projects):
-        if run.duration <= 0 or run.result not in ("passed", "failed"):
+        if run.duration <= 0 or not run.result.timed:
             continue  # an interrupted or broken run says little about how long the suite takes
         if run.project not in latest or run.started_at > latest[run.project][0]:
             latest[run.project] = (run.started_at, run.duration)

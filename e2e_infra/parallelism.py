@@ -22,7 +22,6 @@ with a conservative default: :data:`BROWSER_PEAK` when its command looks like it
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -124,17 +123,11 @@ def default_peak(project: ProjectConfig) -> int:
 
 def recorded_peaks(config: Config, projects: Sequence[str]) -> dict[str, int]:
     """The newest recorded ``resources.peak_memory_bytes`` of each project that has one."""
-    from .report import collect_runs
-
     found: dict[str, int] = {}
     # Unscoped (no run set): each project's newest run of any run folder.
-    for run in collect_runs(replace(config, run=None), projects=projects):
-        try:
-            data = json.loads(run.path.read_text(encoding="utf-8"))
-            peak = int(data["resources"]["peak_memory_bytes"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if peak > 0:
+    for run in replace(config, run=None).layout.collect(projects):
+        peak = run.peak_memory_bytes
+        if peak is not None:
             found[run.project] = peak
     return found
 

@@ -36,10 +36,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .config import Config, ProjectConfig
-from .report import RunSummary
+from .record import RunRecord
 
 __all__ = [
-    "MERGED_REPORT",
     "merge_playwright_reports",
     "runs_playwright_test",
     "suite_argv",
@@ -48,7 +47,6 @@ __all__ = [
 
 log = logging.getLogger("e2e_infra")
 
-MERGED_REPORT = "playwright-report"  # <run dir>/playwright-report/index.html
 BLOB_DIR = "blob-report"  # <project results>/blob-report/*.zip
 _ADD_REPORTER_SINCE = (1, 63)  # the first Playwright with --add-reporter
 _MERGE_TIMEOUT = 300.0  # seconds; merging is ~1 s per project, attachments copied included
@@ -125,7 +123,7 @@ def _package_dir(cwd: Path) -> Path | None:
 
 
 def merge_playwright_reports(
-    config: Config, runs: Sequence[RunSummary], *, timeout: float = _MERGE_TIMEOUT
+    config: Config, runs: Sequence[RunRecord], *, timeout: float = _MERGE_TIMEOUT
 ) -> Path | None:
     """Merge the blob reports of ``runs`` into ``<run dir>/playwright-report/index.html``.
 
@@ -136,7 +134,7 @@ def merge_playwright_reports(
     blobs: list[tuple[str, Path]] = []
     cli: Path | None = None
     for run in sorted(runs, key=lambda r: (r.started_at, r.project)):
-        found = sorted((run.folder / BLOB_DIR).glob("*.zip"))
+        found = sorted((run.folder / BLOB_DIR).glob("*.zip")) if run.folder else []
         blobs += [(run.project, blob) for blob in found]
         project = config.projects.get(run.project)
         if found and cli is None and project is not None:
@@ -151,8 +149,8 @@ def merge_playwright_reports(
             "node is not on PATH" if node is None else "no node_modules/playwright found",
         )
         return None
-    out = config.run_dir / MERGED_REPORT
-    staging = config.run_dir / f".{BLOB_DIR}s.{os.getpid()}"
+    out = config.layout.merged_playwright
+    staging = config.layout.run_dir / f".{BLOB_DIR}s.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)

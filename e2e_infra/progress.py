@@ -22,19 +22,20 @@ from typing import IO, Any
 from .clock import wait_until
 from .config import Config
 from .errors import DeadlineExceeded
-from .report import RunSummary
+from .layout import Layout
+from .leases import process_start_time, process_state
+from .record import Result, RunRecord
 
 __all__ = [
-    "STATUS_FILE",
     "PlainProgress",
     "ProjectStatus",
     "StatusWriter",
     "follow_run",
     "read_statuses",
     "use_live_display",
+    "vanished",
 ]
 
-STATUS_FILE = "status.json"
 # A status or run record older than the run's start (minus clock slack) is from an earlier run.
 _SLACK = 1.0
 
@@ -48,15 +49,18 @@ def _write_json(path: Path, document: Mapping[str, Any]) -> None:
 
 
 class StatusWriter:
-    """``on_phase(project, phase)``: record the current phase in ``<project>/status.json``."""
+    """``on_phase(project, phase)``: record the current phase in ``<project>/status.json``, with
+    the pid and start time of the process running it (for :func:`vanished`)."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
         self._started: dict[str, float] = {}
+        self._pid = os.getpid()
+        self._pid_start = process_start_time(self._pid)
 
     def path(self, project: str) -> Path:
-        return self.config.project_dir(project) / STATUS_FILE
+        return self.config.layout.status(project)
 
     def __call__(self, project: str, phase: str) -> None:
         now = self.clock()
@@ -68,23 +72,25 @@ class StatusWriter:
                 "phase": phase,
                 "started_at": started,
                 "phase_started_at": now,
-                "pid": os.getpid(),
+                "pid": self._pid,
+                "pid_start": self._pid_start,
                 "done": False,
             },
         )
 
-    def finish(self, project: str, result: str) -> None:
+    def finish(self, project: str, result: Result) -> None:
         now = self.clock()
         started = self._started.get(project, now)
         _write_json(
             self.path(project),
             {
                 "project": project,
-                "phase": result,
+                "phase": result.value,
                 "started_at": started,
                 "phase_started_at": now,
                 "finished_at": now,
-                "pid": os.getpid(),
+                "pid": self._pid,
+                "pid_start": self._pid_start,
                 "done": True,
             },
         )
@@ -96,7 +102,13 @@ class ProjectStatus:
     phase: str  # "waiting" before its first phase; the result once done
     elapsed: float  # seconds since the project started; its duration once done
     done: bool = False
-    result: str | None = None
+    result: Result | None = None
+
+    @property
+    def style(self) -> str:
+        if self.result is not None:
+            return self.result.style
+        return "dim" if self.phase == "waiting" else "cyan"
 
     def line(self) -> str:
         if self.done:
@@ -120,13 +132,13 @@ def read_statuses(
     """Where each project of a run that began at ``since`` stands, from the files it wrote."""
     now = time.time() if now is None else now
     out = []
+    layout: Layout = config.layout
     for project in projects:
-        folder = config.project_dir(project)
-        run = RunSummary.load(folder / "run.json") if (folder / "run.json").is_file() else None
+        run = RunRecord.load(layout.record(layout.project_dir(project)))
         if run is not None and run.started_at >= since - _SLACK:
-            out.append(ProjectStatus(project, run.result, run.duration, True, run.result))
+            out.append(ProjectStatus(project, run.result.label, run.duration, True, run.result))
             continue
-        status = _read(folder / STATUS_FILE)
+        status = _read(layout.status(project))
         try:
             started = float(status["started_at"]) if status else 0.0
         except (KeyError, TypeError, ValueError):
@@ -137,10 +149,54 @@ def read_statuses(
         phase = str(status.get("phase", "?"))
         if status.get("done"):
             finished = float(status.get("finished_at") or now)
-            out.append(ProjectStatus(project, phase, max(0.0, finished - started), True, phase))
+            result = Result.parse(phase)
+            out.append(ProjectStatus(project, phase, max(0.0, finished - started), True, result))
         else:
             out.append(ProjectStatus(project, phase, max(0.0, now - started)))
     return out
+
+
+def vanished(config: Config, projects: Iterable[str]) -> dict[str, RunRecord]:
+    """Projects of this run whose process died without a word: started (``status.json``), not
+    finished, no record of this run, and the process that ran it proven gone (pid and start
+    time). Each gets an ``error`` record naming the process, written where its own would be:
+    the summary and ``report.html`` show it, and the run names it."""
+    from .record import Draft
+
+    layout = config.layout
+    found: dict[str, RunRecord] = {}
+    for project in projects:
+        status = _read(layout.status(project))
+        if status is None or status.get("done"):
+            continue
+        try:
+            started = float(status["started_at"])
+            pid = int(status["pid"])
+            pid_start = float(status["pid_start"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if any(run.started_at >= started - _SLACK for run in layout.records(project)):
+            continue
+        if process_state(pid, pid_start) not in ("gone", "reused"):
+            continue  # alive (or not ours to inspect): no proof
+        phase = str(status.get("phase", "?"))
+        draft = Draft(
+            project=project,
+            run_id=layout.run or "",
+            started_at=started,
+            result=Result.ERROR,
+            duration=max(time.time() - started, 0.0),
+            error=(
+                f"the process that ran {project} (pid {pid}) ended during its {phase} phase "
+                "without recording a result: killed (SIGKILL, out of memory?); its guardian "
+                "released what it held, `invoke e2e.cleanup` reclaims anything left"
+            ),
+        )
+        found[project] = draft.freeze().write(layout.record(layout.project_dir(project)))
+        now = time.time()
+        done = {**status, "phase": Result.ERROR.value, "finished_at": now, "done": True}
+        _write_json(layout.status(project), done)
+    return found
 
 
 def use_live_display(stream: IO[str], environ: Mapping[str, str] | None = None) -> bool:
@@ -173,14 +229,6 @@ class PlainProgress:
 class _LiveProgress:
     """A rich table redrawn in place: project, phase, elapsed."""
 
-    _STYLES: Mapping[str, str] = {
-        "passed": "green",
-        "failed": "red",
-        "error": "red",
-        "interrupted": "yellow",
-        "waiting": "dim",
-    }
-
     def __init__(self, file: IO[str], started: float) -> None:
         from rich.console import Console
         from rich.live import Live
@@ -200,7 +248,7 @@ class _LiveProgress:
         for column in ("project", "phase", "elapsed"):
             table.add_column(column)
         for s in statuses:
-            style = self._STYLES.get(s.phase, "cyan" if not s.done else "white")
+            style = s.style
             elapsed = f"{s.elapsed:.1f}s" if s.phase != "waiting" else "-"
             table.add_row(s.project, f"[{style}]{s.phase}[/]", elapsed)
         self.live.update(table, refresh=True)

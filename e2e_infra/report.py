@@ -8,131 +8,71 @@ Each run's JUnit file gives its test counts and failing tests (:mod:`e2e_infra.j
 
 from __future__ import annotations
 
-import contextlib
-import json
+import functools
 import os
 import re
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .conninfo import mask_secrets
 from .junit import JUnitSummary, read_junit
+from .layout import OTHER_RUNS
+from .record import Result, RunRecord
 
 __all__ = [
-    "LATEST",
     "RunSummary",
     "artifact_kind",
     "collect_runs",
+    "cpu_text",
     "find_artifacts",
     "merge_junit",
-    "point_latest",
+    "peak_memory_text",
     "print_summary",
     "run_artifacts",
+    "slowest_text",
     "summary_rows",
+    "tests_of",
 ]
 
-LATEST = "latest"  # <results_dir>/latest -> the newest run's folder
+RunSummary = RunRecord  # the name this module's reader had before the one run record
 _TAIL_LINES = 12  # of a failed server's log, in the terminal
 _LOG_WIDTH = 132  # the summary's width when it goes to a file or a pipe
 _MAX_ARTIFACTS = 40  # per project; a suite that writes more has its own report
 _PRUNE = frozenset({".git", "node_modules", "__pycache__", ".venv", ".nox"})
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    project: str
-    run_id: str
-    result: str
-    duration: float
-    started_at: float
-    phases: dict[str, float]
-    junit: str | None
-    path: Path
-    error: str | None = None
-    log_tail: str | None = None
-    logs: Mapping[str, str] = field(default_factory=dict)
-    server_exits: tuple[Mapping[str, Any], ...] = ()  # servers that died during the run
-    resources: Mapping[str, Any] = field(default_factory=dict)  # peak_memory_bytes, cpu_seconds
-    leftovers: Mapping[str, int] = field(default_factory=dict)  # processes ended after a part
-
-    @property
-    def peak_memory(self) -> str:
-        value = self.resources.get("peak_memory_bytes")
-        return _bytes(value) if isinstance(value, int) and value > 0 else "-"
-
-    @property
-    def cpu(self) -> str:
-        value = self.resources.get("cpu_seconds")
-        return f"{value:.2f}s" if isinstance(value, (int, float)) else "-"
-
-    def notes(self) -> list[str]:
-        """One line per server that died and per part that left processes behind."""
-        lines = []
-        for ended in self.server_exits:
-            how = (
-                f"killed by {ended.get('signal')}"
-                if ended.get("signal")
-                else f"exited with status {ended.get('returncode')}"
-            )
-            lines.append(f"server {ended.get('server')} {how} during the {ended.get('during')}")
-        if self.leftovers:
-            parts = ", ".join(f"{part} {count}" for part, count in self.leftovers.items())
-            lines.append(f"leftover processes ended: {parts}")
-        return lines
-
-    @property
-    def slowest_phase(self) -> str:
-        if not self.phases:
-            return "-"
-        name = max(self.phases, key=lambda k: self.phases[k])
-        return f"{name} {self.phases[name]:.2f}s"
-
-    @property
-    def folder(self) -> Path:
-        """The folder the run wrote its files to (its ``run.json``, logs, JUnit)."""
-        return self.path.parent
-
-    @cached_property
-    def tests(self) -> JUnitSummary:
-        """What its JUnit file says; ``problem`` is set when there is none or it is unreadable."""
-        return read_junit(self.junit)
-
-    @classmethod
-    def load(cls, path: Path) -> RunSummary | None:
-        try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-            logs = data.get("logs") or {}
-            return cls(
-                project=str(data["project"]),
-                run_id=str(data["run_id"]),
-                result=str(data["result"]),
-                duration=float(data.get("duration") or 0.0),
-                started_at=float(data["started_at"]),
-                phases={str(k): float(v) for k, v in dict(data.get("phases") or {}).items()},
-                junit=data.get("junit"),
-                path=path,
-                # run.json masks them already; masked again in case an older writer did not.
-                error=mask_secrets(str(data["error"])) if data.get("error") else None,
-                log_tail=mask_secrets(str(data["log_tail"])) if data.get("log_tail") else None,
-                logs={str(k): str(v) for k, v in logs.items()} if isinstance(logs, dict) else {},
-                server_exits=tuple(
-                    x for x in data.get("server_exits") or () if isinstance(x, dict)
-                ),
-                resources=_mapping(data.get("resources")),
-                leftovers={str(k): int(v) for k, v in _mapping(data.get("leftovers")).items()},
-            )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
+def tests_of(run: RunRecord) -> JUnitSummary:
+    """What ``run``'s JUnit file says; ``problem`` is set when there is none or it is unreadable.
+    Read once per file (a report reads it for the table, the failures and the artifacts)."""
+    path = run.junit
+    try:
+        stamp = os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        stamp = None
+    return _read_junit(path, stamp)
 
 
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, dict) else {}
+@functools.lru_cache(maxsize=4096)
+def _read_junit(path: str | None, _stamp: int | None) -> JUnitSummary:
+    return read_junit(path)
+
+
+def peak_memory_text(run: RunRecord) -> str:
+    value = run.peak_memory_bytes
+    return _bytes(value) if value is not None else "-"
+
+
+def cpu_text(run: RunRecord) -> str:
+    value = run.cpu_seconds
+    return f"{value:.2f}s" if value is not None else "-"
+
+
+def slowest_text(run: RunRecord) -> str:
+    name = run.slowest_phase
+    return f"{name} {run.phases[name]:.2f}s" if name is not None else "-"
 
 
 def _bytes(value: int) -> str:
@@ -146,58 +86,28 @@ def _bytes(value: int) -> str:
 
 def collect_runs(
     config: Config, *, since: float | None = None, projects: Iterable[str] | None = None
-) -> list[RunSummary]:
+) -> list[RunRecord]:
     """The runs of ``config.run`` (each project's, and concurrent extra runs), optionally since
     a time; with no run set, each project's newest run of any run folder."""
-    wanted = set(projects) if projects is not None else set(config.projects)
-    runs: list[RunSummary] = []
-    for project in sorted(wanted):
-        candidates: list[RunSummary | None]
-        if config.run is None:
-            candidates = [_newest_run(config, project)]
-        else:
-            folder = config.project_dir(project)
-            paths = [folder / "run.json", *sorted(folder.glob("runs/*/run.json"))]
-            candidates = [RunSummary.load(path) for path in paths if path.is_file()]
-        for run in candidates:
-            if run is not None and (since is None or run.started_at >= since):
-                runs.append(run)
-    return sorted(runs, key=lambda r: (r.project, r.started_at))
+    wanted = projects if projects is not None else config.projects
+    return config.layout.collect(wanted, since=since)
 
 
-def _newest_run(config: Config, project: str) -> RunSummary | None:
-    paths = [
-        *config.results_dir.glob(f"{project}/run.json"),  # runs without a run folder
-        *config.results_dir.glob(f"{project}/runs/*/run.json"),
-        *config.results_dir.glob(f"*/{project}/run.json"),
-        *config.results_dir.glob(f"*/{project}/runs/*/run.json"),
-    ]
-    loaded = [run for run in map(RunSummary.load, paths) if run is not None]
-    return max(loaded, key=lambda r: r.started_at, default=None)
-
-
-def point_latest(config: Config) -> None:
-    """Make ``<results_dir>/latest`` point at this run's folder (atomically; best effort)."""
-    if config.run is None:
-        return
-    link = config.results_dir / LATEST
-    tmp = config.results_dir / f".{LATEST}.{os.getpid()}.tmp"
-    with contextlib.suppress(OSError):
-        config.results_dir.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(config.run, target_is_directory=True)
-        os.replace(tmp, link)
-
-
-def by_start(runs: Iterable[RunSummary]) -> list[RunSummary]:
+def by_start(runs: Iterable[RunRecord]) -> list[RunRecord]:
     """Runs in the order they started (then by name), the order a person reads a run in."""
     return sorted(runs, key=lambda r: (r.started_at, r.project))
 
 
-def summary_rows(runs: Sequence[RunSummary]) -> list[tuple[str, str, str, str, str]]:
+def summary_rows(runs: Sequence[RunRecord]) -> list[tuple[str, str, str, str, str]]:
     """``(project, result, tests, duration, slowest phase)`` per run, in start order."""
     return [
-        (run.project, run.result, run.tests.text(), f"{run.duration:.2f}s", run.slowest_phase)
+        (
+            run.project,
+            run.result.label,
+            tests_of(run).text(),
+            f"{run.duration:.2f}s",
+            slowest_text(run),
+        )
         for run in by_start(runs)
     ]
 
@@ -243,7 +153,7 @@ def _walk(folder: Path, depth: int = 6) -> Iterator[Path]:
             dirnames[:] = []  # a report's data folder holds copies of the same attachments
         else:
             dirnames[:] = sorted(
-                d for d in dirnames if d not in _PRUNE and not (level == 0 and d == "runs")
+                d for d in dirnames if d not in _PRUNE and not (level == 0 and d == OTHER_RUNS)
             )
         for name in sorted(filenames):
             yield here / name
@@ -293,12 +203,12 @@ def find_artifacts(
     return found
 
 
-def run_artifacts(config: Config | None, run: RunSummary) -> list[Path]:
+def run_artifacts(config: Config | None, run: RunRecord) -> list[Path]:
     """What ``run``'s suite left: in its results folder, and for its failing tests, in the
     ``test-results/`` folder of the suite's working directory."""
-    found = find_artifacts([run.folder])
+    found = find_artifacts([run.folder]) if run.folder is not None else []
     project = config.projects.get(run.project) if config is not None else None
-    failing = [failure.name for failure in run.tests.failures]
+    failing = [failure.name for failure in tests_of(run).failures]
     if project is not None and failing:
         # 1 s of slack: some file systems keep mtimes to the second.
         shared = find_artifacts([project.cwd], tests=failing, since=run.started_at - 1.0)
@@ -306,7 +216,7 @@ def run_artifacts(config: Config | None, run: RunSummary) -> list[Path]:
     return found
 
 
-def merge_junit(runs: Sequence[RunSummary], out: Path) -> Path | None:
+def merge_junit(runs: Sequence[RunRecord], out: Path) -> Path | None:
     """Merge the runs' JUnit files into one ``<testsuites>`` document; None if there are none."""
     root = ET.Element("testsuites")
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
@@ -341,7 +251,7 @@ def _tail(text: str, lines: int) -> list[str]:
     return text.rstrip().splitlines()[-lines:]
 
 
-def print_summary(config: Config, runs: Sequence[RunSummary], *, file: Any = None) -> Path | None:
+def print_summary(config: Config, runs: Sequence[RunRecord], *, file: Any = None) -> Path | None:
     """Print the summary table (rich), then what failed and why; write ``<results>/junit.xml``
     and return its path."""
     from rich.console import Console
@@ -358,10 +268,9 @@ def print_summary(config: Config, runs: Sequence[RunSummary], *, file: Any = Non
     table.add_column("slowest phase")
     table.add_column("peak mem", no_wrap=True, justify="right")
     table.add_column("cpu", no_wrap=True, justify="right")
-    styles = {"passed": "green", "failed": "red", "error": "red", "interrupted": "yellow"}
     ordered = by_start(runs)
     for run in ordered:
-        tests = run.tests
+        tests = tests_of(run)
         if tests.problem:
             counts = f"[dim]{escape(tests.problem)}[/]"
         else:
@@ -370,30 +279,31 @@ def print_summary(config: Config, runs: Sequence[RunSummary], *, file: Any = Non
             counts = counts or "0 tests"
         table.add_row(
             escape(run.project),
-            f"[{styles.get(run.result, 'white')}]{escape(run.result)}[/]",
+            f"[{run.result.style}]{escape(run.result.label)}[/]",
             counts,
             f"{run.duration:.2f}s",
-            escape(run.slowest_phase),
-            run.peak_memory,
-            run.cpu,
+            escape(slowest_text(run)),
+            peak_memory_text(run),
+            cpu_text(run),
         )
     console.print(table)
     for run in ordered:
-        if run.result == "passed" and not run.tests.failures and not run.notes():
+        failures = tests_of(run).failures
+        if run.result is Result.PASSED and not failures and not run.notes():
             continue
-        lines = [f"[bold]{escape(run.project)}[/] {escape(run.result)}"]
+        lines = [f"[bold]{escape(run.project)}[/] {escape(run.result.label)}"]
         if run.error:
             lines.append(f"  {escape(run.error)}")
         lines += [f"  [yellow]![/] {escape(note)}" for note in run.notes()]
-        for failure in run.tests.failures[:10]:
+        for failure in failures[:10]:
             lines.append(f"  [red]✗[/] {escape(failure.name)}: {escape(failure.first_line)}")
-        if len(run.tests.failures) > 10:
-            lines.append(f"  ... and {len(run.tests.failures) - 10} more (see the report)")
+        if len(failures) > 10:
+            lines.append(f"  ... and {len(failures) - 10} more (see the report)")
         if run.log_tail:
             lines.append("  last lines of the server's log:")
             lines += [f"    {escape(line)}" for line in _tail(run.log_tail, _TAIL_LINES)]
         console.print("\n".join(lines), soft_wrap=True)  # a log keeps whole lines
-    merged = merge_junit(runs, config.run_dir / "junit.xml")
+    merged = merge_junit(runs, config.layout.merged_junit)
     if merged is not None:
         console.print(f"merged JUnit: {merged}")
     return merged

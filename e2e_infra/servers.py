@@ -32,6 +32,7 @@ import sys
 import time
 import types
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -64,13 +65,13 @@ from .processes import (
 )
 
 __all__ = [
+    "Placeholders",
     "ProcessRecord",
     "ServerProcess",
     "bind_listen_socket",
     "kill_group_if_ours",
     "kill_tree_if_ours",
     "log_tail",
-    "placeholder_values",
     "process_env",
     "render",
     "render_command",
@@ -525,24 +526,34 @@ def server_order(config: Config, names: Sequence[str]) -> list[list[str]]:
     return levels
 
 
-def placeholder_values(
-    config: Config,
-    project: str,
-    run_id: str,
-    results_dir: Path,
-    ports: Mapping[str, int],
-    database_url: str,
-) -> dict[str, object]:
-    """The values of a command's placeholders (``{python}``, ``{ports.backend}``...)."""
-    return {
-        "python": sys.executable,
-        "ports": types.SimpleNamespace(**ports),
-        "database_url": database_url,
-        "results_dir": str(results_dir),
-        "project": project,
-        "root": str(config.root),
-        "run_id": run_id,
-    }
+@dataclass(frozen=True)
+class Placeholders:
+    """The values of one project run's placeholders (``{python}``, ``{ports.backend}``...): the
+    one place they are built. A server adds its own ``{port}`` and ``{fd}`` (:meth:`values`)."""
+
+    project: str
+    run_id: str
+    root: Path
+    results_dir: Path
+    ports: Mapping[str, int]
+    database_url: str = ""
+
+    def with_port(self, name: str, port: int) -> Placeholders:
+        """The same values, the named port ``name`` moved to ``port``."""
+        return replace(self, ports={**self.ports, name: port})
+
+    def values(self, **extra: object) -> dict[str, object]:
+        """What :func:`render` fills templates from (``extra``: a server's ``port``, ``fd``)."""
+        return {
+            "python": sys.executable,
+            "ports": types.SimpleNamespace(**self.ports),
+            "database_url": self.database_url,
+            "results_dir": str(self.results_dir),
+            "project": self.project,
+            "root": str(self.root),
+            "run_id": self.run_id,
+            **extra,
+        }
 
 
 def process_env(

@@ -16,38 +16,37 @@ of death too (:func:`reclaim`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import playwright
 from .clock import Clock, SystemClock
 from .config import Config, ProjectConfig, ServerConfig
 from .conninfo import mask_secrets
-from .errors import (
-    ConfigError,
-    E2EInfraError,
-    Interrupted,
-    PortError,
-    ServerExitedError,
-    SuiteFailedError,
-)
+from .errors import ConfigError, E2EInfraError, Interrupted, SuiteFailedError
 from .interrupts import Interrupts, signals_deferred
 from .leases import Lease, Owner, Registry, ensure_private_dir, new_run_id, process_start_time
-from .ports import port_is_free
 from .processes import wait_exit
 from .reclaim import SERVER_KIND, reclaim
-from .report import point_latest
-from .servers import placeholder_values, process_env
+from .record import Draft, Result, RunRecord
+from .servers import Placeholders, process_env
+from .startup import ServerStart, StartHooks
 from .watch import MARKER, RunWatch
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    import socket
+
+    from .databases.engine import Allocated, DatabaseEngine
+    from .guardian import Guardian
+    from .servers import ServerProcess
 
 __all__ = [
     "PHASES",
@@ -75,83 +74,7 @@ class ProjectEnv:
     env: Mapping[str, str]
 
 
-@dataclass
-class RunResult:
-    """The record of one run, as written to ``run.json``."""
-
-    project: str
-    run_id: str
-    started_at: float
-    result: str = "running"  # passed | failed | error | interrupted
-    returncode: int | None = None
-    duration: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
-    ports: dict[str, int] = field(default_factory=dict)
-    database: str | None = None
-    seed: str | None = None
-    logs: dict[str, str] = field(default_factory=dict)
-    junit: str | None = None
-    error: str | None = None
-    log_tail: str | None = None
-    kept_database: bool = False
-    leftovers: dict[str, int] = field(default_factory=dict)  # processes ended after their part
-    server_exits: list[dict[str, Any]] = field(default_factory=list)  # servers that died
-    server_stops: dict[str, dict[str, Any]] = field(default_factory=dict)  # StopRecord.to_json
-    resources: dict[str, Any] | None = None  # peak_memory_bytes, cpu_seconds
-
-    @property
-    def timed(self) -> bool:
-        """Its duration says how long the suite takes (it passed or failed; not an error)."""
-        return self.result in ("passed", "failed")
-
-    @property
-    def passed(self) -> bool:
-        return self.result == "passed"
-
-    @property
-    def slowest_phase(self) -> str | None:
-        return max(self.phases, key=lambda k: self.phases[k]) if self.phases else None
-
-    def note_error(self, exc: BaseException, secrets: tuple[str, ...] = ()) -> None:
-        """Record how ``exc`` ended the run: interrupted, failed (the suite) or error (the rest)."""
-        if isinstance(exc, Interrupted | KeyboardInterrupt):
-            self.result = "interrupted"
-            self.error = "interrupted"
-        elif isinstance(exc, SuiteFailedError):
-            self.result = "failed"
-            self.error = mask_secrets(exc.one_line(), secrets)
-            if self.returncode is None:
-                self.returncode = exc.returncode
-        else:
-            self.result = "error"
-            message = exc.one_line() if isinstance(exc, E2EInfraError) else repr(exc)
-            self.error = mask_secrets(message, secrets)
-            tail = getattr(exc, "log_tail", "")
-            if tail:
-                self.log_tail = mask_secrets(str(tail), secrets)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "project": self.project,
-            "run_id": self.run_id,
-            "started_at": self.started_at,
-            "result": self.result,
-            "returncode": self.returncode,
-            "duration": round(self.duration, 4),
-            "phases": {k: round(v, 4) for k, v in self.phases.items()},
-            "ports": self.ports,
-            "database": self.database,
-            "seed": self.seed,
-            "logs": self.logs,
-            "junit": self.junit,
-            "error": self.error,
-            "log_tail": self.log_tail,
-            "kept_database": self.kept_database,
-            "leftovers": self.leftovers,
-            "server_exits": self.server_exits,
-            "server_stops": self.server_stops,
-            "resources": self.resources,
-        }
+RunResult = RunRecord  # what run_project returned before the one run record (a public name)
 
 
 class ProjectSession:
@@ -187,20 +110,28 @@ class ProjectSession:
         self.teardown_grace = teardown_grace
         self.owner = Owner.current(host=config.host_id, run_id=self.run_id)
         self.ports = self.workspace.ports
-        self.result = RunResult(project=project, run_id=self.run_id, started_at=time.time())
-        self.results_dir = config.project_dir(project)
+        self.result = Draft(project=project, run_id=self.run_id, started_at=time.time())
+        self.layout = config.layout
+        self.results_dir = self.layout.project_dir(project)
         self.failed = False
-        self._servers: list[tuple[Any, Lease]] = []  # (ServerProcess, lease), start order
-        self._database: Any = None  # AllocatedDatabase
-        self._allocator: Any = None  # DatabaseAllocator
-        self._guardian: Any = None  # guardian.Guardian
+        self._servers: list[tuple[ServerProcess, Lease]] = []  # start order
+        self._database: Allocated | None = None
+        self._engine: DatabaseEngine | None = None
+        self._guardian: Guardian | None = None
         self._secrets: tuple[str, ...] = ()
+        self._placeholders: Placeholders | None = None
+        self._record: RunRecord | None = None
         self._phase_start = 0.0
         self._started = self.clock.monotonic()
         self.env: ProjectEnv | None = None
         self._interrupts = Interrupts()
         critical = {n for n in self.project.servers if config.servers[n].on_exit == "stop"}
         self._watch = RunWatch(project, self.result, critical)  # containment + server watch
+
+    @property
+    def record(self) -> RunRecord:
+        """The run's record as last written (as it stands now before the first write)."""
+        return self._record if self._record is not None else self.result.freeze()
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -254,7 +185,7 @@ class ProjectSession:
 
     def _note_error(self, exc: BaseException) -> None:
         self.result.note_error(exc, self._secrets)
-        if self.result.result == "interrupted":
+        if self.result.result is Result.INTERRUPTED:
             # Recorded before the teardown: nox -j SIGKILLs its workers 2 s after an interrupt.
             self.result.duration = self.clock.monotonic() - self._started
             self._write_record()
@@ -282,167 +213,125 @@ class ProjectSession:
                 project.name, self.config.port_names, self.owner
             )
             self.result.ports = dict(ports)
-            self._choose_results_dir(others)
+            stale = [f"{server}.log" for server in self.config.servers]
+            self.results_dir = self.layout.claim_project_dir(
+                project.name, self.run_id, others=others, stale=stale
+            )
         database_url = ""
         if project.database:
             with self.phase("database"):
-                self._allocator = self.workspace.databases
-                self._database = self._allocator.allocate(
-                    project.name, self.owner, seed=project.seed
-                )
+                engine: DatabaseEngine = self.workspace.databases
+                self._engine = engine
+                self._database = engine.allocate(project.name, self.owner, seed=project.seed)
                 database_url = self._database.url.url
                 if self._database.url.password:
                     self._secrets = (self._database.url.password,)
                 self.result.database = self._database.name
                 self.result.seed = self._database.seed
                 self._watch.sweep("database", "")  # what migrate/seed commands left
-        values = self._values(ports, database_url)
+        placeholders = Placeholders(
+            project=project.name,
+            run_id=self.run_id,
+            root=self.config.root,
+            results_dir=self.results_dir,
+            ports=dict(ports),
+            database_url=database_url,
+        )
         from .servers import server_order
 
+        hooks = StartHooks(
+            project=project.name,
+            spawn=self._spawn_server,
+            stop=self._forget_server,
+            move_port=self._move_port,
+            phase=self.phase,
+        )
         for level in server_order(self.config, project.servers):
             for name in level:
-                self._start_server(self.config.servers[name], values, ports)
-        env = self._suite_env(ports, database_url)
+                placeholders = ServerStart(self.config.servers[name], hooks).run(placeholders)
+        self._placeholders = placeholders
         return ProjectEnv(
             project=project.name,
             run_id=self.run_id,
             results_dir=self.results_dir,
-            ports=dict(ports),
+            ports=dict(placeholders.ports),
             database=self.result.database,
-            env=env,
+            env=self._suite_env(placeholders),
         )
 
-    def _choose_results_dir(self, others: bool) -> None:
-        """``<results>/<project>``, or ``.../runs/<id>`` when ``others`` (another run of the
-        project) write there (a run folder of its own is free unless this run already made it)."""
-        if others and self.config.run is not None:
-            try:
-                self.config.run_dir.mkdir(parents=True, exist_ok=True)
-                self.results_dir.mkdir()
-                others = False  # the other one writes into another run's folder
-            except FileExistsError:
-                pass
-        if others:
-            self.results_dir = self.results_dir / "runs" / self.run_id
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        for folder in {self.config.run_dir, self.results_dir}:  # logs and records: the user's
-            with contextlib.suppress(OSError):
-                folder.chmod(0o700)
-        point_latest(self.config)
-        if not others:
-            for stale in ("run.json", "junit.xml", *(f"{s}.log" for s in self.config.servers)):
-                with contextlib.suppress(FileNotFoundError):
-                    (self.results_dir / stale).unlink()
-
-    def _values(self, ports: Mapping[str, int], database_url: str) -> dict[str, object]:
-        return placeholder_values(
-            self.config, self.project.name, self.run_id, self.results_dir, ports, database_url
+    def _base_env(self, placeholders: Placeholders) -> dict[str, str]:
+        return process_env(
+            self.project.name,
+            self.run_id,
+            self.results_dir,
+            placeholders.ports,
+            placeholders.database_url,
         )
 
-    def _base_env(self, ports: Mapping[str, int], database_url: str) -> dict[str, str]:
-        return process_env(self.project.name, self.run_id, self.results_dir, ports, database_url)
-
-    def _suite_env(self, ports: Mapping[str, int], database_url: str) -> dict[str, str]:
+    def _suite_env(self, placeholders: Placeholders) -> dict[str, str]:
         from .servers import render
 
-        env = self._base_env(ports, database_url)
-        values = self._values(ports, database_url)
+        env = self._base_env(placeholders)
+        values = placeholders.values()
         env.update(playwright.suite_env(self.project, self.results_dir))
         env.update({k: render(v, values) for k, v in self.project.env.items()})
         return env
 
-    def _start_server(
-        self, server: ServerConfig, values: dict[str, object], ports: dict[str, int]
-    ) -> None:
+    def _spawn_server(
+        self, server: ServerConfig, placeholders: Placeholders, listener: socket.socket | None
+    ) -> ServerProcess:
+        """Start ``server`` (not yet healthy) and record its lease, signals held meanwhile."""
         from .health import parse_health
-        from .servers import ServerProcess, bind_listen_socket, render, render_command
+        from .servers import ServerProcess, render, render_command
 
-        attempts = server.restarts + 1
-        for attempt in range(1, attempts + 1):
-            port = ports.get(server.port) if server.port else None
-            listener = None
-            if server.listen_socket and port is not None:
-                # The race-free hand-over: we bind, the server inherits the listening socket.
-                try:
-                    listener = bind_listen_socket(port)
-                except PortError:
-                    if attempt == attempts or server.port is None:
-                        raise
-                    ports[server.port] = self._move_port(server, port, attempt, attempts)
-                    values["ports"] = types.SimpleNamespace(**ports)
-                    continue
-            fd = listener.fileno() if listener is not None else ""
-            server_values = {**values, "port": port if port is not None else "", "fd": fd}
-            env = self._base_env(ports, str(values["database_url"]))
-            if port is not None:
-                env["PORT"] = str(port)
-            if listener is not None:
-                env["E2E_LISTEN_FD"] = str(fd)
-            env.update({k: render(v, server_values) for k, v in server.env.items()})
-            env[MARKER] = self._watch.tag(f"server:{server.name}")
-            process = ServerProcess(
-                server.name,
-                render_command(server.command, server_values),
-                cwd=server.cwd,
-                env=env,
-                log_path=self.results_dir / f"{server.name}.log",
-                health=parse_health(
-                    render(server.health, server_values), port=port, cwd=server.cwd, env=env
-                ),
-                startup_timeout=server.startup_timeout,
-                stop_timeout=server.stop_timeout,
-                clock=self.clock,
-                secrets=self._secrets,
-                port=port,
-                pass_fds=(listener.fileno(),) if listener is not None else (),
-            )
-            self.result.logs[server.name] = str(process.log_path)
-            with self.phase("servers"), self._interrupts.critical():
-                try:
-                    record = process.start()
-                finally:
-                    if listener is not None:
-                        listener.close()  # the server holds its own copy now
-                lease = self._lease_process(
-                    server.name,
-                    record.pid,
-                    pgid=record.pgid,
-                    start_time=record.start_time,
-                    port=port,
-                    log=str(process.log_path),
-                )
-                self._servers.append((process, lease))
-            try:
-                with self.phase("health"):
-                    process.wait_healthy()
-                return
-            except ServerExitedError:
-                taken = port is not None and (process.port_conflict() or not port_is_free(port))
-                self._stop_server(process, lease)
-                self._servers.remove((process, lease))
-                if not taken or attempt == attempts or server.port is None:
-                    raise
-                new_port = self._move_port(server, port, attempt, attempts)
-                ports[server.port] = new_port
-                self.result.ports[server.port] = new_port
-                values["ports"] = types.SimpleNamespace(**ports)
-
-    def _move_port(
-        self, server: ServerConfig, port: int | None, attempt: int, attempts: int
-    ) -> int:
-        assert server.port is not None
-        new_port = self.ports.reallocate(self.project.name, server.port, self.owner)
-        log.warning(
-            "%s: server %s could not use port %s (taken by another process); "
-            "restarting it on port %s (attempt %d of %d)",
-            self.project.name,
+        port = placeholders.ports.get(server.port) if server.port else None
+        fd = listener.fileno() if listener is not None else ""
+        values = placeholders.values(port=port if port is not None else "", fd=fd)
+        env = self._base_env(placeholders)
+        if port is not None:
+            env["PORT"] = str(port)
+        if listener is not None:
+            env["E2E_LISTEN_FD"] = str(fd)
+        env.update({k: render(v, values) for k, v in server.env.items()})
+        env[MARKER] = self._watch.tag(f"server:{server.name}")
+        process = ServerProcess(
             server.name,
-            port,
-            new_port,
-            attempt + 1,
-            attempts,
+            render_command(server.command, values),
+            cwd=server.cwd,
+            env=env,
+            log_path=self.layout.server_log(self.results_dir, server.name),
+            health=parse_health(render(server.health, values), port=port, cwd=server.cwd, env=env),
+            startup_timeout=server.startup_timeout,
+            stop_timeout=server.stop_timeout,
+            clock=self.clock,
+            secrets=self._secrets,
+            port=port,
+            pass_fds=(listener.fileno(),) if listener is not None else (),
         )
-        self.result.ports[server.port] = new_port
+        self.result.logs[server.name] = str(process.log_path)
+        with self.phase("servers"), self._interrupts.critical():
+            record = process.start()
+            lease = self._lease_process(
+                server.name,
+                record.pid,
+                pgid=record.pgid,
+                start_time=record.start_time,
+                port=port,
+                log=str(process.log_path),
+            )
+            self._servers.append((process, lease))
+        return process
+
+    def _forget_server(self, process: ServerProcess) -> None:
+        """Stop a server that failed to start, and forget it."""
+        for entry in list(self._servers):
+            if entry[0] is process:
+                self._stop_server(*entry)
+                self._servers.remove(entry)
+
+    def _move_port(self, name: str) -> int:
+        new_port = self.ports.reallocate(self.project.name, name, self.owner)
+        self.result.ports[name] = new_port
         return new_port
 
     # --- the suite --------------------------------------------------------------------------------
@@ -451,12 +340,11 @@ class ProjectSession:
         """Run the project's suite with the session's environment; return its exit code."""
         from .servers import render_command
 
-        if self.env is None:
+        if self.env is None or self._placeholders is None:
             raise RuntimeError("run_suite() needs an entered ProjectSession")
-        values = self._values(self.env.ports, self.env.env.get("DATABASE_URL", ""))
-        argv = render_command(self.project.command, values)
+        argv = render_command(self.project.command, self._placeholders.values())
         argv = [*playwright.suite_argv(self.project, argv, self.results_dir), *posargs]
-        junit = self.results_dir / "junit.xml"
+        junit = self.layout.junit(self.results_dir)
         with self.phase("suite"):
             # Same process group as this process: nox's interrupt reaches the suite too.
             with self._interrupts.critical():
@@ -478,7 +366,7 @@ class ProjectSession:
                 with self._interrupts.critical():
                     _terminate(proc, grace=5.0)
                 self.failed = True
-                self.result.result = "failed"
+                self.result.result = Result.FAILED
                 self.result.returncode = proc.returncode
                 raise SuiteFailedError(
                     f"the suite of {self.project.name} ran longer than its timeout "
@@ -497,16 +385,16 @@ class ProjectSession:
                 if proc.returncode is not None:  # a suite that may still run keeps its lease
                     with signals_deferred(), self.registry.transaction() as txn:
                         txn.remove(suite_lease)
-        if self._allocator is not None and self._allocator.holds.lost:
-            self.failed, self.result.result = True, "error"
-            self._allocator.check_holds()  # raises: its database's proof of life was lost
+        if self._engine is not None and self._engine.proof_lost():
+            self.failed, self.result.result = True, Result.ERROR
+            self._engine.check_holds()  # raises: its database's proof of life was lost
         self.result.returncode = returncode
         self.result.junit = str(junit) if junit.exists() else None
         if returncode == 0:
-            self.result.result = "passed"
+            self.result.result = Result.PASSED
         else:
             self.failed = True
-            self.result.result = "failed"
+            self.result.result = Result.FAILED
         return returncode
 
     def _record_suite(self, proc: subprocess.Popen[bytes]) -> Lease:
@@ -536,7 +424,7 @@ class ProjectSession:
 
     # --- release ----------------------------------------------------------------------------------
 
-    def _stop_server(self, process: Any, lease: Lease) -> None:
+    def _stop_server(self, process: ServerProcess, lease: Lease) -> None:
         if self.teardown_grace is not None:
             process.stop_timeout = min(process.stop_timeout, self.teardown_grace)
         process.stop()
@@ -565,10 +453,10 @@ class ProjectSession:
                 self._watch.close()
             except Exception as exc:
                 errors.append(f"leftover processes: {exc}")
-            if self._database is not None and self._allocator is not None:
+            if self._database is not None and self._engine is not None:
                 keep = self.failed and self.keep_on_failure
                 try:
-                    self._allocator.release_lease(self._database.lease, keep=keep)
+                    self._engine.release_lease(self._database.lease, keep=keep)
                     self.result.kept_database = keep
                     if keep:
                         log.warning(
@@ -587,17 +475,13 @@ class ProjectSession:
             self._stop_guardian()
         self.result.duration = self.clock.monotonic() - self._started
         if errors:
-            left = mask_secrets("; ".join(errors), self._secrets)
-            first = self.result.error if self.result.error != "interrupted" else None
-            self.result.error = f"{first}; then {left}" if first else left
-            if self.result.result in ("passed", "running"):
-                self.result.result = "error"
-        elif self.result.result == "running":
-            self.result.result = "passed" if not self.failed else "error"
+            self.result.add_error(mask_secrets("; ".join(errors), self._secrets))
+        else:
+            self.result.finish(self.failed)
         self._watch.fail_for(exits, self._secrets)
         self._watch.record_tool_cpu()
         self._write_record()
-        if self._allocator is not None:
+        if self._engine is not None:
             # Last, off the recorded run: join the warm spare being prepared (if any) and close
             # the connections whose locks proved the database alive on a shared server.
             with contextlib.suppress(Exception):
@@ -609,18 +493,14 @@ class ProjectSession:
                 self.result.error,
             )
 
-    def _write_record(self) -> None:
-        with contextlib.suppress(OSError):
-            self.results_dir.mkdir(parents=True, exist_ok=True)
-            path = self.results_dir / "run.json"
-            tmp = path.with_suffix(".json.tmp")
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
-                out.write(json.dumps(self.result.to_json(), indent=2) + "\n")
-            os.replace(tmp, path)
-        if self.record_duration and self.result.timed:  # how long the suite takes, for CI plans
+    def _write_record(self) -> RunRecord:
+        record = self.result.freeze().write(self.layout.record(self.results_dir))
+        self._record = record
+        if self.record_duration and record.timed:  # how long the suite takes, for CI plans
             from .matrix import record_duration
 
-            record_duration(self.config, self.project.name, self.result.duration)
+            record_duration(self.config, self.project.name, record.duration)
+        return record
 
     # --- the guardian -----------------------------------------------------------------------------
 
@@ -667,8 +547,8 @@ def run_project(
     on_phase: PhaseCallback | None = None,
     keep_on_failure: bool | None = None,
     record_duration: bool = True,
-) -> RunResult:
-    """Run one project end to end; return its result.
+) -> RunRecord:
+    """Run one project end to end; return its record.
 
     A failing suite, or an error of the tool's own (PostgreSQL gone, a server that never became
     healthy), is recorded in the result (``result``, ``error``, ``log_tail``) rather than raised,
@@ -687,5 +567,5 @@ def run_project(
     except Interrupted:
         raise
     except E2EInfraError:
-        pass  # recorded by the session (result "failed" or "error", masked message)
-    return session.result
+        pass  # recorded by the session (result failed or error, masked message)
+    return session.record

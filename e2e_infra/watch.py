@@ -39,6 +39,7 @@ import psutil
 from .conninfo import mask_secrets
 from .containment import MARKER, Containment
 from .leases import Owner, Registry
+from .record import Draft, Result
 
 __all__ = ["MARKER", "CpuMeter", "RunWatch", "ServerExit", "Watcher"]
 
@@ -281,7 +282,7 @@ class RunWatch:
     releases without special cases.
     """
 
-    def __init__(self, project: str, result: Any, critical: set[str]) -> None:
+    def __init__(self, project: str, result: Draft, critical: set[str]) -> None:
         self.project = project
         self.result = result
         self.critical = critical  # servers whose death stops the suite (on_exit = "stop")
@@ -368,11 +369,11 @@ class RunWatch:
             {**ended.to_json(), "log_tail": mask_secrets(ended.log_tail, tuple(secrets))}
             for ended in exits
         ]
-        if result.result == "interrupted":
+        if result.result is Result.INTERRUPTED:
             return
         message = exits_error(exits, self.critical, result.logs)
         previous = result.error
-        result.result = "error"
+        result.result = Result.ERROR
         result.error = mask_secrets(
             f"{message}{f'; {previous}' if previous else ''}", tuple(secrets)
         )

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from invoke.context import Context
@@ -138,3 +139,21 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
     out = console()
     out.print(title, markup=False)
     out.print(table)
+
+
+def print_run_report(config: e2e_infra.Config, runs: list[e2e_infra.RunRecord]) -> None:
+    """After a run: the summary table and failures, the merged JUnit file, the merged Playwright
+    report and ``report.html``, on stderr (stdout stays for JSON)."""
+    e2e_infra.print_summary(config, runs)
+    if merged := e2e_infra.merge_playwright_reports(config, runs):
+        print(f"Playwright report: {merged}", file=sys.stderr)
+    print(f"report: {e2e_infra.write_html_report(config, runs)}", file=sys.stderr)
+
+
+def print_tail(what: str, log: Path, lines: int = 15) -> None:
+    """The last ``lines`` lines of ``log`` as lines, then where the whole of it is."""
+    try:
+        tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    print("\n".join([f"last lines of {what}:", *tail, f"(all of it: {log})"]), file=sys.stderr)

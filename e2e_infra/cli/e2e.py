@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -18,8 +15,7 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 import e2e_infra
-from e2e_infra import forkserver
-from e2e_infra.processes import escalation, spawn
+from e2e_infra.interrupts import Interrupts, signals_deferred
 
 from ._output import (
     JSON_HELP,
@@ -28,16 +24,11 @@ from ._output import (
     emit_json,
     exit_code,
     load,
+    print_run_report,
     print_table,
+    print_tail,
     size,
 )
-
-
-def _nox_argv(config: e2e_infra.Config, *extra: str) -> list[str]:
-    noxfile = config.root / "noxfile.py"
-    if not noxfile.is_file():  # no noxfile next to the config: the one shipped in the package
-        noxfile = Path(__file__).resolve().parent / "noxfile.py"
-    return [sys.executable, "-m", "nox", "-f", str(noxfile), *extra]
 
 
 def _for_run(config: e2e_infra.Config) -> e2e_infra.Config:
@@ -47,109 +38,83 @@ def _for_run(config: e2e_infra.Config) -> e2e_infra.Config:
 
 def _run_projects(
     config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool = False
-) -> int:
-    """Run ``projects`` in parallel through nox with a live status; summary, JUnit, report.html.
+) -> list[str]:
+    """Run ``projects`` in parallel with a live status; summary, JUnit, report.html. Returns the
+    projects that did not pass.
 
     ``--jobs auto``: from the cores and the memory against the projects' recorded peaks
     (:mod:`e2e_infra.parallelism`), said in one line; ``dry_run`` prints it and the plan only.
-    The status line per project comes from the ``status.json`` files the nox sessions write. On a
-    terminal (and CI unset) nox's own output goes to ``<results>/nox.log`` so the live table stays
-    readable; elsewhere it passes through, between plain status lines.
+    The projects run on a pool of warm workers (:mod:`e2e_infra.pool`); each one's output goes to
+    ``<run>/<project>.output.log``. Without the live table (a pipe, CI) it is printed as one block
+    when the project ends, as ``nox -j`` does; with it, only a failed project's last lines are,
+    after the summary.
     """
+    from e2e_infra.pool import Outcome, ProjectPool
+
     if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
         raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
     if jobs == "auto" or dry_run:
         jobs = _choose_jobs(config, projects, jobs, dry_run)
         if dry_run:
-            return 0
+            return []
     started = time.time()
     config = _for_run(config)
-    if forkserver.enabled():
-        code = _run_batch(config, projects, int(jobs), started)
-        if code is not None:
-            return code
-    argv = _nox_argv(config, "-j", jobs, "-s", *(f"e2e-{p}" for p in projects))
-    env = {**os.environ, "E2E_SUMMARY": "0", "E2E_RUN_ID": str(config.run)}
-    if config.source is not None:  # the sessions read the same config, wherever nox runs them
-        env["E2E_CONFIG"] = str(config.source)
-    live = e2e_infra.use_live_display(sys.stderr)
-    log_path = config.run_dir / "nox.log"
-    if live:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    # In our process group: a terminal's Ctrl-C reaches nox, which releases what its sessions hold.
-    log = log_path if live else None
-    nox = spawn(argv, cwd=config.root, env=env, log=log, stdin=None, own_group=False, what="nox")
-    done = lambda: nox.popen.poll() is not None  # noqa: E731
-    try:
-        e2e_infra.follow_run(config, projects, started, done, live=live, file=sys.stderr)
-    except KeyboardInterrupt:
-        # The Ctrl-C reached nox too: let it release everything first, then escalate.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            nox.popen.wait(timeout=60)
-        nox.stop(escalation(10.0))
-        raise
-    code = nox.popen.wait()
-    _summarize(config, started)
-    if live and code != 0:
-        _print_tail("nox's output", log_path)
-    return code
-
-
-def _run_batch(
-    config: e2e_infra.Config, projects: list[str], jobs: int, started: float
-) -> int | None:
-    """The projects in forks of one warm server, no nox workers; ``None``: no server here.
-
-    Each project's output goes to ``<run>/<project>.output.log``; without the live table it is
-    printed as one block when the project ends (as ``nox -j`` does), with it only a failed
-    project's last lines are, after the summary.
-    """
-    from e2e_infra.runner import INTERRUPT_GRACE, Batch, Finished
-
     live = e2e_infra.use_live_display(sys.stderr)
     printing = threading.Lock()
 
-    def print_block(finished: Finished) -> None:
-        body = finished.output.read_text(encoding="utf-8", errors="replace").rstrip("\n")
-        mark = "passed" if finished.passed else "failed"
-        lines = [f"== e2e-{finished.project}: {mark} ==", body, *finished.logs]
-        lines += [f"error: {finished.error}"] if finished.error else []
+    def print_block(outcome: Outcome) -> None:
+        output = outcome.output
+        body = output.read_text(encoding="utf-8", errors="replace").rstrip("\n") if output else ""
+        lines = [f"== e2e-{outcome.project}: {outcome.result} ==", body, *outcome.logs]
+        lines += [f"error: {outcome.error}"] if outcome.error else []
         with printing:
             print("\n".join(line for line in lines if line), file=sys.stderr, flush=True)
 
-    batch = Batch.start(config, projects, jobs, on_finished=None if live else print_block)
-    if batch is None:
-        return None
-    try:
+    pool = ProjectPool(config, int(jobs), on_finished=None if live else print_block)
+    done = threading.Event()
+    outcomes: list[Outcome] = []
+
+    def work() -> None:
         try:
-            e2e_infra.follow_run(config, projects, started, batch.done, live=live, file=sys.stderr)
-        except KeyboardInterrupt:
-            batch.interrupt()  # each running project releases what it holds
-            batch.wait(INTERRUPT_GRACE)
-            raise
-        finished = batch.wait(INTERRUPT_GRACE)
-    finally:
-        batch.close()
-    _summarize(config, started)
-    failed = [item for item in finished if not item.passed]
+            outcomes.extend(pool.run(projects))
+        finally:
+            done.set()
+
+    # The live table in this (main) thread; the pool waits in another, so that a Ctrl-C reaches
+    # this thread, which stops the pool (see ProjectPool) and waits for it to release.
+    runner = threading.Thread(target=work, name="e2e-infra pool", daemon=True)
+    try:
+        with Interrupts().installed():  # SIGTERM and SIGHUP stop the run as Ctrl-C does
+            runner.start()
+            e2e_infra.follow_run(config, projects, started, done.is_set, live=live, file=sys.stderr)
+            runner.join()
+    except (KeyboardInterrupt, e2e_infra.Interrupted):
+        with signals_deferred():  # a second Ctrl-C must not cut the release short
+            pool.interrupt()
+            runner.join(timeout=pool.grace + 5.0)
+            _summarize(config, started, projects)
+        raise
+    runs = _summarize(config, started, projects)
+    failed = [run.project for run in runs if not run.passed]
     if live:
-        for item in failed:
-            _print_tail(item.project, item.output)
-    return 1 if failed or len(finished) < len(projects) else 0
+        for outcome in outcomes:
+            if not outcome.passed and outcome.output is not None:
+                print_tail(outcome.project, outcome.output)
+    missing = [p for p in projects if p not in {run.project for run in runs}]
+    return sorted({*failed, *missing})
 
 
-def _print_tail(what: str, log: Path, lines: int = 15) -> None:
-    tail = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-    print("\n".join([f"last lines of {what}:", *tail, f"(all of it: {log})"]), file=sys.stderr)
+def _summarize(
+    config: e2e_infra.Config, started: float, projects: list[str] | None = None
+) -> list[e2e_infra.RunRecord]:
+    """The run's summary, merged JUnit, Playwright report and report.html; its records (a
+    project whose process died without a record gets one naming it first)."""
+    from e2e_infra.progress import vanished
 
-
-def _summarize(config: e2e_infra.Config, started: float) -> None:
-    runs = e2e_infra.collect_runs(config, since=started)
-    e2e_infra.print_summary(config, runs)
-    if merged := e2e_infra.merge_playwright_reports(config, runs):
-        print(f"Playwright report: {merged}", file=sys.stderr)
-    report = e2e_infra.write_html_report(config, runs)
-    print(f"report: {report}", file=sys.stderr)
+    vanished(config, projects if projects is not None else list(config.projects))
+    runs = e2e_infra.collect_runs(config, since=started, projects=projects)
+    print_run_report(config, runs)
+    return runs
 
 
 def _choose_jobs(config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool) -> str:
@@ -185,11 +150,7 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
     except ValueError as exc:
         raise e2e_infra.UsageError(f"--args {args!r} cannot be split: {exc}") from None
     result = e2e_infra.run_project(config, project, suite_args, keep_on_failure=keep or None)
-    runs = e2e_infra.collect_runs(config, since=result.started_at)
-    e2e_infra.print_summary(config, runs)
-    if merged := e2e_infra.merge_playwright_reports(config, runs):
-        print(f"Playwright report: {merged}", file=sys.stderr)
-    print(f"report: {e2e_infra.write_html_report(config, runs)}", file=sys.stderr)
+    print_run_report(config, e2e_infra.collect_runs(config, since=result.started_at))
     if not result.passed:
         detail = f": {result.error}" if result.error else ""
         raise Exit(f"error: {project} {result.result}{detail}", code=exit_code(result.returncode))
@@ -216,8 +177,8 @@ def e2e_all(
 ) -> None:
     """Run every E2E project in parallel, with a live status; then a summary.
 
-    Each project runs in a fork of one warm process (no interpreter per project);
-    E2E_FORKSERVER=0 runs them through nox -j instead.
+    The projects run on a pool of warm worker processes, each taking one after another (no
+    interpreter per project).
     """
     from ..matrix import parse_projects
 
@@ -234,13 +195,10 @@ def e2e_all(
     if not chosen:
         print("no projects to run", file=sys.stderr)
         return
-    started = time.time()
-    code = _run_projects(config, chosen, jobs, dry_run)
-    if code != 0:
-        runs = e2e_infra.collect_runs(config, since=started, projects=chosen)
-        failed = sorted({run.project for run in runs if run.result != "passed"})
+    failed = _run_projects(config, chosen, jobs, dry_run)
+    if failed:
         what = f"{len(failed)} of {len(chosen)} projects did not pass: {', '.join(failed)}"
-        raise Exit(f"error: {what if failed else f'the run exited with {code}'}", code=code)
+        raise Exit(f"error: {what}", code=1)
 
 
 @task(name="list", help={"json": JSON_HELP})
@@ -259,7 +217,7 @@ def e2e_list(c: Context, json_: bool = False) -> None:
                 "database": project.database,
                 "seed": project.seed if project.database else None,
                 "nox_session": f"e2e-{name}",
-                "last_result": run.result if run else None,
+                "last_result": run.result.label if run else None,
                 "last_duration": round(run.duration, 3) if run else None,
             }
         )
@@ -373,10 +331,10 @@ def e2e_affected(
         print(f"  {name}: {shown}", file=out)
     if dry_run:
         return
-    code = _run_projects(config, list(found.projects), jobs)
-    if code != 0:
+    failed = _run_projects(config, list(found.projects), jobs)
+    if failed:
         hint = " (push aborted; E2E_SKIP=1 git push to skip)" if pre_push else ""
-        raise Exit(f"error: affected E2E projects failed{hint}", code=code)
+        raise Exit(f"error: affected E2E projects failed: {', '.join(failed)}{hint}", code=1)
 
 
 @task(

@@ -353,6 +353,10 @@ class DatabaseAllocator:
                     renewed.append(lease.resource)
         return renewed
 
+    def proof_lost(self) -> bool:
+        """Whether the proof of life of a database of this process was lost for good."""
+        return bool(self.holds.lost)
+
     def check_holds(self) -> None:
         """Raise DatabaseError if the proof of life of a database of this process was lost for
         good during the run (its lock could not be re-taken in time): a session calls it after

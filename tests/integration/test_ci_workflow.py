@@ -25,7 +25,8 @@ import yaml
 from conftest import clean_environ
 
 from e2e_infra.config import load_config
-from e2e_infra.matrix import DURATIONS_FILE, record_duration
+from e2e_infra.layout import DURATIONS as DURATIONS_FILE
+from e2e_infra.matrix import record_duration
 from e2e_infra.report import collect_runs
 
 pytestmark = pytest.mark.integration

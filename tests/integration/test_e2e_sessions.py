@@ -280,12 +280,10 @@ def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
             timeout=120,
             what="the slow project's suite to start",
         )
-        # The session runs in a fork of the warm server the main nox process started, not in
-        # its nox worker (which only relays): suite -> session -> fork server -> main nox.
+        # The session runs in nox's own worker: suite -> session (a nox worker) -> main nox.
         suite = next(p for p in leftovers.processes() if "time.sleep(120)" in " ".join(p.cmdline()))
         session = suite.parent()
-        assert session is not None and "--parallel-worker" not in session.cmdline()
-        assert session.parent().ppid() == proc.pid
+        assert session is not None and session.ppid() == proc.pid
         proc.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         proc.communicate(timeout=30)
@@ -304,26 +302,24 @@ def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
             proc.wait()
 
 
-@pytest.mark.parametrize("fork_server", ["on", "0"])
-def test_parallel_sessions_run_in_the_warm_fork_server_unless_turned_off(
-    workspace: Path, config: e2e_infra.Config, fork_server: str
+def test_parallel_sessions_run_each_in_noxs_own_worker(
+    workspace: Path, config: e2e_infra.Config
 ) -> None:
-    env = {**clean_env(workspace), "E2E_FORKSERVER": fork_server}
     sessions = ["-s", "e2e-ancestry", "e2e-static_pages"]
     proc = subprocess.run(
         [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "2", *sessions],
         cwd=ROOT,
-        env=env,
+        env=clean_env(workspace),
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parent = (project_folder(config.results_dir, "ancestry") / "parent.txt").read_text()
-    # Either way a nox process ran the session; with the server on, not the -j worker itself.
-    assert "nox" in parent
-    assert ("--parallel-worker" in parent) is (fork_server == "0")
+    assert "nox" in parent  # the session ran in a nox process, the suite its child
     assert run_json(config, "static_pages")["result"] == "passed"
+    # One summary, printed by the main nox process only (not once more per worker).
+    assert proc.stderr.count("e2e run summary") == 1, proc.stderr
     Leftovers(config).assert_none()
 
 
@@ -338,22 +334,25 @@ def invoke_all(workspace: Path, *args: str, **env: str) -> subprocess.Popen[str]
     )
 
 
-@pytest.mark.parametrize("fork_server", ["on", "0"])
-def test_invoke_e2e_all_runs_projects_in_forks_without_nox_workers_unless_turned_off(
-    workspace: Path, config: e2e_infra.Config, fork_server: str
+def test_invoke_e2e_all_runs_projects_on_a_pool_of_warm_workers_without_nox(
+    workspace: Path, config: e2e_infra.Config
 ) -> None:
-    proc = invoke_all(
-        workspace, "--projects", "ancestry,static_pages", "--jobs", "2", E2E_FORKSERVER=fork_server
-    )
+    proc = invoke_all(workspace, "--projects", "ancestry,static_pages", "--jobs", "1")
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     parent = (project_folder(config.results_dir, "ancestry") / "parent.txt").read_text()
-    if fork_server == "on":  # a fork of the invoke process's warm server: no nox at all
-        assert "e2e.all" in parent and "nox" not in parent
-        assert "== e2e-static_pages: passed ==" in out
-    else:
-        assert "--parallel-worker" in parent
+    # A worker forked from multiprocessing's fork server (the session's modules preloaded there):
+    # no interpreter, no nox per project.
+    assert "multiprocessing.forkserver" in parent and "nox" not in parent
+    assert "== e2e-static_pages: passed ==" in out
+    # One worker (--jobs 1) took both projects, one after the other.
+    records = [run_json(config, p) for p in ("ancestry", "static_pages")]
     assert run_json(config, "static_pages")["result"] == "passed"
+    status = [
+        json.loads((project_folder(config.results_dir, p) / "status.json").read_text())
+        for p in ("ancestry", "static_pages")
+    ]
+    assert status[0]["pid"] == status[1]["pid"] != proc.pid, (records, status)
     Leftovers(config).assert_none()
 
 
@@ -389,3 +388,150 @@ def test_sigint_to_invoke_e2e_all_releases_everything_within_10s(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_invoke_e2e_all_runs_with_an_environment_larger_than_a_socket_message(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    # 3 x 100 KB: more than a unix socket message holds (212,992 bytes here), the size at which
+    # the fork server this pool replaced failed every project ("no fork server").
+    big = {f"E2E_TEST_BIG_{n}": "x" * 100_000 for n in range(3)}
+    proc = invoke_all(workspace, "--projects", "static_pages,ancestry", "--jobs", "2", **big)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert run_json(config, "static_pages")["result"] == "passed"
+    Leftovers(config).assert_none()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.1, 0.2, 0.4])
+def test_a_ctrl_c_while_the_pool_starts_is_never_lost(
+    workspace: Path, config: e2e_infra.Config, delay: float
+) -> None:
+    """The interrupt lands right as the first project starts (after ``delay`` more seconds):
+    the run stops with a non-zero exit, no project starts after it, nothing runs on."""
+    run_id = f"ctrl-c-{int(delay * 1000)}"
+    proc = invoke_all(
+        workspace, "--projects", "slow,static_pages,failing", "--jobs", "2", E2E_RUN_ID=run_id
+    )
+    run = config.results_dir / run_id
+    leftovers = Leftovers(config)
+    try:
+        e2e_infra.wait_until(
+            lambda: any(run.glob("*/status.json")) or proc.poll() is not None,
+            timeout=60,
+            what="the first project to start",
+            first=0.002,
+            cap=0.002,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        interrupted = time.time()
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode != 0, out
+        assert "Traceback" not in out
+        started = {
+            p.parent.name: json.loads(p.read_text())["started_at"]
+            for p in run.glob("*/status.json")
+        }
+        late = {name: at for name, at in started.items() if at > interrupted + 0.05}
+        assert late == {}, f"started after the interrupt: {late}\n{out}"
+        passed = [
+            name
+            for name in ("slow", "static_pages", "failing")
+            if (run / name / "run.json").is_file()
+            and json.loads((run / name / "run.json").read_text())["result"] == "passed"
+            and json.loads((run / name / "run.json").read_text())["started_at"] > interrupted
+        ]
+        assert passed == []
+        e2e_infra.wait_until(
+            lambda: not leftovers.processes() and not leftovers.leases(),
+            timeout=10,
+            what="everything to be released",
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _worker_of(leftovers: Leftovers, what: str) -> psutil.Process:
+    suite = next(p for p in leftovers.processes() if what in " ".join(p.cmdline()))
+    worker = suite.parent()
+    assert worker is not None
+    return worker
+
+
+def test_a_killed_pool_worker_is_named_as_an_error_and_the_rest_still_run(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    proc = invoke_all(
+        workspace, "--projects", "slow,static_pages,ancestry", "--jobs", "2", E2E_RUN_ID="kill-1"
+    )
+    leftovers = Leftovers(config)
+    try:
+        e2e_infra.wait_until(
+            lambda: any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes()),
+            timeout=120,
+            what="the slow project's suite to start",
+        )
+        worker = _worker_of(leftovers, "time.sleep(120)")
+        worker.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out
+    assert "1 of 3 projects did not pass: slow" in out, out
+    slow = json.loads((config.results_dir / "kill-1" / "slow" / "run.json").read_text())
+    assert slow["result"] == "error"
+    assert f"pid {worker.pid}" in slow["error"] and "suite" in slow["error"]
+    for name in ("static_pages", "ancestry"):
+        record = json.loads((config.results_dir / "kill-1" / name / "run.json").read_text())
+        assert record["result"] == "passed", record
+    report = (config.results_dir / "kill-1" / "report.html").read_text()
+    assert 'data-project="slow"' in report
+    # Its guardian reclaimed what the dead worker held.
+    e2e_infra.wait_until(
+        lambda: not leftovers.processes() and not leftovers.leases(),
+        timeout=30,
+        what="the guardian to reclaim the killed worker's servers and ports",
+    )
+
+
+def test_a_killed_nox_worker_is_named_in_the_summary(
+    workspace: Path, config: e2e_infra.Config
+) -> None:
+    argv = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "2"]
+    proc = subprocess.Popen(
+        [*argv, "-s", "e2e-slow", "e2e-static_pages"],
+        cwd=ROOT,
+        env={**clean_env(workspace), "E2E_RUN_ID": "kill-nox"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    leftovers = Leftovers(config)
+    try:
+        e2e_infra.wait_until(
+            lambda: any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes()),
+            timeout=120,
+            what="the slow project's suite to start",
+        )
+        worker = _worker_of(leftovers, "time.sleep(120)")
+        worker.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    slow = json.loads((config.results_dir / "kill-nox" / "slow" / "run.json").read_text())
+    assert slow["result"] == "error" and f"pid {worker.pid}" in slow["error"], slow
+    summary = out[out.index("e2e run summary") :]
+    assert "slow" in summary and "error" in summary, out
+    e2e_infra.wait_until(
+        lambda: not leftovers.processes() and not leftovers.leases(),
+        timeout=30,
+        what="the guardian to reclaim the killed worker's servers and ports",
+    )

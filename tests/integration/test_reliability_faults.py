@@ -23,6 +23,7 @@ from conftest import clean_environ, make_config, project_folder, write_pyproject
 
 import e2e_infra
 from e2e_infra.leases import Owner, process_start_time
+from e2e_infra.record import Result
 
 pytestmark = pytest.mark.integration
 
@@ -333,7 +334,7 @@ def test_port_taken_between_allocation_and_server_start_restarts_the_server_on_a
     with session as env:
         assert env.ports["backend"] != taken[0]
         assert session.run_suite() == 0
-    assert session.result.result == "passed"
+    assert session.result.result is Result.PASSED
     assert session.result.ports["backend"] != taken[0]
     assert (
         "Address already in use"
@@ -380,7 +381,7 @@ def test_a_server_that_hangs_before_healthy_and_ignores_sigterm_is_killed_within
     message = str(caught.value)
     assert "server stuck did not become healthy within 1.5s" in message
     assert "hanging" in caught.value.log_tail
-    assert session.result.result == "error" and "stuck" in (session.result.error or "")
+    assert session.result.result is Result.ERROR and "stuck" in (session.result.error or "")
     assert project_leases(config) == []
     assert not [
         p

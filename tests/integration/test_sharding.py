@@ -21,8 +21,8 @@ import pytest
 from conftest import clean_environ
 
 from e2e_infra.config import Config, load_config
+from e2e_infra.layout import DURATIONS as DURATIONS_FILE
 from e2e_infra.matrix import (
-    DURATIONS_FILE,
     merge_durations,
     plan_shards,
     read_durations,

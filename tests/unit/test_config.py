@@ -213,7 +213,7 @@ def test_port_range_parsing_and_membership() -> None:
 
 def test_config_project_dir_is_under_results(tmp_path: Path) -> None:
     config = Config(root=tmp_path, source=None, state_dir=tmp_path, results_dir=tmp_path / "r")
-    assert config.project_dir("web") == tmp_path / "r" / "web"
+    assert config.layout.project_dir("web") == tmp_path / "r" / "web"
 
 
 @pytest.mark.parametrize("name", ["a", "auth_tests", "x9", "a" * 40])

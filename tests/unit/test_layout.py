@@ -83,3 +83,58 @@ def test_the_version_lives_in_one_place() -> None:
     assert 'dynamic = ["version"]' in pyproject
     assert 'version = { attr = "e2e_infra.__version__" }' in pyproject
     assert e2e_infra.__version__.count(".") == 2
+
+
+RESULT_VALUES = {"running", "passed", "flaky", "failed", "error", "interrupted", "skipped"}
+
+
+def _compared_strings(node: ast.Compare) -> list[str]:
+    found = []
+    for side in (node.left, *node.comparators):
+        items = side.elts if isinstance(side, ast.Tuple | ast.List | ast.Set) else [side]
+        found += [
+            i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)
+        ]
+    return found
+
+
+def test_no_result_string_is_compared_outside_the_record_module() -> None:
+    offenders = []
+    for path in _modules():
+        if path == PACKAGE / "record.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                offenders += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} compares {value!r}"
+                    for value in _compared_strings(node)
+                    if value in RESULT_VALUES
+                ]
+    assert offenders == [], "use e2e_infra.record.Result"
+
+
+# What nox documents for a noxfile; anything else of nox's is its internals.
+NOX_PUBLIC = {"session", "Session", "options", "param", "parametrize", "needs_version"}
+
+
+def test_no_module_reads_nox_internals() -> None:
+    offenders = []
+    for path in _modules():
+        text = path.read_text(encoding="utf-8")
+        if "--parallel-worker" in text:
+            offenders.append(f"{path.relative_to(ROOT)} reads nox's hidden --parallel-worker")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nox."):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
+            elif isinstance(node, ast.Import) and any(
+                a.name.startswith("nox.") for a in node.names
+            ):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports nox internals")
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "nox"
+                and node.attr not in NOX_PUBLIC
+            ):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} uses nox.{node.attr}")
+    assert offenders == []

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from e2e_infra.config import Config, load_config
 from e2e_infra.errors import UsageError
+from e2e_infra.layout import DURATIONS
 from e2e_infra.matrix import (
     DEFAULT_DURATION,
-    DURATIONS_FILE,
     KEEP_DURATIONS,
     durations_for_plan,
     last_durations,
@@ -107,7 +107,7 @@ def test_durations_come_from_the_latest_passed_or_failed_run(tmp_path: Path) -> 
     config = load_config(tmp_path / "pyproject.toml", environ={})
 
     def record(project: str, duration: float, result: str = "passed", sub: str = "") -> None:
-        folder = config.project_dir(project) / sub
+        folder = config.layout.project_dir(project) / sub
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "run.json").write_text(
             json.dumps(
@@ -158,7 +158,7 @@ def make_config(tmp_path: Path, projects: str = "abcdef") -> Config:
 
 
 def stored(config: Config) -> dict[str, list[float]]:
-    data = json.loads((config.results_dir / DURATIONS_FILE).read_text())
+    data = json.loads((config.results_dir / DURATIONS).read_text())
     return {p: [e["seconds"] for e in items] for p, items in data["projects"].items()}
 
 
@@ -179,7 +179,7 @@ def test_a_batch_records_its_projects_in_one_update(tmp_path: Path) -> None:
     assert record_duration(config, "a", 5.0, at=1.0)
     assert record_durations(config, {"a": 6.0, "b": 2.0, "c": 0.0, "d": float("nan")}, at=2.0)
     assert stored(config) == {"a": [5.0, 6.0], "b": [2.0]}  # meaningless ones left out
-    data = json.loads((config.results_dir / DURATIONS_FILE).read_text())
+    data = json.loads((config.results_dir / DURATIONS).read_text())
     assert data["projects"]["b"] == [{"at": 2.0, "seconds": 2.0}]
     assert not record_durations(config, {})
     assert not record_durations(config, {"e": -1.0})
@@ -189,7 +189,7 @@ def test_a_batch_records_its_projects_in_one_update(tmp_path: Path) -> None:
 def test_a_meaningless_duration_is_not_recorded(tmp_path: Path, seconds: float) -> None:
     config = make_config(tmp_path)
     assert not record_duration(config, "a", seconds)
-    assert not (config.results_dir / DURATIONS_FILE).exists()
+    assert not (config.results_dir / DURATIONS).exists()
 
 
 def test_concurrent_recorders_lose_nothing(tmp_path: Path) -> None:
@@ -206,8 +206,8 @@ def test_concurrent_recorders_lose_nothing(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(timeout=30)
     assert stored(config) == {p: [1.0, 2.0, 3.0] for p in projects}
-    leftovers = [p.name for p in config.results_dir.iterdir() if p.name != DURATIONS_FILE]
-    assert leftovers == [f".{DURATIONS_FILE}.lock"]  # no temp file; the lock is hidden
+    leftovers = [p.name for p in config.results_dir.iterdir() if p.name != DURATIONS]
+    assert leftovers == [f".{DURATIONS}.lock"]  # no temp file; the lock is hidden
 
 
 def test_shard_files_merge_into_the_durations_once_whatever_the_order(tmp_path: Path) -> None:
@@ -217,8 +217,8 @@ def test_shard_files_merge_into_the_durations_once_whatever_the_order(tmp_path: 
     record_duration(main, "a", 10.0, at=1.0)
     record_duration(shard1, "a", 20.0, at=2.0)
     record_duration(shard2, "b", 5.0, at=2.0)
-    files = [shard2.results_dir / DURATIONS_FILE, shard1.results_dir / DURATIONS_FILE]
-    merge_durations(main, [*files, tmp_path / "missing" / DURATIONS_FILE])
+    files = [shard2.results_dir / DURATIONS, shard1.results_dir / DURATIONS]
+    merge_durations(main, [*files, tmp_path / "missing" / DURATIONS])
     merge_durations(main, reversed(files))  # again: nothing doubles
     assert stored(main) == {"a": [10.0, 20.0], "b": [5.0]}
 
@@ -228,7 +228,7 @@ def test_a_broken_durations_file_warns_and_plans_without_it(
 ) -> None:
     config = make_config(tmp_path)
     config.results_dir.mkdir()
-    (config.results_dir / DURATIONS_FILE).write_text("{not json")
+    (config.results_dir / DURATIONS).write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="e2e_infra"):
         assert read_durations(config) == {}
     assert "unreadable" in caplog.text
@@ -238,7 +238,7 @@ def test_a_broken_durations_file_warns_and_plans_without_it(
 
 def test_the_plan_uses_the_durations_file_then_the_latest_run_json(tmp_path: Path) -> None:
     config = make_config(tmp_path, "ab")
-    folder = config.project_dir("b")
+    folder = config.layout.project_dir("b")
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(
         json.dumps(

@@ -153,7 +153,7 @@ def _config(tmp_path: Path) -> Config:
 
 
 def _run(config: Config) -> RunSummary:
-    folder = config.project_dir("web")
+    folder = config.layout.project_dir("web")
     folder.mkdir(parents=True)
     record = {"project": "web", "run_id": "run-1", "result": "passed", "started_at": 1.0}
     (folder / "run.json").write_text(json.dumps(record))
@@ -173,7 +173,7 @@ def test_no_blob_means_no_merge_and_no_link(tmp_path: Path) -> None:
 def test_a_merged_report_is_linked_at_the_top_of_report_html(tmp_path: Path) -> None:
     config = _config(tmp_path)
     run = _run(config)
-    merged = config.run_dir / "playwright-report" / "index.html"
+    merged = config.layout.run_dir / "playwright-report" / "index.html"
     merged.parent.mkdir(parents=True)
     merged.write_text("<html></html>")
     page = write_html_report(config, [run]).read_text()

@@ -131,7 +131,7 @@ def make_config(tmp_path: Path, projects: list[str]) -> Config:
 
 
 def write_run(config: Config, project: str, started: float, **data: Any) -> RunSummary:
-    folder = config.project_dir(project)
+    folder = config.layout.project_dir(project)
     folder.mkdir(parents=True, exist_ok=True)
     record = {
         "project": project,
@@ -154,7 +154,7 @@ def write_run(config: Config, project: str, started: float, **data: Any) -> RunS
 
 def test_the_page_lists_projects_by_start_and_shows_what_failed(tmp_path: Path) -> None:
     config = make_config(tmp_path, ["zeta", "alpha", "<mid>"])
-    junit = config.project_dir("alpha") / "junit.xml"
+    junit = config.layout.project_dir("alpha") / "junit.xml"
     junit.parent.mkdir(parents=True)
     junit.write_text(FAILED_JUNIT)
     touch(tmp_path / "test-results" / "tests-test-orders-py-test-total-chromium" / "f.png")
@@ -198,7 +198,7 @@ def test_only_the_latest_run_of_a_project_has_a_row(tmp_path: Path) -> None:
 
 def test_the_terminal_summary_has_counts_failures_and_the_log_tail(tmp_path: Path) -> None:
     config = make_config(tmp_path, ["alpha", "beta"])
-    junit = config.project_dir("alpha") / "junit.xml"
+    junit = config.layout.project_dir("alpha") / "junit.xml"
     junit.parent.mkdir(parents=True)
     junit.write_text(FAILED_JUNIT)
     runs = [

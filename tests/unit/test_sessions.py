@@ -1,122 +1,114 @@
-"""The nox adapter's own decisions, without running nox."""
+"""The nox adapter's own decisions, without running nox: its run id, who prints the summary."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import nox
 import pytest
 
-from e2e_infra import forkserver, runner
+from e2e_infra import pool
 from e2e_infra.cli import sessions
-from e2e_infra.config import Config
-
-
-@pytest.mark.parametrize(
-    ("argv", "env", "expected"),
-    [
-        (["-t", "e2e"], None, False),
-        (["-j", "2", "-t", "e2e"], None, True),
-        (["-j", "1", "-t", "e2e"], None, False),
-        (["-j4"], None, True),
-        (["--parallel", "3"], None, True),
-        (["--parallel=2"], None, True),
-        (["--parallel=1"], None, False),
-        ([], "2", True),
-        ([], "1", False),
-        (["-j", "1"], "4", False),  # the command line wins over NOX_PARALLEL
-        (["-s", "e2e-a", "--", "-j", "2"], None, False),  # the suite's arguments, not nox's
-    ],
-)
-def test_parallel_is_read_from_noxs_own_options(
-    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None, expected: bool
-) -> None:
-    if env is None:
-        monkeypatch.delenv("NOX_PARALLEL", raising=False)
-    else:
-        monkeypatch.setenv("NOX_PARALLEL", env)
-    assert sessions._parallel_requested(argv) is expected
-
-
-def test_auto_means_parallel_only_with_more_than_one_core(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOX_PARALLEL", raising=False)
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
-    assert sessions._parallel_requested(["-j", "auto"]) is False
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert sessions._parallel_requested(["-j", "auto"]) is True
-
-
-def test_a_parallel_value_the_noxfile_set_counts_unless_the_command_line_says_otherwise(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("NOX_PARALLEL", raising=False)
-    assert sessions._parallel_requested(["-t", "e2e"], 4) is True
-    assert sessions._parallel_requested(["-t", "e2e"], 1) is False
-    assert sessions._parallel_requested(["-j", "1"], 4) is False
+from e2e_infra.config import Config, ProjectConfig
+from e2e_infra.pool import Outcome
 
 
 class FakeSession:
     """What a session function uses of ``nox.Session``."""
 
-    parallel = True
-    posargs: list[str] = []
+    posargs: list[str] = ["-k", "login"]
 
-    def __init__(self) -> None:
+    def __init__(self, parallel: bool) -> None:
+        self.parallel = parallel
         self.logged: list[str] = []
+        self.errors: list[str] = []
 
     def log(self, line: str) -> None:
         self.logged.append(line)
 
     def error(self, message: str) -> None:
-        raise AssertionError(message)
+        self.errors.append(message)
 
 
-def test_a_worker_of_a_served_run_registers_its_sessions_without_the_config(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.fixture
+def registered(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Config]:
+    """A clean registry of ours (nox's own keeps what other tests registered)."""
+    state: dict[str, Config] = {}
+    monkeypatch.setattr(sessions, "_registered", state)
+    monkeypatch.setattr(sessions, "_worker", [])
+    monkeypatch.delenv("E2E_RUN_ID", raising=False)
+    monkeypatch.delenv(sessions.NOX_RUN_ENV, raising=False)
+    return state
+
+
+def _config(tmp_path: Path, *projects: str) -> Config:
+    return Config(
+        root=tmp_path,
+        source=None,
+        state_dir=tmp_path / "s",
+        results_dir=tmp_path / "r",
+        projects={p: ProjectConfig(name=p, command="true", cwd=tmp_path) for p in projects},
+    )
+
+
+def test_one_run_id_per_nox_call_shared_with_its_workers_but_not_with_nested_runs(
+    registered: dict[str, Config], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["nox", "--parallel-worker", "-s", "e2e-wk_alpha"])
-    monkeypatch.setenv(forkserver.ADDRESS_ENV, str(tmp_path / "gone.sock"))
-    monkeypatch.setenv(sessions.PROJECTS_ENV, "wk_alpha,wk_beta")
-    monkeypatch.setenv("E2E_RUN_ID", "run-of-the-main-process")
-    loads: list[object] = []
-    config = Config(root=tmp_path, source=None, state_dir=tmp_path / "s", results_dir=tmp_path)
+    names = sessions.register_sessions(_config(tmp_path, "ns_alpha", "ns_beta"))
+    assert names == ["e2e-ns_alpha", "e2e-ns_beta"]
+    run = registered["ns_alpha"].run
+    assert run is not None
+    # A -j worker inherits the main process's environment: the same run.
+    import os
 
-    def load(path: object) -> Config:
-        loads.append(path)
-        return config
+    assert os.environ[sessions.NOX_RUN_ENV] == run
+    assert "E2E_RUN_ID" not in os.environ  # a nested `invoke e2e.all` starts a run of its own
+    registered.clear()
+    sessions.register_sessions(_config(tmp_path, "ns_gamma"))
+    assert registered["ns_gamma"].run == run
+    # E2E_RUN_ID, set by the user (CI), names the run instead.
+    registered.clear()
+    monkeypatch.setenv("E2E_RUN_ID", "ci-1234")
+    sessions.register_sessions(_config(tmp_path, "ns_delta"))
+    assert registered["ns_delta"].run == "ci-1234"
 
-    monkeypatch.setattr(sessions, "_load", load)
-    assert sessions.register_sessions() == ["e2e-wk_alpha", "e2e-wk_beta"]
-    assert loads == []  # the names came from the main process
-    registered = nox.registry.get()["e2e-wk_alpha"]
 
-    # The server is gone (no socket): the worker parses the config then, for the main's run.
-    ran: list[tuple[str, str | None]] = []
+def test_a_session_runs_its_project_in_its_own_process_and_reports_the_outcome(
+    registered: dict[str, Config], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    sessions.register_sessions(_config(tmp_path, "ns_run"))
+    ran: list[tuple[str, str | None, list[str]]] = []
 
-    def outcome(cfg: Config, project: str, posargs: object) -> dict[str, object]:
-        ran.append((project, cfg.run))
-        return {"logs": ["ran here"], "error": None}
+    def run_one(config: Config, project: str, posargs: list[str]) -> Outcome:
+        ran.append((project, config.run, list(posargs)))
+        return Outcome(project, None, "ns_run failed: 2 tests failed", ("ran here",))
 
-    monkeypatch.setattr(runner, "project_outcome", outcome)
-    session = FakeSession()
-    registered.func(session)
-    assert loads == [None] and ran == [("wk_alpha", "run-of-the-main-process")]
+    monkeypatch.setattr(pool, "run_one", run_one)
+    session = FakeSession(parallel=False)
+    nox.registry.get()["e2e-ns_run"].func(session)
+    assert ran == [("ns_run", registered["ns_run"].run, ["-k", "login"])]
     assert session.logged == ["ran here"]
+    assert session.errors == ["ns_run failed: 2 tests failed"]
 
 
-def test_only_a_worker_with_a_server_and_its_project_list_skips_the_config(
+def test_only_the_main_nox_process_prints_the_summary(
+    registered: dict[str, Config],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["nox", "--parallel-worker"])
-    monkeypatch.setenv(forkserver.ADDRESS_ENV, "/somewhere")
-    monkeypatch.setenv(sessions.PROJECTS_ENV, "a,b")
-    assert sessions._served_projects() == ["a", "b"]
-    monkeypatch.delenv(sessions.PROJECTS_ENV)
-    assert sessions._served_projects() is None  # a server from an older main process
-    monkeypatch.setenv(sessions.PROJECTS_ENV, "a,b")
-    monkeypatch.delenv(forkserver.ADDRESS_ENV)
-    assert sessions._served_projects() is None  # no server: the worker runs it, config and all
-    monkeypatch.setenv(forkserver.ADDRESS_ENV, "/somewhere")
-    monkeypatch.setattr(sys, "argv", ["nox", "-j", "2"])
-    assert sessions._served_projects() is None  # the main process parses the config itself
+    sessions.register_sessions(_config(tmp_path, "ns_sum"))
+    monkeypatch.setattr(pool, "run_one", lambda c, p, a: Outcome(p, None, None))
+    printed: list[object] = []
+    monkeypatch.setattr("e2e_infra.cli._output.print_run_report", lambda c, r: printed.append(r))
+    monkeypatch.setattr(sessions.e2e_infra, "collect_runs", lambda *a, **k: ["a run"])
+
+    # A session run in the nox process itself (sequential): this process prints.
+    nox.registry.get()["e2e-ns_sum"].func(FakeSession(parallel=False))
+    sessions._summary_at_exit()
+    assert printed == [["a run"]]
+
+    # A -j worker (session.parallel): the main process prints, the worker does not.
+    nox.registry.get()["e2e-ns_sum"].func(FakeSession(parallel=True))
+    sessions._summary_at_exit()
+    assert printed == [["a run"]]

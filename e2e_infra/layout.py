@@ -1,0 +1,214 @@
+"""The results layout: every path of a run, and the only code that looks for run records.
+
+::
+
+    <results_dir>/
+      latest -> <run id>                 the newest run
+      durations.json                     recorded durations (CI plans, longest first)
+      <run id>/                          one nox call, one `invoke e2e.all`, one `e2e.run`
+        report.html  junit.xml  nox.log  playwright-report/
+        <project>.output.log             a project's console output (`invoke e2e.all`)
+        <project>/                       run.json, status.json, junit.xml, <server>.log, ...
+          runs/<session run id>/         another run of the project writing into this run
+
+Writers ask :class:`Layout` where to write; readers ask it what was written
+(:meth:`Layout.records`, :meth:`Layout.newest`): nothing else globs the results folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .record import RunRecord
+
+__all__ = ["LATEST", "Layout"]
+
+LATEST = "latest"
+RECORD = "run.json"
+STATUS = "status.json"
+JUNIT = "junit.xml"
+REPORT = "report.html"
+NOX_LOG = "nox.log"
+DURATIONS = "durations.json"
+MERGED_PLAYWRIGHT = "playwright-report"
+OTHER_RUNS = "runs"  # <project>/runs/<id>: a concurrent run of the project into the same run
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the results of run ``run`` (None: no run chosen yet) lie under ``results_dir``."""
+
+    results_dir: Path
+    run: str | None = None
+
+    # --- the run ----------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        """``<results_dir>/<run>`` (``results_dir`` itself when no run is chosen)."""
+        return self.results_dir / self.run if self.run else self.results_dir
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / REPORT
+
+    @property
+    def merged_junit(self) -> Path:
+        return self.run_dir / JUNIT
+
+    @property
+    def nox_log(self) -> Path:
+        return self.run_dir / NOX_LOG
+
+    @property
+    def merged_playwright(self) -> Path:
+        return self.run_dir / MERGED_PLAYWRIGHT
+
+    @property
+    def latest(self) -> Path:
+        return self.results_dir / LATEST
+
+    @property
+    def durations(self) -> Path:
+        return self.results_dir / DURATIONS
+
+    def output_log(self, project: str) -> Path:
+        """A project's console output when the runner keeps it apart (``invoke e2e.all``)."""
+        return self.run_dir / f"{project}.output.log"
+
+    # --- a project of the run ---------------------------------------------------------------------
+
+    def project_dir(self, project: str) -> Path:
+        return self.run_dir / project
+
+    def other_run_dir(self, project: str, session_run: str) -> Path:
+        """The folder of a second, concurrent run of ``project`` writing into this run."""
+        return self.project_dir(project) / OTHER_RUNS / session_run
+
+    def status(self, project: str) -> Path:
+        return self.project_dir(project) / STATUS
+
+    @staticmethod
+    def record(folder: Path) -> Path:
+        """``run.json`` in a project's folder."""
+        return folder / RECORD
+
+    @staticmethod
+    def junit(folder: Path) -> Path:
+        return folder / JUNIT
+
+    @staticmethod
+    def server_log(folder: Path, server: str) -> Path:
+        return folder / f"{server}.log"
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def records(self, project: str) -> list[RunRecord]:
+        """This run's records of ``project`` (its folder, then concurrent runs into it); with no
+        run chosen, its newest record of any run."""
+        if self.run is None:
+            newest = self.newest(project)
+            return [newest] if newest is not None else []
+        folder = self.project_dir(project)
+        paths = [self.record(folder), *sorted((folder / OTHER_RUNS).glob(f"*/{RECORD}"))]
+        return [run for run in map(RunRecord.load, paths) if run is not None]
+
+    def collect(self, projects: Iterable[str], *, since: float | None = None) -> list[RunRecord]:
+        """The records of ``projects`` (see :meth:`records`) started at or after ``since``,
+        by project then start."""
+        found = [
+            run
+            for project in sorted(set(projects))
+            for run in self.records(project)
+            if since is None or run.started_at >= since
+        ]
+        return sorted(found, key=lambda r: (r.project, r.started_at))
+
+    def newest(self, project: str) -> RunRecord | None:
+        """``project``'s newest record of any run in the results folder."""
+        loaded = [run for run in map(RunRecord.load, self._all_records(project)) if run]
+        return max(loaded, key=lambda r: r.started_at, default=None)
+
+    def history(self, project: str) -> list[RunRecord]:
+        """Every record of ``project`` in the results folder, oldest first."""
+        loaded = [run for run in map(RunRecord.load, self._all_records(project)) if run]
+        return sorted(loaded, key=lambda r: r.started_at)
+
+    def _all_records(self, project: str) -> Iterator[Path]:
+        top = self.results_dir
+        yield from top.glob(f"{project}/{RECORD}")  # results written without a run folder
+        yield from top.glob(f"{project}/{OTHER_RUNS}/*/{RECORD}")
+        yield from top.glob(f"*/{project}/{RECORD}")
+        yield from top.glob(f"*/{project}/{OTHER_RUNS}/*/{RECORD}")
+
+    def run_folders(self) -> list[Path]:
+        """Every run's folder (not ``latest``, not hidden ones), oldest first by modification."""
+        try:
+            folders = [
+                p
+                for p in self.results_dir.iterdir()
+                if p.is_dir()
+                and not p.is_symlink()
+                and not p.name.startswith(".")
+                and p.name != LATEST
+            ]
+        except OSError:
+            return []
+        return sorted(folders, key=_mtime)
+
+    # --- writing ----------------------------------------------------------------------------------
+
+    def claim_project_dir(
+        self, project: str, session_run: str, *, others: bool, stale: Iterable[str] = ()
+    ) -> Path:
+        """Make and return the folder a session of ``project`` writes to.
+
+        ``<run>/<project>``; when ``others`` (another live run of the project) may write there,
+        ``<run>/<project>/runs/<session_run>`` unless this run's own folder for the project is
+        still free (first come). Both folders are made private (0700: logs and records are the
+        user's), ``latest`` points at the run, and in a folder of its own what an earlier
+        attempt under the same run id left (``run.json``, ``junit.xml``, the ``stale`` names) is
+        removed.
+        """
+        folder = self.project_dir(project)
+        if others and self.run is not None:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                folder.mkdir()
+                others = False  # the other run writes into another run's folder
+            except FileExistsError:
+                pass
+        if others:
+            folder = self.other_run_dir(project, session_run)
+        folder.mkdir(parents=True, exist_ok=True)
+        for made in {self.run_dir, folder}:
+            with contextlib.suppress(OSError):
+                made.chmod(0o700)
+        self.point_latest()
+        if not others:
+            for name in (RECORD, JUNIT, *stale):
+                with contextlib.suppress(FileNotFoundError):
+                    (folder / name).unlink()
+        return folder
+
+    def point_latest(self) -> None:
+        """Make ``latest`` point at this run's folder (atomically; best effort)."""
+        if self.run is None:
+            return
+        tmp = self.results_dir / f".{LATEST}.{os.getpid()}.tmp"
+        with contextlib.suppress(OSError):
+            self.results_dir.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(self.run, target_is_directory=True)
+            os.replace(tmp, self.latest)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
