@@ -65,9 +65,9 @@ def stop_cluster(config_path: Path) -> str:
     """Stop the embedded cluster the bench config started and remove its folder."""
     sys.path.insert(0, str(REPO))
     from e2e_infra.config import load_config
-    from e2e_infra.leases import Registry
-    from e2e_infra.ports import PortAllocator
     from e2e_infra.postgres import LocalCluster
+    from e2e_infra.resources.leases import Registry
+    from e2e_infra.resources.ports import PortAllocator
 
     config = load_config(config_path, environ={})
     registry = Registry(config.state_dir, host=config.host_id)

@@ -35,10 +35,10 @@ sys.path.insert(0, str(REPO))
 from e2e_infra.config import Config, load_config  # noqa: E402
 from e2e_infra.conninfo import ConnInfo  # noqa: E402
 from e2e_infra.databases import DatabaseAllocator  # noqa: E402
-from e2e_infra.leases import Owner, Registry  # noqa: E402
-from e2e_infra.migrations import migration_runner, seed_runner  # noqa: E402
-from e2e_infra.ports import PortAllocator  # noqa: E402
+from e2e_infra.databases.migrations import migration_runner, seed_runner  # noqa: E402
 from e2e_infra.postgres import LocalCluster  # noqa: E402
+from e2e_infra.resources.leases import Owner, Registry  # noqa: E402
+from e2e_infra.resources.ports import PortAllocator  # noqa: E402
 
 SEED = "default"
 

@@ -199,8 +199,8 @@ def readiness(rounds: int) -> list[tuple[str, ...]]:
     import random
 
     sys.path.insert(0, str(REPO))
-    from e2e_infra.health import HttpCheck, wait_healthy
-    from e2e_infra.servers import ServerProcess, bind_listen_socket
+    from e2e_infra.run.health import HttpCheck, wait_healthy
+    from e2e_infra.run.servers import ServerProcess, bind_listen_socket
 
     fixture = REPO / "tests" / "fixtures" / "servers" / "http_server.py"
     delays: dict[bool, list[float]] = {True: [], False: []}

@@ -37,8 +37,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from e2e_infra.config import PortRange
-from e2e_infra.leases import Owner, Registry
-from e2e_infra.ports import PortAllocator, ephemeral_port_range
+from e2e_infra.resources.leases import Owner, Registry
+from e2e_infra.resources.ports import PortAllocator, ephemeral_port_range
 
 METHODS = ("e2e-infra", "bind(0)", "portpicker")
 WAIT = 300.0  # seconds any barrier or join may take before the bench gives up

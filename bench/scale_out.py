@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from e2e_infra.config import load_config  # noqa: E402
-from e2e_infra.leases import Registry  # noqa: E402
-from e2e_infra.ports import PortAllocator  # noqa: E402
 from e2e_infra.postgres import LocalCluster  # noqa: E402
+from e2e_infra.resources.leases import Registry  # noqa: E402
+from e2e_infra.resources.ports import PortAllocator  # noqa: E402
 
 HOST = textwrap.dedent(
     """

@@ -54,7 +54,7 @@ def count(config: e2e_infra.Config, cluster: e2e_infra.LocalCluster) -> dict[str
     for proc in psutil.process_iter(["cmdline"]):
         try:
             cmdline = proc.info["cmdline"] or []
-            if "e2e_infra.guardian" in cmdline and proc.environ().get("E2E_CONFIG") == str(
+            if "e2e_infra.run.guardian" in cmdline and proc.environ().get("E2E_CONFIG") == str(
                 config.source
             ):
                 guardians += 1

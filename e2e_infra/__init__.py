@@ -18,17 +18,6 @@ from .errors import __all__ as _errors_all
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first use
-    from .affected import (
-        Affected,
-        affected_by_ranges,
-        default_branch_base,
-        git_toplevel,
-        install_pre_push_hook,
-        match_path,
-        parse_pre_push,
-        push_ranges,
-        uninstall_pre_push_hook,
-    )
     from .clock import Clock, SystemClock, wait_until
     from .config import (
         Config,
@@ -44,13 +33,20 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first
     )
     from .conninfo import ConnInfo, mask_secrets
     from .databases import AllocatedDatabase, DatabaseAllocator, DatabaseInfo
+    from .databases.migrations import migration_runner, seed_profiles, seed_runner
     from .doctor import Check, DoctorReport, run_doctor
-    from .html_report import write_html_report
-    from .leases import Lease, Owner, Registry, new_run_id
-    from .matrix import Shard, last_durations, parse_shard, plan_shards, shard_projects
-    from .migrations import migration_runner, seed_profiles, seed_runner
-    from .playwright import merge_playwright_reports
-    from .ports import PortAllocator, ephemeral_port_range, port_is_free
+    from .plan.affected import (
+        Affected,
+        affected_by_ranges,
+        default_branch_base,
+        git_toplevel,
+        install_pre_push_hook,
+        match_path,
+        parse_pre_push,
+        push_ranges,
+        uninstall_pre_push_hook,
+    )
+    from .plan.matrix import Shard, parse_shard, plan_shards, shard_projects
     from .postgres import (
         ClusterStatus,
         LocalCluster,
@@ -59,25 +55,30 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports on first
         check_reachable,
         find_binaries,
     )
-    from .progress import StatusWriter, follow_run, use_live_display
-    from .reclaim import reclaim
-    from .record import Result, RunRecord
-    from .report import RunSummary, collect_runs, merge_junit, print_summary
-    from .session import ProjectEnv, ProjectSession, RunResult, run_project
-    from .workspace import Workspace, make_registry
+    from .report.html import write_html_report
+    from .report.progress import StatusWriter, follow_run, use_live_display
+    from .report.summary import RunSummary, collect_runs, merge_junit, print_summary
+    from .resources.leases import Lease, Owner, Registry, new_run_id
+    from .resources.ports import PortAllocator, ephemeral_port_range, port_is_free
+    from .results.durations import last_durations
+    from .results.record import Result, RunRecord
+    from .run.playwright import merge_playwright_reports
+    from .run.reclaim import reclaim
+    from .run.session import ProjectEnv, ProjectSession, RunResult, run_project
+    from .run.workspace import Workspace, make_registry
 
 # public name -> the submodule that defines it; tests/unit/test_init.py checks it against
 # __all__ and the imports above.
 _LAZY: dict[str, str] = {
-    "Affected": "affected",
-    "affected_by_ranges": "affected",
-    "default_branch_base": "affected",
-    "git_toplevel": "affected",
-    "install_pre_push_hook": "affected",
-    "match_path": "affected",
-    "parse_pre_push": "affected",
-    "push_ranges": "affected",
-    "uninstall_pre_push_hook": "affected",
+    "Affected": "plan.affected",
+    "affected_by_ranges": "plan.affected",
+    "default_branch_base": "plan.affected",
+    "git_toplevel": "plan.affected",
+    "install_pre_push_hook": "plan.affected",
+    "match_path": "plan.affected",
+    "parse_pre_push": "plan.affected",
+    "push_ranges": "plan.affected",
+    "uninstall_pre_push_hook": "plan.affected",
     "Clock": "clock",
     "SystemClock": "clock",
     "wait_until": "clock",
@@ -99,45 +100,45 @@ _LAZY: dict[str, str] = {
     "Check": "doctor",
     "DoctorReport": "doctor",
     "run_doctor": "doctor",
-    "write_html_report": "html_report",
-    "Lease": "leases",
-    "Owner": "leases",
-    "Registry": "leases",
-    "new_run_id": "leases",
-    "Shard": "matrix",
-    "last_durations": "matrix",
-    "parse_shard": "matrix",
-    "plan_shards": "matrix",
-    "shard_projects": "matrix",
-    "migration_runner": "migrations",
-    "seed_profiles": "migrations",
-    "seed_runner": "migrations",
-    "PortAllocator": "ports",
-    "ephemeral_port_range": "ports",
-    "port_is_free": "ports",
+    "write_html_report": "report.html",
+    "Lease": "resources.leases",
+    "Owner": "resources.leases",
+    "Registry": "resources.leases",
+    "new_run_id": "resources.leases",
+    "Shard": "plan.matrix",
+    "last_durations": "results.durations",
+    "parse_shard": "plan.matrix",
+    "plan_shards": "plan.matrix",
+    "shard_projects": "plan.matrix",
+    "migration_runner": "databases.migrations",
+    "seed_profiles": "databases.migrations",
+    "seed_runner": "databases.migrations",
+    "PortAllocator": "resources.ports",
+    "ephemeral_port_range": "resources.ports",
+    "port_is_free": "resources.ports",
     "ClusterStatus": "postgres",
     "LocalCluster": "postgres",
     "PgBinaries": "postgres",
     "admin_conninfo": "postgres",
     "check_reachable": "postgres",
     "find_binaries": "postgres",
-    "merge_playwright_reports": "playwright",
-    "StatusWriter": "progress",
-    "follow_run": "progress",
-    "use_live_display": "progress",
-    "RunSummary": "report",
-    "collect_runs": "report",
-    "merge_junit": "report",
-    "print_summary": "report",
-    "ProjectEnv": "session",
-    "ProjectSession": "session",
-    "RunResult": "session",
-    "make_registry": "workspace",
-    "Workspace": "workspace",
-    "reclaim": "reclaim",
-    "Result": "record",
-    "RunRecord": "record",
-    "run_project": "session",
+    "merge_playwright_reports": "run.playwright",
+    "StatusWriter": "report.progress",
+    "follow_run": "report.progress",
+    "use_live_display": "report.progress",
+    "RunSummary": "report.summary",
+    "collect_runs": "report.summary",
+    "merge_junit": "report.summary",
+    "print_summary": "report.summary",
+    "ProjectEnv": "run.session",
+    "ProjectSession": "run.session",
+    "RunResult": "run.session",
+    "make_registry": "run.workspace",
+    "Workspace": "run.workspace",
+    "reclaim": "run.reclaim",
+    "Result": "results.record",
+    "RunRecord": "results.record",
+    "run_project": "run.session",
 }
 
 __all__ = [

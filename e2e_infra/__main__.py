@@ -1,5 +1,5 @@
 """``python -m e2e_infra``: the same tasks as ``invoke`` and the ``e2e-infra`` console script."""
 
-from e2e_infra.cli.program import main
+from .cli.program import main
 
 main()

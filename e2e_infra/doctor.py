@@ -22,10 +22,17 @@ from typing import Any
 
 from .config import Config
 from .errors import E2EInfraError
-from .leases import REGISTRY_FILE, SCHEMA_VERSION, Lease, Registry, Transaction, parse_registry
-from .ports import EPHEMERAL_RANGE_FILE, PortAllocator, ephemeral_port_range, port_is_free
 from .postgres import LocalCluster, PgBinaries, check_reachable, find_binaries
 from .postgres.folders import SCAN_ROOTS, ClusterFolder, scan_cluster_folders
+from .resources.leases import (
+    REGISTRY_FILE,
+    SCHEMA_VERSION,
+    Lease,
+    Registry,
+    Transaction,
+    parse_registry,
+)
+from .resources.ports import EPHEMERAL_RANGE_FILE, PortAllocator, ephemeral_port_range, port_is_free
 
 __all__ = [
     "MIN_POSTGRES_MAJOR",

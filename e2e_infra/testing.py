@@ -41,7 +41,7 @@ class FakeClock:
 
 
 class FakeHealthCheck:
-    """A health check (``e2e_infra.health.HealthCheck``) that answers from a script.
+    """A health check (``e2e_infra.run.health.HealthCheck``) that answers from a script.
 
     ``results`` are returned in order, the last one repeated forever (default: never healthy).
     Each probe is recorded with the clock's time, when a clock is given; ``advance`` seconds of

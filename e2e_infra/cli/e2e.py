@@ -15,8 +15,8 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 import e2e_infra
-from e2e_infra.interrupts import Interrupts, signals_deferred
 
+from ..processes.interrupts import Interrupts, signals_deferred
 from ._output import (
     JSON_HELP,
     cli,
@@ -43,13 +43,13 @@ def _run_projects(
     projects that did not pass.
 
     ``--jobs auto``: from the cores and the memory against the projects' recorded peaks
-    (:mod:`e2e_infra.parallelism`), said in one line; ``dry_run`` prints it and the plan only.
-    The projects run on a pool of warm workers (:mod:`e2e_infra.pool`); each one's output goes to
-    ``<run>/<project>.output.log``. Without the live table (a pipe, CI) it is printed as one block
-    when the project ends, as ``nox -j`` does; with it, only a failed project's last lines are,
-    after the summary.
+    (:mod:`e2e_infra.parallel.jobs`), said in one line; ``dry_run`` prints it and the plan only.
+    The projects run on a pool of warm workers (:mod:`e2e_infra.parallel.pool`); each one's
+    output goes to ``<run>/<project>.output.log``. Without the live table (a pipe, CI) it is
+    printed as one block when the project ends, as ``nox -j`` does; with it, only a failed
+    project's last lines are, after the summary.
     """
-    from e2e_infra.pool import Outcome, ProjectPool
+    from ..parallel.pool import Outcome, ProjectPool
 
     if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
         raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
@@ -109,7 +109,7 @@ def _summarize(
 ) -> list[e2e_infra.RunRecord]:
     """The run's summary, merged JUnit, Playwright report and report.html; its records (a
     project whose process died without a record gets one naming it first)."""
-    from e2e_infra.progress import vanished
+    from ..report.progress import vanished
 
     vanished(config, projects if projects is not None else list(config.projects))
     runs = e2e_infra.collect_runs(config, since=started, projects=projects)
@@ -118,7 +118,7 @@ def _summarize(
 
 
 def _choose_jobs(config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool) -> str:
-    from e2e_infra.parallelism import jobs_for
+    from ..parallel.jobs import jobs_for
 
     choice = jobs_for(config, projects)
     lines = choice.plan() if dry_run else [choice.reason]
@@ -180,7 +180,7 @@ def e2e_all(
     The projects run on a pool of warm worker processes, each taking one after another (no
     interpreter per project).
     """
-    from ..matrix import parse_projects
+    from ..plan.matrix import parse_projects
 
     config = load()
     # None: --projects not given (all); "" given explicitly is refused, never taken for "all".
@@ -348,7 +348,8 @@ def e2e_affected(
 @cli
 def e2e_matrix(c: Context, shards: int = 2, json_: bool = False) -> None:
     """Spread the projects over N CI shards by their recorded durations (longest first)."""
-    from ..matrix import durations_for_plan, save_plan
+    from ..plan.matrix import save_plan
+    from ..results.durations import durations_for_plan
 
     config = load()
     names = list(config.projects)

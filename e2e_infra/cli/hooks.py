@@ -11,9 +11,7 @@ from invoke.tasks import task
 
 import e2e_infra
 
-from ._output import (
-    cli,
-)
+from ._output import cli
 
 
 @task(

@@ -10,14 +10,7 @@ from invoke.tasks import task
 
 import e2e_infra
 
-from ._output import (
-    JSON_HELP,
-    cli,
-    emit_json,
-    load,
-    print_table,
-    workspace,
-)
+from ._output import JSON_HELP, cli, emit_json, load, print_table, workspace
 
 
 def _print_cluster(status: e2e_infra.ClusterStatus) -> None:

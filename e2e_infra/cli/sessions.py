@@ -48,7 +48,7 @@ def _load(config_path: Path | None) -> e2e_infra.Config | None:
 
 def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Session], None]:
     def session_func(session: nox.Session) -> None:
-        from e2e_infra.pool import run_one
+        from ..parallel.pool import run_one
 
         if session.parallel:  # a nox -j worker: the main nox process prints the summary
             _worker.append(True)
@@ -105,8 +105,7 @@ def _summary_at_exit() -> None:
     the main nox process only: a ``-j`` worker ran one session and says nothing more."""
     if _worker or not _registered or os.environ.get("E2E_SUMMARY") == "0":
         return
-    from e2e_infra.progress import vanished
-
+    from ..report.progress import vanished
     from ._output import print_run_report
 
     config = next(iter(_registered.values()))

@@ -36,7 +36,7 @@ One job per module; :class:`DatabaseAllocator` composes them:
   ``hold: false`` and carries a renewable expiry (``invoke db.renew``). See docs/scale-out.md.
 
 All SQL names are validated and composed with :class:`psycopg.sql.Identifier`; every psycopg error
-reaching a public method is mapped at one boundary (:mod:`e2e_infra.pgerrors`).
+reaching a public method is mapped at one boundary (:mod:`e2e_infra.postgres.pgerrors`).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import psycopg
 from psycopg import pq
 
 from ..conninfo import ConnInfo
-from ..migrations import connect
+from .migrations import connect
 
 __all__ = ["AdminConnections"]
 

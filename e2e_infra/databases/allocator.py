@@ -3,7 +3,7 @@
 :class:`DatabaseAllocator` composes the parts of this package -- names and fingerprints, the
 admin connection, markers and their policy, templates, clones, warm spares, the locks of a shared
 server, sweeping -- behind allocate / release / find / cleanup / list, and maps every psycopg error
-at its public methods to one masked line of the exception tree (:mod:`e2e_infra.pgerrors`).
+at its public methods to one masked line of the exception tree (:mod:`e2e_infra.postgres.pgerrors`).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from ..clock import Clock, SystemClock
 from ..config import Config, validate_name
 from ..conninfo import ConnInfo
 from ..errors import DatabaseLimitError, DatabaseNotFoundError, RegistryError, UsageError
-from ..leases import Lease, Owner, Registry
-from ..migrations import migration_runner, seed_runner
+from ..resources.leases import Lease, Owner, Registry
 from .admin import AdminConnections
 from .catalog import Catalog
 from .clones import Cloner
 from .markers import Kind, count_databases
+from .migrations import migration_runner, seed_runner
 from .names import FingerprintCache, spare_prefix, template_name, validate_dbname
 from .shared import CreationGate, Holds
 from .spares import Spares

@@ -21,8 +21,8 @@ from ..clock import Clock, wait_until
 from ..config import Config
 from ..conninfo import ConnInfo
 from ..errors import CloneError, DeadlineExceeded, E2EInfraError
-from ..leases import Lease, Owner, Registry
-from ..pgerrors import ErrorContext, Phase, map_errors
+from ..postgres.pgerrors import ErrorContext, Phase, map_errors
+from ..resources.leases import Lease, Owner, Registry
 from .admin import AdminConnections
 from .markers import Kind, MarkedDatabase, Marker
 from .names import ident
@@ -73,7 +73,8 @@ class Catalog:
 
     def errors(self, action: str) -> contextlib.AbstractContextManager[None]:
         """The library edge of a public method: a psycopg error that nothing handled becomes a
-        masked one-line error of the tree naming the fix (see :mod:`e2e_infra.pgerrors`)."""
+        masked one-line error of the tree naming the fix (see
+        :mod:`e2e_infra.postgres.pgerrors`)."""
         context = ErrorContext(
             Phase.ADMIN,
             self.admin,

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import errors as sqlerrors
 
 from ..errors import CloneError, DatabaseError, DatabaseLimitError
-from ..leases import Lease, Owner, Transaction
+from ..resources.leases import Lease, Owner, Transaction
 from .catalog import Catalog
 from .markers import Kind, MarkedDatabase, Marker
 from .names import database_name, host_tag, join_name

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..conninfo import ConnInfo
-from ..leases import Lease, Owner
+from ..resources.leases import Lease, Owner
 
 __all__ = ["Allocated", "DatabaseEngine"]
 

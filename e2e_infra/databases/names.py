@@ -15,7 +15,7 @@ import time
 from psycopg import sql
 
 from ..errors import InvalidNameError
-from ..migrations import Runner
+from .migrations import Runner
 
 __all__ = [
     "TEMPLATE_FORMAT_VERSION",

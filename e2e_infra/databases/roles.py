@@ -49,9 +49,9 @@ from psycopg import sql
 
 from ..conninfo import ConnInfo
 from ..errors import DatabaseError, FolderError
-from ..leases import Lease
-from ..migrations import connect
+from ..resources.leases import Lease
 from .markers import MARKER_PREFIX, TOOL, parse_marker
+from .migrations import connect
 from .names import ident
 
 if TYPE_CHECKING:

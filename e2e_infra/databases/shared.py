@@ -41,9 +41,9 @@ from ..clock import Clock, SystemClock, wait_until
 from ..config import Config
 from ..conninfo import ConnInfo
 from ..errors import DatabaseError, DeadlineExceeded, E2EInfraError
-from ..leases import Lease
-from ..migrations import CONNECT_TIMEOUT, advisory_lock
-from ..pgerrors import ErrorContext, Phase, map_errors
+from ..postgres.pgerrors import ErrorContext, Phase, map_errors
+from ..resources.leases import Lease
+from .migrations import CONNECT_TIMEOUT, advisory_lock
 from .names import name_key
 
 __all__ = [

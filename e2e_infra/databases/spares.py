@@ -26,7 +26,7 @@ import psycopg
 from psycopg import errors as sqlerrors
 from psycopg import sql
 
-from ..leases import Owner, Registry
+from ..resources.leases import Owner, Registry
 from .catalog import Catalog
 from .markers import Kind, Marker, count_databases, stale_spares
 from .names import ident, spare_key, spare_name

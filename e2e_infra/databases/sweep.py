@@ -19,7 +19,7 @@ import psycopg
 from psycopg import errors as sqlerrors
 from psycopg import sql
 
-from ..leases import Lease, Transaction, process_start_time
+from ..resources.leases import Lease, Transaction, process_start_time
 from .catalog import Catalog
 from .markers import Action, Facts, Kind, MarkedDatabase, Marker, decide, stale_spares, status
 from .names import ident, name_key

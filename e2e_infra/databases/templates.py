@@ -27,10 +27,10 @@ import psycopg
 from psycopg import errors as sqlerrors
 from psycopg import sql
 
-from ..leases import Owner
-from ..migrations import Runner, advisory_lock, connect
+from ..resources.leases import Owner
 from .catalog import Catalog
 from .markers import Kind, MarkedDatabase, Marker, stale_spares, templates_to_prune
+from .migrations import Runner, advisory_lock, connect
 from .names import build_key, build_name, build_prefix, ident, name_key
 
 __all__ = ["Templates"]

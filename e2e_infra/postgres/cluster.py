@@ -30,10 +30,9 @@ from ..errors import (
     LockTimeoutError,
     ServerUnreachableError,
 )
-from ..leases import Lease, Owner, Registry, ensure_private_dir
-from ..logs import file_size, log_tail
-from ..pgerrors import ErrorContext, Phase, map_errors
-from ..ports import PortAllocator
+from ..processes.logs import file_size, log_tail
+from ..resources.leases import Lease, Owner, Registry, ensure_private_dir
+from ..resources.ports import PortAllocator
 from .binaries import CHILD_PATH, PgBinaries, copy_installation, find_binaries
 from .folders import purge_folders, write_owner
 from .layout import (
@@ -49,6 +48,7 @@ from .layout import (
     write_as,
     write_new_password,
 )
+from .pgerrors import ErrorContext, Phase, map_errors
 from .postmaster import Postmaster, kill_orphans, live_postmaster, stop_postmaster
 
 __all__ = [
@@ -605,8 +605,8 @@ def admin_conninfo(config: Config, registry: Registry, ports: PortAllocator) -> 
 
 def check_reachable(info: ConnInfo, timeout: float = 5.0, *, external: bool | None = None) -> None:
     """Connect and ``SELECT 1``; raise :class:`ServerUnreachableError` naming the masked URL and
-    the fix (through :mod:`e2e_infra.pgerrors`' table; ``external``: the user's own server, whose
-    fix is never ``invoke pg.start``)."""
+    the fix (through :mod:`e2e_infra.postgres.pgerrors`' table; ``external``: the user's own
+    server, whose fix is never ``invoke pg.start``)."""
     target = (
         info
         if "application_name" in info.params

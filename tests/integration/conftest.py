@@ -31,11 +31,11 @@ from psycopg import sql
 from e2e_infra.config import Config, load_config
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.databases import parse_marker
-from e2e_infra.leases import Owner, Registry
-from e2e_infra.ports import PortAllocator
 from e2e_infra.postgres import LocalCluster
+from e2e_infra.resources.leases import Owner, Registry
+from e2e_infra.resources.ports import PortAllocator
+from e2e_infra.run.workspace import make_registry as make_registry  # re-exported for the tests
 from e2e_infra.testing import toml_value
-from e2e_infra.workspace import make_registry as make_registry  # re-exported for the tests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PG_PORT_RANGE = "15400-15409"  # the session cluster; other tests of this team use 15410-15499

@@ -25,9 +25,9 @@ import yaml
 from conftest import clean_environ
 
 from e2e_infra.config import load_config
-from e2e_infra.layout import DURATIONS as DURATIONS_FILE
-from e2e_infra.matrix import record_duration
-from e2e_infra.report import collect_runs
+from e2e_infra.report.summary import collect_runs
+from e2e_infra.results.durations import record_duration
+from e2e_infra.results.layout import DURATIONS as DURATIONS_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,9 @@ from conftest import (
 )
 
 from e2e_infra.conninfo import ConnInfo
-from e2e_infra.leases import Owner
 from e2e_infra.postgres import LocalCluster
-from e2e_infra.workspace import Workspace
+from e2e_infra.resources.leases import Owner
+from e2e_infra.run.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ from conftest import clean_environ, project_folder, running_cluster, write_pypro
 from test_reliability_crash import Nox, guardian_of, invoke, start_nox
 
 import e2e_infra
-from e2e_infra.containment import MARKER, Containment, sweep_dead
-from e2e_infra.leases import Owner
+from e2e_infra.processes.containment import MARKER, Containment, sweep_dead
+from e2e_infra.resources.leases import Owner
 
 pytestmark = pytest.mark.integration
 
@@ -366,7 +366,7 @@ def test_the_dead_run_sweep_ends_only_its_own_marked_processes(tmp_path: Path) -
 def test_the_tree_walk_finds_marked_processes_and_skips_what_unmarked_ones_start(
     tmp_path: Path,
 ) -> None:
-    from e2e_infra.containment import marked_descendants
+    from e2e_infra.processes.containment import marked_descendants
 
     # An unmarked parent (like the cluster's postmaster) whose child sets a marker back on
     # purpose: that child is not looked at; a marked child with a marked grandchild is.

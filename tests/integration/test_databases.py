@@ -18,6 +18,7 @@ from conftest import PgCluster, drop_databases, make_config, make_registry, mark
 from psycopg import sql
 
 from e2e_infra.databases import DatabaseAllocator, fingerprint, template_name
+from e2e_infra.databases.migrations import migration_runner, seed_runner
 from e2e_infra.errors import (
     CloneError,
     DatabaseError,
@@ -25,8 +26,7 @@ from e2e_infra.errors import (
     MigrationError,
     ServerUnreachableError,
 )
-from e2e_infra.leases import Owner
-from e2e_infra.migrations import migration_runner, seed_runner
+from e2e_infra.resources.leases import Owner
 from e2e_infra.testing import FakeClock
 
 pytestmark = pytest.mark.integration
@@ -327,7 +327,7 @@ def create_unmarked(pg: PgCluster, name: str) -> None:
 def test_cleanup_drops_an_unmarked_database_named_by_a_dead_makers_lease_and_no_other(
     make_allocator: Factory, pg_cluster: PgCluster
 ) -> None:
-    from e2e_infra.leases import Lease
+    from e2e_infra.resources.leases import Lease
 
     allocator = make_allocator()
     base = allocator.base
@@ -354,7 +354,7 @@ def test_cleanup_drops_an_unmarked_database_named_by_a_dead_makers_lease_and_no_
 def test_a_dead_makers_unmarked_clone_gives_its_name_back_to_the_next_allocation(
     make_allocator: Factory, pg_cluster: PgCluster
 ) -> None:
-    from e2e_infra.leases import Lease
+    from e2e_infra.resources.leases import Lease
 
     allocator = make_allocator()
     name = f"{allocator.base}_orders"

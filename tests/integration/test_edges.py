@@ -34,8 +34,8 @@ from conftest import (
 )
 
 import e2e_infra
-from e2e_infra.leases import parse_registry
 from e2e_infra.postgres.folders import OWNER_FILE, read_owner, scan_cluster_folders
+from e2e_infra.resources.leases import parse_registry
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import psutil
 from conftest import clean_environ, make_config  # tests/integration is on sys.path
 
 from e2e_infra.clock import wait_until
-from e2e_infra.guardian import Guardian, start_guardian
-from e2e_infra.leases import process_start_time
+from e2e_infra.resources.leases import process_start_time
+from e2e_infra.run.guardian import Guardian, start_guardian
 
 
 def _start(tmp_path: Path) -> Guardian:
@@ -36,7 +36,7 @@ def test_guardian_is_a_shell_in_its_own_session_that_stop_reaps_at_once(tmp_path
     guardian = _start(tmp_path)
     forked = time.monotonic() - started
     child = psutil.Process(guardian.pid)
-    assert child.cmdline()[0] == "/bin/sh" and "e2e_infra.guardian" in child.cmdline()
+    assert child.cmdline()[0] == "/bin/sh" and "e2e_infra.run.guardian" in child.cmdline()
     # Its own session: an interrupt to our group does not reach it.
     wait_until(lambda: os.getsid(child.pid) == child.pid, timeout=5, what="setsid", first=0.001)
     # It closed every descriptor it inherited but its pipe: not our listening socket.

@@ -14,9 +14,9 @@ from psycopg import sql
 
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.databases import DatabaseAllocator
+from e2e_infra.databases.migrations import CommandRunner, SqlDirectoryRunner
 from e2e_infra.errors import MigrationError
-from e2e_infra.leases import Owner
-from e2e_infra.migrations import CommandRunner, SqlDirectoryRunner
+from e2e_infra.resources.leases import Owner
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ import pytest
 
 from e2e_infra.clock import wait_until
 from e2e_infra.config import PortRange
-from e2e_infra.leases import Owner, Registry
-from e2e_infra.ports import PortAllocator, port_is_free
+from e2e_infra.resources.leases import Owner, Registry
+from e2e_infra.resources.ports import PortAllocator, port_is_free
 
 pytestmark = pytest.mark.integration
 
@@ -95,8 +95,8 @@ _HOLDER = textwrap.dedent(
     import json, sys, time
     from pathlib import Path
     from e2e_infra.config import PortRange
-    from e2e_infra.leases import Owner, Registry
-    from e2e_infra.ports import PortAllocator
+    from e2e_infra.resources.leases import Owner, Registry
+    from e2e_infra.resources.ports import PortAllocator
 
     state, out = Path(sys.argv[1]), Path(sys.argv[2])
     ports = PortAllocator(Registry(state), PortRange({low}, {high}))

@@ -35,9 +35,9 @@ from e2e_infra.clock import wait_until
 from e2e_infra.config import PostgresConfig
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.errors import BinariesNotFoundError, ServerUnreachableError
-from e2e_infra.ports import PortAllocator, port_is_free
 from e2e_infra.postgres import LocalCluster, check_reachable, find_binaries
 from e2e_infra.postgres.postmaster import Postmaster
+from e2e_infra.resources.ports import PortAllocator, port_is_free
 
 pytestmark = pytest.mark.integration
 
@@ -209,8 +209,8 @@ _STARTER = textwrap.dedent(
     import json, logging, sys, time
     from pathlib import Path
     from e2e_infra.config import load_config
-    from e2e_infra.leases import Registry
-    from e2e_infra.ports import PortAllocator
+    from e2e_infra.resources.leases import Registry
+    from e2e_infra.resources.ports import PortAllocator
     from e2e_infra.postgres import LocalCluster
 
     go = Path(sys.argv[2])

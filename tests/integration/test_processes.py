@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 from e2e_infra.clock import wait_until
-from e2e_infra.leases import process_start_time
 from e2e_infra.processes import (
     KILL,
     Child,
@@ -27,6 +26,7 @@ from e2e_infra.processes import (
     spawn,
     wait_exit,
 )
+from e2e_infra.resources.leases import process_start_time
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ import pytest
 
 from e2e_infra.clock import wait_until
 from e2e_infra.errors import ServerExitedError
-from e2e_infra.health import HttpCheck
-from e2e_infra.servers import ServerProcess, bind_listen_socket
+from e2e_infra.run.health import HttpCheck
+from e2e_infra.run.servers import ServerProcess, bind_listen_socket
 
 pytestmark = pytest.mark.integration
 

@@ -30,8 +30,8 @@ from conftest import (
 )
 
 import e2e_infra
-from e2e_infra.leases import Lease, Owner, process_start_time
-from e2e_infra.servers import ProcessRecord, kill_group_if_ours
+from e2e_infra.resources.leases import Lease, Owner, process_start_time
+from e2e_infra.run.servers import ProcessRecord, kill_group_if_ours
 
 pytestmark = pytest.mark.integration
 
@@ -211,11 +211,11 @@ def held_resources(leftovers: Leftovers, project: str) -> tuple[str, set[int], l
 
 
 def guardian_of(owner_pid: int) -> psutil.Process:
-    """The session's guardian: a child of the owner that names e2e_infra.guardian in its command
+    """The session's guardian: a child of the owner that names e2e_infra.run.guardian in its command
     line (a shell until its owner dies) and leads its own session."""
     owner = psutil.Process(owner_pid)
     for child in owner.children():
-        if "e2e_infra.guardian" in child.cmdline() and os.getsid(child.pid) == child.pid:
+        if "e2e_infra.run.guardian" in child.cmdline() and os.getsid(child.pid) == child.pid:
             return child
     raise AssertionError(f"no guardian started by {owner_pid}")
 

@@ -22,8 +22,8 @@ import pytest
 from conftest import clean_environ, make_config, project_folder, write_pyproject
 
 import e2e_infra
-from e2e_infra.leases import Owner, process_start_time
-from e2e_infra.record import Result
+from e2e_infra.resources.leases import Owner, process_start_time
+from e2e_infra.results.record import Result
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from conftest import clean_environ, project_folder, run_folder
 
-from e2e_infra.html_report import nice_ticks
+from e2e_infra.report.html import nice_ticks
 
 pytestmark = pytest.mark.integration
 

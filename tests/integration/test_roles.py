@@ -21,7 +21,7 @@ from test_databases import make_allocator as make_allocator  # the fixture, shar
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.databases import DatabaseAllocator
 from e2e_infra.errors import DatabaseError
-from e2e_infra.leases import Owner
+from e2e_infra.resources.leases import Owner
 
 pytestmark = pytest.mark.integration
 

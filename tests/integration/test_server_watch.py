@@ -21,7 +21,7 @@ import pytest
 from conftest import clean_environ, project_folder, running_cluster, write_pyproject
 
 import e2e_infra
-from e2e_infra.report import RunSummary, print_summary
+from e2e_infra.report.summary import RunSummary, print_summary
 
 pytestmark = pytest.mark.integration
 

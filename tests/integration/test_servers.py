@@ -22,9 +22,9 @@ import pytest
 
 from e2e_infra.clock import wait_until
 from e2e_infra.errors import ConfigError, PortError, ServerExitedError, ServerStartTimeoutError
-from e2e_infra.health import CommandCheck, HealthCheck, HttpCheck, TcpCheck
-from e2e_infra.leases import process_start_time
-from e2e_infra.servers import (
+from e2e_infra.resources.leases import process_start_time
+from e2e_infra.run.health import CommandCheck, HealthCheck, HttpCheck, TcpCheck
+from e2e_infra.run.servers import (
     ProcessRecord,
     ServerProcess,
     bind_listen_socket,

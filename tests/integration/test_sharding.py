@@ -21,13 +21,9 @@ import pytest
 from conftest import clean_environ
 
 from e2e_infra.config import Config, load_config
-from e2e_infra.layout import DURATIONS as DURATIONS_FILE
-from e2e_infra.matrix import (
-    merge_durations,
-    plan_shards,
-    read_durations,
-    record_duration,
-)
+from e2e_infra.plan.matrix import plan_shards
+from e2e_infra.results.durations import merge_durations, read_durations, record_duration
+from e2e_infra.results.layout import DURATIONS as DURATIONS_FILE
 
 pytestmark = pytest.mark.integration
 

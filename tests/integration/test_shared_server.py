@@ -36,7 +36,7 @@ from e2e_infra.config import Config
 from e2e_infra.databases import DatabaseAllocator, host_tag
 from e2e_infra.databases.names import name_key
 from e2e_infra.errors import DatabaseError, DatabaseLimitError
-from e2e_infra.leases import Owner
+from e2e_infra.resources.leases import Owner
 from e2e_infra.testing import FakeClock
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from test_databases import make_allocator as make_allocator  # the fixture, shar
 
 from e2e_infra.databases import DatabaseAllocator, spare_name
 from e2e_infra.errors import DatabaseLimitError
-from e2e_infra.leases import Lease, Owner
+from e2e_infra.resources.leases import Lease, Owner
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e_infra.affected import (
+from e2e_infra.config import Config, load_config
+from e2e_infra.errors import UsageError
+from e2e_infra.plan.affected import (
     ZERO_SHA,
     affected_projects,
     glob_regex,
@@ -18,8 +20,6 @@ from e2e_infra.affected import (
     parse_pre_push,
     push_ranges,
 )
-from e2e_infra.config import Config, load_config
-from e2e_infra.errors import UsageError
 
 # Each row was checked against Python 3.13's PurePosixPath(path).full_match(glob), whose rules we
 # follow on 3.11 (476 combinations agreed; these are the instructive ones).
@@ -208,8 +208,8 @@ def test_the_hook_script_skips_on_e2e_skip_and_runs_from_the_repo_root(tmp_path:
 
 @pytest.mark.parametrize("rev", ["--output=/tmp/e2e-infra-pwned", "-p", "", "a b", "x\ny"])
 def test_a_revision_that_looks_like_an_option_is_refused(tmp_path: Path, rev: str) -> None:
-    from e2e_infra.affected import changed_files
     from e2e_infra.errors import UsageError
+    from e2e_infra.plan.affected import changed_files
 
     with pytest.raises(UsageError, match="not a git revision"):
         changed_files(tmp_path, rev, "HEAD")

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import e2e_infra
 from e2e_infra.config import NAME_PATTERN
-from e2e_infra.leases import Registry
+from e2e_infra.resources.leases import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -430,8 +430,8 @@ NO_CLUSTER_CASES = [
 def test_bad_input_to_db_tasks_is_rejected_before_any_cluster_starts(
     tmp_path: Path, args: tuple[str, ...], expected: str
 ) -> None:
-    from e2e_infra.ports import PortAllocator
     from e2e_infra.postgres import LocalCluster
+    from e2e_infra.resources.ports import PortAllocator
 
     tables = base_tables()
     tables[""].update(

@@ -30,9 +30,9 @@ from e2e_infra.databases import (
     validate_dbname,
 )
 from e2e_infra.databases.markers import stale_spares
+from e2e_infra.databases.migrations import CommandRunner, SqlDirectoryRunner
 from e2e_infra.errors import DatabaseLimitError, InvalidNameError, UsageError
-from e2e_infra.leases import Lease, Owner, Registry, Transaction
-from e2e_infra.migrations import CommandRunner, SqlDirectoryRunner
+from e2e_infra.resources.leases import Lease, Owner, Registry, Transaction
 from e2e_infra.testing import FakeClock
 
 # Nothing listens here (our team's range): any accidental connection fails instead of hanging.

@@ -16,7 +16,7 @@ from e2e_infra.doctor import (
     check_port_range,
     check_registry,
 )
-from e2e_infra.leases import Lease, Owner, Registry
+from e2e_infra.resources.leases import Lease, Owner, Registry
 
 
 def make(tmp_path: Path, extra: str = "", projects: int = 2) -> Config:

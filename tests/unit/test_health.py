@@ -1,4 +1,4 @@
-"""Unit tests of e2e_infra.health: spec parsing and the polling rhythm (FakeClock, no sleeping)."""
+"""Unit tests of e2e_infra.run.health: spec parsing and the polling rhythm (a FakeClock)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from e2e_infra.errors import ConfigError, DeadlineExceeded, ServerExitedError
-from e2e_infra.health import CommandCheck, HttpCheck, TcpCheck, parse_health, wait_healthy
+from e2e_infra.run.health import CommandCheck, HttpCheck, TcpCheck, parse_health, wait_healthy
 from e2e_infra.testing import FakeClock, FakeHealthCheck
 
 # --- parse_health ---------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Unit tests of e2e_infra.hostid: a default host id that two hosts cannot share."""
+"""Unit tests of e2e_infra.config.hostid: a default host id that two hosts cannot share."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from e2e_infra.hostid import default_host_id, host_identity
+from e2e_infra.config.hostid import default_host_id, host_identity
 
 
 def test_the_same_hostname_on_other_machines_or_pid_namespaces_gives_other_ids() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from e2e_infra.junit import JUnitSummary, parse_junit_text, read_junit
+from e2e_infra.report.junit import JUnitSummary, parse_junit_text, read_junit
 
 PYTEST = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="5">

@@ -110,7 +110,7 @@ def test_no_result_string_is_compared_outside_the_record_module() -> None:
                     for value in _compared_strings(node)
                     if value in RESULT_VALUES
                 ]
-    assert offenders == [], "use e2e_infra.record.Result"
+    assert offenders == [], "use e2e_infra.results.record.Result"
 
 
 # What nox documents for a noxfile; anything else of nox's is its internals.
@@ -138,3 +138,14 @@ def test_no_module_reads_nox_internals() -> None:
             ):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} uses nox.{node.attr}")
     assert offenders == []
+
+
+def test_the_architecture_document_lists_every_module() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in _modules()
+        if f"`{path.relative_to(PACKAGE).as_posix()}`" not in text
+        and f"`{path.relative_to(PACKAGE).as_posix()}`," not in text
+    ]
+    assert missing == [], "add them to docs/architecture.md's module map"

@@ -13,22 +13,24 @@ from hypothesis import strategies as st
 
 from e2e_infra.config import Config, load_config
 from e2e_infra.errors import UsageError
-from e2e_infra.layout import DURATIONS
-from e2e_infra.matrix import (
+from e2e_infra.plan.matrix import (
     DEFAULT_DURATION,
+    parse_projects,
+    parse_shard,
+    plan_shards,
+    save_plan,
+    shard_projects,
+)
+from e2e_infra.results.durations import (
     KEEP_DURATIONS,
     durations_for_plan,
     last_durations,
     merge_durations,
-    parse_projects,
-    parse_shard,
-    plan_shards,
     read_durations,
     record_duration,
     record_durations,
-    save_plan,
-    shard_projects,
 )
+from e2e_infra.results.layout import DURATIONS
 
 names = st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True), unique=True, max_size=25)
 

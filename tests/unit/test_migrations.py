@@ -1,4 +1,4 @@
-"""Unit tests of e2e_infra.migrations: runner inputs, commands, seed profiles. No database."""
+"""Unit tests of e2e_infra.databases.migrations: inputs, commands, seed profiles; no database."""
 
 from __future__ import annotations
 
@@ -10,19 +10,14 @@ import pytest
 
 from e2e_infra.config import Config, DatabaseConfig
 from e2e_infra.conninfo import ConnInfo
-from e2e_infra.errors import (
-    ConfigError,
-    InvalidNameError,
-    MigrationError,
-    SeedProfileNotFoundError,
-)
-from e2e_infra.migrations import (
+from e2e_infra.databases.migrations import (
     CommandRunner,
     SqlDirectoryRunner,
     migration_runner,
     seed_profiles,
     seed_runner,
 )
+from e2e_infra.errors import ConfigError, InvalidNameError, MigrationError, SeedProfileNotFoundError
 
 SECRET = "s3cr3t-pw"
 TARGET = ConnInfo(host="127.0.0.1", port=15599, user="app", dbname="e2e_db_x", password=SECRET)
@@ -211,7 +206,7 @@ def test_a_command_that_ignores_sigterm_and_leaves_its_output_open_is_still_boun
 
 def test_a_repository_without_seeds_gets_an_empty_default_seed(tmp_path: Path) -> None:
     from e2e_infra.config import load_config
-    from e2e_infra.migrations import NoSeed, seed_runner
+    from e2e_infra.databases.migrations import NoSeed, seed_runner
     from e2e_infra.testing import config_toml
 
     (tmp_path / "pyproject.toml").write_text(config_toml({}), encoding="utf-8")

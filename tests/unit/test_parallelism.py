@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from e2e_infra.config import Config, load_config
-from e2e_infra.parallelism import (
+from e2e_infra.parallel.jobs import (
     BROWSER_PEAK,
     DEFAULT_PEAK,
     GiB,

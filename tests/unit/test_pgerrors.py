@@ -1,4 +1,4 @@
-"""Unit tests of e2e_infra.pgerrors: the one table from psycopg errors to the exception tree."""
+"""Unit tests of e2e_infra.postgres.pgerrors: the one table from psycopg errors to the tree."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from psycopg import errors as sqlerrors
 
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.errors import DatabaseError, MigrationError, ServerUnreachableError
-from e2e_infra.pgerrors import RULES, ErrorContext, Phase, map_errors, to_error
+from e2e_infra.postgres.pgerrors import RULES, ErrorContext, Phase, map_errors, to_error
 
 SERVER = ConnInfo(host="db.example", port=5432, user="ci user", password="s3cret", dbname="app")
 

@@ -10,14 +10,14 @@ import pytest
 
 from e2e_infra.config import Config, ProjectConfig, load_config
 from e2e_infra.errors import ConfigError
-from e2e_infra.html_report import write_html_report
-from e2e_infra.playwright import (
+from e2e_infra.report.html import write_html_report
+from e2e_infra.report.summary import RunSummary
+from e2e_infra.run.playwright import (
     merge_playwright_reports,
     runs_playwright_test,
     suite_argv,
     suite_env,
 )
-from e2e_infra.report import RunSummary
 
 RESULTS = Path("/results/run-1/web")
 OUTPUT = f"--output={RESULTS / 'test-results'}"

@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from e2e_infra.config import Config, PortRange
-from e2e_infra.errors import (
-    InvalidNameError,
-    PortRangeError,
-    PortsExhaustedError,
-    UsageError,
-)
-from e2e_infra.leases import Lease, Owner, Registry
-from e2e_infra.ports import PortAllocator, ephemeral_port_range
+from e2e_infra.errors import InvalidNameError, PortRangeError, PortsExhaustedError, UsageError
+from e2e_infra.resources.leases import Lease, Owner, Registry
+from e2e_infra.resources.ports import PortAllocator, ephemeral_port_range
 from e2e_infra.testing import FakePortProbe
 
 RANGE = PortRange(20000, 20009)

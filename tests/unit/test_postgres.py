@@ -11,10 +11,10 @@ import pytest
 
 from e2e_infra.config import Config, PortRange, PostgresConfig
 from e2e_infra.errors import BinariesNotFoundError, ClusterError, ServerUnreachableError
-from e2e_infra.leases import Registry
-from e2e_infra.ports import PortAllocator
 from e2e_infra.postgres import LocalCluster, find_binaries
 from e2e_infra.postgres.layout import ServerUser, make_private_dir, server_settings
+from e2e_infra.resources.leases import Registry
+from e2e_infra.resources.ports import PortAllocator
 
 FAKE_PG_CTL = '#!/bin/sh\necho "pg_ctl (PostgreSQL) {version} (Fake)"\n'
 

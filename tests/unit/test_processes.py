@@ -6,15 +6,7 @@ import signal
 
 import pytest
 
-from e2e_infra.processes import (
-    KILL,
-    Ending,
-    ProcessRecord,
-    Step,
-    Stoppable,
-    StopRecord,
-    escalation,
-)
+from e2e_infra.processes import KILL, Ending, ProcessRecord, Step, Stoppable, StopRecord, escalation
 from e2e_infra.testing import FakeClock
 
 

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from e2e_infra import progress
 from e2e_infra.config import Config, ProjectConfig
-from e2e_infra.html_report import latest_per_project, nice_ticks, write_html_report
-from e2e_infra.progress import StatusWriter
-from e2e_infra.report import RunSummary, artifact_kind, find_artifacts, print_summary
+from e2e_infra.report import progress
+from e2e_infra.report.html import latest_per_project, nice_ticks, write_html_report
+from e2e_infra.report.progress import StatusWriter
+from e2e_infra.report.summary import RunSummary, artifact_kind, find_artifacts, print_summary
 
 FAILED_JUNIT = (
     '<testsuite><testcase classname="tests.test_orders" name="test_total[chromium]">'

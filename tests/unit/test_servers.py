@@ -1,4 +1,4 @@
-"""Unit tests of e2e_infra.servers that need no running server: templates, logs, records."""
+"""Unit tests of e2e_infra.run.servers that need no running server: templates, logs, records."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from e2e_infra.errors import ConfigError, ServerError
-from e2e_infra.servers import (
-    ProcessRecord,
-    ServerProcess,
-    log_tail,
-    render,
-    render_command,
-)
+from e2e_infra.run.servers import ProcessRecord, ServerProcess, log_tail, render, render_command
 from e2e_infra.testing import FakeHealthCheck
 
 VALUES: dict[str, object] = {

@@ -7,10 +7,10 @@ from pathlib import Path
 import nox
 import pytest
 
-from e2e_infra import pool
 from e2e_infra.cli import sessions
 from e2e_infra.config import Config, ProjectConfig
-from e2e_infra.pool import Outcome
+from e2e_infra.parallel import pool
+from e2e_infra.parallel.pool import Outcome
 
 
 class FakeSession:

@@ -1,0 +1,389 @@
+"""Migrations and seeds: two runners behind one small interface.
+
+A :class:`Runner` knows what shapes the data it produces (:meth:`Runner.inputs`, hashed into the
+template fingerprint) and how to apply itself to one database (:meth:`Runner.apply`).
+
+* :class:`SqlDirectoryRunner` applies the ``*.sql`` files of one folder in name order, each in its
+  own transaction, and records them with a checksum in ``e2e_infra_migrations``; a file that was
+  edited after it was applied is an error naming it. One applier at a time per database: it holds a
+  session advisory lock from reading what was applied until its last file is committed.
+* :class:`CommandRunner` runs an external command (``alembic upgrade head``, ``prisma migrate
+  deploy``...) with ``DATABASE_URL`` pointing at the target; its command string, the files it names
+  and the files matched by ``migrate_inputs`` are its inputs (named relative to the project root,
+  or by their absolute path when outside it). A command that overruns its timeout is stopped by
+  escalation: SIGTERM to its process group, a grace period, SIGKILL.
+
+Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<profile>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import psycopg
+from psycopg import pq, sql
+
+from ..clock import Clock, wait_until
+from ..config import NAME_PATTERN, Config, validate_name
+from ..conninfo import ConnInfo, mask_secrets
+from ..errors import ConfigError, MigrationError, SeedProfileNotFoundError
+from ..postgres.pgerrors import ErrorContext, Phase, map_errors
+from ..processes import KILL, escalation, spawn
+
+__all__ = [
+    "MIGRATIONS_TABLE",
+    "CommandRunner",
+    "Runner",
+    "SqlDirectoryRunner",
+    "advisory_lock",
+    "connect",
+    "migration_runner",
+    "seed_profiles",
+    "seed_runner",
+]
+
+MIGRATIONS_TABLE = "e2e_infra_migrations"
+CONNECT_TIMEOUT = 10  # seconds, libpq's own deadline for one connection attempt
+_OUTPUT_TAIL = 2000  # characters of a failed command's output kept in the error
+_STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a command that overran its timeout
+# The session advisory lock that serialises the appliers of one database's migration table.
+_APPLY_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"e2e-infra migrations").digest()[:8], "big", signed=True
+)
+
+
+def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """Open a connection named ``e2e-infra <purpose>`` (so a leak can be named), or raise
+    :class:`ServerUnreachableError` with the masked URL and the fix."""
+    with map_errors(ErrorContext(Phase.CONNECT, info)):
+        return psycopg.connect(
+            info.conninfo(
+                application_name=f"e2e-infra {purpose} {os.getpid()}"[:63],
+                connect_timeout=CONNECT_TIMEOUT,
+            ),
+            autocommit=autocommit,
+        )
+
+
+def advisory_lock(
+    conn: psycopg.Connection[Any],
+    key: int,
+    *,
+    timeout: float,
+    what: str,
+    shared: bool = False,
+    clock: Clock | None = None,
+    hint: str = "",
+) -> None:
+    """Take session advisory lock ``key`` on ``conn`` (an autocommit connection), polling
+    ``pg_try_advisory_lock`` so that the wait has a deadline; DeadlineExceeded names ``what``."""
+    function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+    query = sql.SQL("SELECT {}(%s)").format(sql.Identifier(function))
+
+    def attempt() -> bool:
+        row = conn.execute(query, (key,)).fetchone()
+        return bool(row and row[0])
+
+    wait_until(attempt, timeout=timeout, what=what, clock=clock, cap=0.05, hint=hint)
+
+
+class Runner(Protocol):
+    """Something that shapes a database: a migration set or a seed profile."""
+
+    description: str
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        """(name, content) pairs that shape the data, for the fingerprint."""
+        ...
+
+    def apply(self, target: ConnInfo) -> None:
+        """Apply to ``target``; raise MigrationError naming the file and the server's message."""
+        ...
+
+
+class SqlDirectoryRunner:
+    """The ``*.sql`` files of one folder, applied in name order, one transaction each."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        record_prefix: str = "",
+        what: str = "migration",
+        lock_timeout: float = 600.0,
+    ) -> None:
+        self.directory = Path(directory)
+        self.record_prefix = record_prefix  # seeds record as "seed:<profile>/<file>"
+        self.what = what
+        self.lock_timeout = lock_timeout  # how long to wait for another applier of the database
+        self.description = f"{what} files in {self.directory}"
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            raise ConfigError(
+                f"the {self.what} folder {self.directory} does not exist; create it or fix "
+                f"database.{'migrations_dir' if self.what == 'migration' else 'seeds_dir'}",
+                key="database.migrations_dir" if self.what == "migration" else "database.seeds_dir",
+            )
+        return sorted(p for p in self.directory.iterdir() if p.suffix == ".sql" and p.is_file())
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return [(self.record_prefix + path.name, path.read_bytes()) for path in self.files()]
+
+    def stamp(self) -> tuple[object, ...]:
+        """What identifies :meth:`inputs` without reading them (see :func:`_file_stamp`)."""
+        return (
+            str(self.directory),
+            *(_file_stamp(self.record_prefix + p.name, p) for p in self.files()),
+        )
+
+    def apply(self, target: ConnInfo) -> None:
+        files = [(self.record_prefix + p.name, p, p.read_bytes()) for p in self.files()]
+        with connect(target, purpose=self.what) as conn:
+            # A session lock, held until the last file is committed: two appliers of one database
+            # (two `db.migrate`, say) take turns, and the second finds everything applied.
+            advisory_lock(
+                conn,
+                _APPLY_LOCK_KEY,
+                timeout=self.lock_timeout,
+                what=f"the migration lock of database {target.dbname!r} (another process is "
+                "applying migrations or seeds to it)",
+            )
+            try:
+                self._apply_locked(conn, target, files)
+            finally:
+                if not conn.closed and conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("SELECT pg_advisory_unlock(%s)", (_APPLY_LOCK_KEY,))
+
+    def _apply_locked(
+        self,
+        conn: psycopg.Connection[Any],
+        target: ConnInfo,
+        files: list[tuple[str, Path, bytes]],
+    ) -> None:
+        table = sql.Identifier(MIGRATIONS_TABLE)
+        with conn.transaction():
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, checksum text NOT "
+                    "NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(table)
+            )
+            rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(table))
+            applied = dict(rows.fetchall())
+        for name, path, content in files:
+            checksum = hashlib.sha256(content).hexdigest()
+            if name in applied:
+                if applied[name] != checksum:
+                    raise MigrationError(
+                        f"{self.what} {path} was edited after it was applied to database "
+                        f"{target.dbname!r} (checksum differs); restore the file and add a "
+                        "new one for the change, or release the database and allocate again",
+                        file=str(path),
+                        dbname=target.dbname,
+                    )
+                continue
+            try:
+                text = content.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MigrationError(
+                    f"{self.what} {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                    "save it as UTF-8",
+                    file=str(path),
+                    dbname=target.dbname,
+                ) from None
+            applying = ErrorContext(Phase.APPLY, target, file=str(path), what=self.what)
+            with map_errors(applying, conn=conn), conn.transaction():
+                conn.execute(text.encode("utf-8"))
+                conn.execute(
+                    sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(table),
+                    (name, checksum),
+                )
+
+
+def _expand(command: str) -> list[str]:
+    return [sys.executable if part == "{python}" else part for part in shlex.split(command)]
+
+
+class CommandRunner:
+    """An external command run with ``DATABASE_URL`` pointing at the target."""
+
+    def __init__(
+        self,
+        command: str,
+        *,
+        cwd: Path,
+        input_globs: Sequence[str] = (),
+        timeout: float = 600.0,
+        what: str = "migrate command",
+        stop_grace: float = _STOP_GRACE,
+    ) -> None:
+        self.command = command
+        self.cwd = Path(cwd)
+        self.input_globs = tuple(input_globs)
+        self.timeout = timeout
+        self.stop_grace = stop_grace  # between SIGTERM and SIGKILL once the timeout has passed
+        self.what = what
+        self.description = f"{what} `{command}`"
+
+    def _input_files(self) -> list[Path]:
+        found: set[Path] = set()
+        for part in shlex.split(self.command):
+            path = self.cwd / part  # an absolute part stays absolute
+            if part not in {"{python}", "."} and path.is_file():
+                found.add(path)  # a script the command names shapes the data too
+        for pattern in self.input_globs:
+            # glob.glob, unlike Path.glob, takes absolute patterns too (results stay absolute).
+            for match in glob.glob(pattern, root_dir=self.cwd, recursive=True):
+                path = self.cwd / match
+                if path.is_file():
+                    found.add(path)
+        return sorted(found)
+
+    def _input_name(self, path: Path) -> str:
+        """The name a file is hashed under: relative to ``cwd`` when inside it, else absolute."""
+        if path.is_relative_to(self.cwd):
+            return path.relative_to(self.cwd).as_posix()
+        return path.as_posix()
+
+    def stamp(self) -> tuple[object, ...]:
+        """What identifies :meth:`inputs` without reading them (see :func:`_file_stamp`)."""
+        files = self._input_files()
+        return (self.command, *(_file_stamp(self._input_name(p), p) for p in files))
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        out = [("command", self.command.encode("utf-8"))]
+        for path in self._input_files():
+            out.append((self._input_name(path), path.read_bytes()))
+        return out
+
+    def apply(self, target: ConnInfo) -> None:
+        secrets = (target.password,) if target.password else ()
+        env = {**os.environ, "DATABASE_URL": target.url}
+        # Output goes to a file, not a pipe: a grandchild that keeps the pipe open cannot stall us.
+        with tempfile.TemporaryFile() as output:
+            try:
+                child = spawn(
+                    _expand(self.command),
+                    cwd=self.cwd,
+                    env=env,
+                    log=output,
+                    what=f"the {self.what}",
+                )
+            except OSError as exc:
+                raise MigrationError(
+                    f"cannot run the {self.what} `{self.command}`: {exc.strerror}; fix the command",
+                    file=self.command,
+                    dbname=target.dbname,
+                ) from None
+            try:
+                returncode = child.popen.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                # Stopped by escalation: SIGTERM to its process group, a grace, SIGKILL, reap.
+                child.stop(escalation(self.stop_grace))
+                tail = mask_secrets(_tail(output), secrets)
+                raise MigrationError(
+                    f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
+                    f"database {target.dbname!r} and was stopped; output: {' '.join(tail.split())}",
+                    file=self.command,
+                    dbname=target.dbname,
+                ) from None
+            finally:
+                if child.popen.poll() is None:  # another exception (an interrupt): no orphan
+                    child.stop(KILL)
+            tail = mask_secrets(_tail(output), secrets)
+        if returncode != 0:
+            raise MigrationError(
+                f"the {self.what} `{self.command}` failed with exit code {returncode} on "
+                f"database {target.dbname!r}: {' '.join(tail.split()) or '(no output)'}",
+                file=self.command,
+                dbname=target.dbname,
+            )
+
+
+def _tail(output: IO[bytes]) -> str:
+    """The last characters a command wrote to ``output``."""
+    output.seek(max(output.seek(0, os.SEEK_END) - 4 * _OUTPUT_TAIL, 0))
+    return output.read().decode("utf-8", "replace")[-_OUTPUT_TAIL:]
+
+
+def _file_stamp(name: str, path: Path) -> tuple[str, int, int, int, int]:
+    """(name, size, mtime, ctime, inode) of an input file: a rewrite, a replace (new inode) or a
+    ``touch`` changes it. Not content: callers must not trust a stamp whose times are within a
+    timestamp tick of now (a second write in that tick, of the same size, would not show)."""
+    st = path.stat()
+    return (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def migration_runner(config: Config) -> Runner:
+    """The configured migration runner: ``migrations_dir`` or ``migrate_command``."""
+    db = config.database
+    if db.migrate_command:
+        return CommandRunner(db.migrate_command, cwd=config.root, input_globs=db.migrate_inputs)
+    if db.migrations_dir is not None:
+        return SqlDirectoryRunner(db.migrations_dir)
+    raise ConfigError(
+        f"no migrations configured: set database.migrations_dir or database.migrate_command in "
+        f"{config.source or 'pyproject.toml'}",
+        key="database.migrations_dir",
+        path=str(config.source) if config.source else None,
+    )
+
+
+def seed_profiles(config: Config) -> list[str]:
+    """Every seed profile: sub-folders of ``seeds_dir`` and keys of ``seed_commands``."""
+    names = set(config.database.seed_commands)
+    seeds_dir = config.database.seeds_dir
+    if seeds_dir is not None and seeds_dir.is_dir():
+        names.update(
+            p.name for p in seeds_dir.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)
+        )
+    return sorted(names)
+
+
+class NoSeed:
+    """The default seed of a repository that configures none: adds nothing."""
+
+    description = "no seed (none configured)"
+
+    def inputs(self) -> list[tuple[str, bytes]]:
+        return []
+
+    def stamp(self) -> tuple[object, ...]:
+        return ()
+
+    def apply(self, target: ConnInfo) -> None:
+        return None
+
+
+def seed_runner(config: Config, profile: str) -> Runner:
+    """The runner of seed ``profile``; SeedProfileNotFoundError names the available ones."""
+    validate_name(profile, "seed profile")
+    db = config.database
+    if profile in db.seed_commands:
+        return CommandRunner(db.seed_commands[profile], cwd=config.root, what="seed command")
+    if db.seeds_dir is not None and (db.seeds_dir / profile).is_dir():
+        return SqlDirectoryRunner(
+            db.seeds_dir / profile, record_prefix=f"seed:{profile}/", what="seed"
+        )
+    if db.seeds_dir is None and not db.seed_commands and profile == db.default_seed:
+        return NoSeed()  # a repository without seeds: the migrations alone shape the database
+    available = seed_profiles(config)
+    where = f"{db.seeds_dir}/{profile}/*.sql" if db.seeds_dir else "database.seeds_dir"
+    raise SeedProfileNotFoundError(
+        f"seed profile {profile!r} does not exist (available: {', '.join(available) or 'none'}); "
+        f"pick one of those, or add {where} or database.seed_commands.{profile}",
+        profile=profile,
+        available=available,
+    )

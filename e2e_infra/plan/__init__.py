@@ -1,0 +1,1 @@
+"""Which projects to run: affected by a change, and CI shards."""

@@ -1,0 +1,1 @@
+"""What a run shows: the summary, JUnit, report.html, the live status."""

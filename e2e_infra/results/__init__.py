@@ -1,0 +1,1 @@
+"""What runs leave on disk: the run record and the results layout."""
