@@ -6,12 +6,14 @@ template fingerprint) and how to apply itself to one database (:meth:`Runner.app
 * :class:`SqlDirectoryRunner` applies the ``*.sql`` files of one folder in name order, each in its
   own transaction, and records them with a checksum in ``e2e_infra_migrations``; a file that was
   edited after it was applied is an error naming it. One applier at a time per database: it holds a
-  session advisory lock from reading what was applied until its last file is committed.
+  session advisory lock from reading what was applied until its last file is committed. Each
+  statement runs under ``statement_timeout`` = the runner's timeout (``database.build_timeout``).
 * :class:`CommandRunner` runs an external command (``alembic upgrade head``, ``prisma migrate
   deploy``...) with ``DATABASE_URL`` pointing at the target; its command string, the files it names
   and the files matched by ``migrate_inputs`` are its inputs (named relative to the project root,
-  or by their absolute path when outside it). A command that overruns its timeout is stopped by
-  escalation: SIGTERM to its process group, a grace period, SIGKILL.
+  or by their absolute path when outside it). A command that overruns its timeout
+  (``database.build_timeout``) is stopped by escalation: SIGTERM to its process group, a grace
+  period, SIGKILL.
 
 Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<profile>``.
 """
@@ -120,12 +122,14 @@ class SqlDirectoryRunner:
         *,
         record_prefix: str = "",
         what: str = "migration",
-        lock_timeout: float = 600.0,
+        timeout: float = 600.0,
     ) -> None:
         self.directory = Path(directory)
         self.record_prefix = record_prefix  # seeds record as "seed:<profile>/<file>"
         self.what = what
-        self.lock_timeout = lock_timeout  # how long to wait for another applier of the database
+        # database.build_timeout: the wait for another applier of the database, and each
+        # statement's statement_timeout (a file waiting on a lock fails instead of hanging).
+        self.timeout = timeout
         self.description = f"{what} files in {self.directory}"
 
     def files(self) -> list[Path]:
@@ -150,14 +154,19 @@ class SqlDirectoryRunner:
     def apply(self, target: ConnInfo) -> None:
         files = [(self.record_prefix + p.name, p, p.read_bytes()) for p in self.files()]
         with connect(target, purpose=self.what) as conn:
+            conn.execute(
+                "SELECT pg_catalog.set_config('statement_timeout', %s, false)",
+                (f"{max(1, round(self.timeout * 1000))}ms",),
+            )
             # A session lock, held until the last file is committed: two appliers of one database
             # (two `db.migrate`, say) take turns, and the second finds everything applied.
             advisory_lock(
                 conn,
                 _APPLY_LOCK_KEY,
-                timeout=self.lock_timeout,
+                timeout=self.timeout,
                 what=f"the migration lock of database {target.dbname!r} (another process is "
                 "applying migrations or seeds to it)",
+                hint="raise database.build_timeout (E2E_BUILD_TIMEOUT) if it is slow",
             )
             try:
                 self._apply_locked(conn, target, files)
@@ -203,7 +212,9 @@ class SqlDirectoryRunner:
                     file=str(path),
                     dbname=target.dbname,
                 ) from None
-            applying = ErrorContext(Phase.APPLY, target, file=str(path), what=self.what)
+            applying = ErrorContext(
+                Phase.APPLY, target, file=str(path), what=self.what, statement_timeout=self.timeout
+            )
             with map_errors(applying, conn=conn), conn.transaction():
                 conn.execute(text.encode("utf-8"))
                 conn.execute(
@@ -295,7 +306,8 @@ class CommandRunner:
                 tail = mask_secrets(_tail(output), secrets)
                 raise MigrationError(
                     f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
-                    f"database {target.dbname!r} and was stopped; output: {' '.join(tail.split())}",
+                    f"database {target.dbname!r} and was stopped (raise database.build_timeout / "
+                    f"E2E_BUILD_TIMEOUT if it needs longer); output: {' '.join(tail.split())}",
                     file=self.command,
                     dbname=target.dbname,
                 ) from None
@@ -330,9 +342,14 @@ def migration_runner(config: Config) -> Runner:
     """The configured migration runner: ``migrations_dir`` or ``migrate_command``."""
     db = config.database
     if db.migrate_command:
-        return CommandRunner(db.migrate_command, cwd=config.root, input_globs=db.migrate_inputs)
+        return CommandRunner(
+            db.migrate_command,
+            cwd=config.root,
+            input_globs=db.migrate_inputs,
+            timeout=db.build_timeout,
+        )
     if db.migrations_dir is not None:
-        return SqlDirectoryRunner(db.migrations_dir)
+        return SqlDirectoryRunner(db.migrations_dir, timeout=db.build_timeout)
     raise ConfigError(
         f"no migrations configured: set database.migrations_dir or database.migrate_command in "
         f"{config.source or 'pyproject.toml'}",
@@ -372,10 +389,18 @@ def seed_runner(config: Config, profile: str) -> Runner:
     validate_name(profile, "seed profile")
     db = config.database
     if profile in db.seed_commands:
-        return CommandRunner(db.seed_commands[profile], cwd=config.root, what="seed command")
+        return CommandRunner(
+            db.seed_commands[profile],
+            cwd=config.root,
+            what="seed command",
+            timeout=db.build_timeout,
+        )
     if db.seeds_dir is not None and (db.seeds_dir / profile).is_dir():
         return SqlDirectoryRunner(
-            db.seeds_dir / profile, record_prefix=f"seed:{profile}/", what="seed"
+            db.seeds_dir / profile,
+            record_prefix=f"seed:{profile}/",
+            what="seed",
+            timeout=db.build_timeout,
         )
     if db.seeds_dir is None and not db.seed_commands and profile == db.default_seed:
         return NoSeed()  # a repository without seeds: the migrations alone shape the database

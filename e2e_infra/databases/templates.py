@@ -81,8 +81,8 @@ class Templates:
                 timeout=cat.build_timeout,
                 what=f"the build lock of template {template} (another process is building it)",
                 clock=cat.clock,
-                hint="see who holds it with `invoke db.list`; raise the build timeout for slow "
-                "migrations",
+                hint="see who holds it with `invoke db.list`; raise database.build_timeout "
+                "(E2E_BUILD_TIMEOUT) for slow migrations",
             )
             # Someone else may have built it while we waited.
             state = self.ready(conn, template)

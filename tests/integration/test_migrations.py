@@ -84,6 +84,23 @@ def test_a_failing_file_is_rolled_back_alone_and_named_with_the_server_message(
     assert rows(scratch, "SELECT to_regclass('half') IS NULL") == [(True,)]
 
 
+def test_a_file_that_waits_on_a_lock_fails_at_the_build_timeout_naming_it(
+    scratch: ConnInfo, tmp_path: Path
+) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "0001_locked.sql").write_text("ALTER TABLE held ADD COLUMN y int;")
+    with psycopg.connect(scratch.conninfo(), autocommit=True) as holder:
+        holder.execute("CREATE TABLE held (x int)")
+        with holder.transaction():
+            holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")  # a session that hangs on
+            with pytest.raises(MigrationError) as info:
+                SqlDirectoryRunner(folder, timeout=1.0).apply(scratch)
+    line = info.value.one_line()
+    assert "0001_locked.sql ran past database.build_timeout (1s)" in line
+    assert "E2E_BUILD_TIMEOUT" in line and "Traceback" not in line
+
+
 def test_a_migrate_command_gets_the_target_as_database_url(
     scratch: ConnInfo, tmp_path: Path
 ) -> None:

@@ -95,9 +95,11 @@ def test_command_that_overruns_its_timeout_is_killed_with_its_children(tmp_path:
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
         "pathlib.Path('child.pid').write_text(str(p.pid)); time.sleep(60)"
     )
-    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, timeout=1.0)
-    with pytest.raises(MigrationError, match=r"did not finish within 1s"):
+    config = make_config(tmp_path, migrate_command=f'{{python}} -c "{script}"', build_timeout=1.0)
+    runner = migration_runner(config)  # the timeout is database.build_timeout
+    with pytest.raises(MigrationError, match=r"did not finish within 1s") as info:
         runner.apply(TARGET)
+    assert "raise database.build_timeout / E2E_BUILD_TIMEOUT" in str(info.value)
     grandchild = psutil.Process(int((tmp_path / "child.pid").read_text()))
     # It was SIGKILLed; once init reaps it, it is gone (a zombie until then).
     psutil.wait_procs([grandchild], timeout=5)
@@ -220,3 +222,16 @@ def test_a_repository_without_seeds_gets_an_empty_default_seed(tmp_path: Path) -
     assert isinstance(runner, NoSeed) and runner.inputs() == []
     with pytest.raises(SeedProfileNotFoundError):
         seed_runner(config, "auth_only")  # a named profile still has to exist
+
+
+def test_runners_take_their_timeout_from_the_build_timeout(tmp_path: Path) -> None:
+    (tmp_path / "seeds" / "fast").mkdir(parents=True)
+    config = make_config(
+        tmp_path,
+        migrations_dir=tmp_path,
+        seeds_dir=tmp_path / "seeds",
+        seed_commands={"slow": "seed.sh"},
+        build_timeout=42.0,
+    )
+    runners = [migration_runner(config), seed_runner(config, "fast"), seed_runner(config, "slow")]
+    assert [runner.timeout for runner in runners] == [42.0, 42.0, 42.0]  # type: ignore[attr-defined]
