@@ -4,16 +4,23 @@ A :class:`Runner` knows what shapes the data it produces (:meth:`Runner.inputs`,
 template fingerprint) and how to apply itself to one database (:meth:`Runner.apply`).
 
 * :class:`SqlDirectoryRunner` applies the ``*.sql`` files of one folder in name order, each in its
-  own transaction, and records them with a checksum in ``e2e_infra_migrations``; a file that was
-  edited after it was applied is an error naming it. One applier at a time per database: it holds a
-  session advisory lock from reading what was applied until its last file is committed. Each
-  statement runs under ``statement_timeout`` = the runner's timeout (``database.build_timeout``).
+  own transaction, and records them with a checksum in ``e2e_infra.migrations`` (the tool's
+  bookkeeping, see :data:`BOOKKEEPING`); a file that was edited after it was applied is an error
+  naming it. One applier at a time per database: it holds a session advisory lock from reading
+  what was applied until its last file is committed. Each statement runs under
+  ``statement_timeout`` = the runner's timeout (``database.build_timeout``).
 * :class:`CommandRunner` runs an external command (``alembic upgrade head``, ``prisma migrate
   deploy``...) with ``DATABASE_URL`` pointing at the target; its command string, the files it names
   and the files matched by ``migrate_inputs`` are its inputs (named relative to the project root,
   or by their absolute path when outside it). A command that overruns its timeout
   (``database.build_timeout``) is stopped by escalation: SIGTERM to its process group, a grace
   period, SIGKILL.
+
+Both run as whoever ``target`` names, and the allocator never names a superuser: a template is
+built by a login role of its own and a live project database is migrated and seeded as the
+project's role (see :mod:`e2e_infra.databases.roles`), so nothing a project planted in its database
+(a trigger, a function ahead of pg_catalog's on its ``search_path``) ever runs with more rights
+than the project has.
 
 Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<profile>``.
 """
@@ -43,19 +50,32 @@ from .pgerrors import ErrorContext, Phase, map_errors
 from .processes import KILL, escalation, spawn
 
 __all__ = [
-    "MIGRATIONS_TABLE",
+    "ADMIN_OPTIONS",
+    "BOOKKEEPING",
+    "LEGACY_BOOKKEEPING",
     "CommandRunner",
     "Runner",
     "SqlDirectoryRunner",
+    "admin_options",
     "advisory_lock",
+    "bookkeeping_sql",
     "connect",
     "migration_runner",
     "seed_profiles",
     "seed_runner",
 ]
 
-MIGRATIONS_TABLE = "e2e_infra_migrations"
+# The tool's record of applied files: a schema of its own, created and owned by the admin when a
+# template is built, where project roles get USAGE and SELECT, INSERT on the table and nothing more
+# (no TRIGGER, UPDATE, DELETE, ALTER, DROP: see databases/templates.py). Always schema-qualified.
+BOOKKEEPING = ("e2e_infra", "migrations")
+# Where templates of format 2 and older kept it (owned by the admin, ALL to the projects' group).
+LEGACY_BOOKKEEPING = ("public", "e2e_infra_migrations")
 CONNECT_TIMEOUT = 10  # seconds, libpq's own deadline for one connection attempt
+# The admin resolves names in pg_catalog only (pg_temp last): a function or operator that a less
+# trusted role put in a schema on the search_path never runs with the admin's rights. A startup
+# option, so it holds from the first statement and beats ALTER DATABASE / ALTER ROLE ... SET.
+ADMIN_OPTIONS = "-c search_path=pg_catalog,pg_temp"
 _OUTPUT_TAIL = 2000  # characters of a failed command's output kept in the error
 _STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a command that overran its timeout
 # The session advisory lock that serialises the appliers of one database's migration table.
@@ -64,14 +84,24 @@ _APPLY_LOCK_KEY = int.from_bytes(
 )
 
 
-def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg.Connection[Any]:
+def admin_options(info: ConnInfo) -> str:
+    """libpq ``options`` of an admin connection to ``info``: its own, then :data:`ADMIN_OPTIONS`."""
+    return f"{info.params.get('options', '')} {ADMIN_OPTIONS}".strip()
+
+
+def connect(
+    info: ConnInfo, *, purpose: str, autocommit: bool = True, admin: bool = False
+) -> psycopg.Connection[Any]:
     """Open a connection named ``e2e-infra <purpose>`` (so a leak can be named), or raise
-    :class:`ServerUnreachableError` with the masked URL and the fix."""
+    :class:`ServerUnreachableError` with the masked URL and the fix. ``admin``: the admin's
+    connection, its ``search_path`` pinned (:data:`ADMIN_OPTIONS`)."""
+    extra = {"options": admin_options(info)} if admin else {}
     with map_errors(ErrorContext(Phase.CONNECT, info)):
         return psycopg.connect(
             info.conninfo(
                 application_name=f"e2e-infra {purpose} {os.getpid()}"[:63],
                 connect_timeout=CONNECT_TIMEOUT,
+                **extra,
             ),
             autocommit=autocommit,
         )
@@ -181,14 +211,8 @@ class SqlDirectoryRunner:
         target: ConnInfo,
         files: list[tuple[str, Path, bytes]],
     ) -> None:
-        table = sql.Identifier(MIGRATIONS_TABLE)
         with conn.transaction():
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, checksum text NOT "
-                    "NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-                ).format(table)
-            )
+            table = _bookkeeping(conn)
             rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(table))
             applied = dict(rows.fetchall())
         for name, path, content in files:
@@ -221,6 +245,34 @@ class SqlDirectoryRunner:
                     sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(table),
                     (name, checksum),
                 )
+
+
+def bookkeeping_sql() -> sql.Composed:
+    """Create the bookkeeping schema and table if missing; every name schema-qualified."""
+    schema, table = (sql.Identifier(part) for part in BOOKKEEPING)
+    return sql.SQL(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; "
+        "CREATE TABLE IF NOT EXISTS {schema}.{table} (name pg_catalog.text PRIMARY KEY, "
+        "checksum pg_catalog.text NOT NULL, "
+        "applied_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now())"
+    ).format(schema=schema, table=table)
+
+
+def _bookkeeping(conn: psycopg.Connection[Any]) -> sql.Identifier:
+    """The bookkeeping table of the database ``conn`` is in: the template's (see
+    :data:`BOOKKEEPING`), a clone's of an older template (:data:`LEGACY_BOOKKEEPING`), or, in a
+    database the tool did not build, one made now by ``conn``'s own role."""
+    names = [".".join(parts) for parts in (BOOKKEEPING, LEGACY_BOOKKEEPING)]
+    row = conn.execute(
+        "SELECT pg_catalog.to_regclass(%s) IS NOT NULL, pg_catalog.to_regclass(%s) IS NOT NULL",
+        names,
+    ).fetchone()
+    current, legacy = row if row is not None else (False, False)
+    if legacy and not current:
+        return sql.Identifier(*LEGACY_BOOKKEEPING)
+    if not current:
+        conn.execute(bookkeeping_sql())
+    return sql.Identifier(*BOOKKEEPING)
 
 
 def _expand(command: str) -> list[str]:

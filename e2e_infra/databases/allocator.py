@@ -284,17 +284,18 @@ class DatabaseAllocator:
 
     @_server_errors("migrate a database")
     def migrate(self, project: str) -> AllocatedDatabase:
-        """Apply pending migrations to the project's live database."""
+        """Apply pending migrations to the project's live database, as the project's own role:
+        never as the admin, whatever the project made there (see :mod:`.roles`)."""
         found = self.find(project)
-        migration_runner(self.config).apply(self.client.with_dbname(found.name))  # as the admin
+        migration_runner(self.config).apply(found.url)
         return found
 
     @_server_errors("seed a database")
     def seed(self, project: str, profile: str) -> AllocatedDatabase:
-        """Apply seed ``profile`` to the project's live database."""
+        """Apply seed ``profile`` to the project's live database, as the project's own role."""
         runner = seed_runner(self.config, profile)
         found = self.find(project)
-        runner.apply(self.client.with_dbname(found.name))  # as the admin
+        runner.apply(found.url)
         return found
 
     @_server_errors("prepare warm spares")

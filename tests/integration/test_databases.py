@@ -385,9 +385,10 @@ def test_an_admin_user_without_createdb_gets_one_line_naming_the_fix(
     role, password = f"nocreatedb_{uuid.uuid4().hex[:8]}", "NoCreateDb-pw-1"
     admin_execute(
         pg_cluster,
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(role), sql.Literal(password)
-        ),
+        # CONNECT on postgres by name: the embedded cluster grants it to PUBLIC no more.
+        sql.SQL(
+            "CREATE ROLE {} LOGIN PASSWORD {}; GRANT CONNECT ON DATABASE postgres TO {}"
+        ).format(sql.Identifier(role), sql.Literal(password), sql.Identifier(role)),
     )
     try:
         allocator = make_allocator()
@@ -400,7 +401,12 @@ def test_an_admin_user_without_createdb_gets_one_line_naming_the_fix(
         assert "permission denied to create database" in line and password not in line
         assert allocator.registry.snapshot() == ()
     finally:
-        admin_execute(pg_cluster, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        admin_execute(
+            pg_cluster,
+            sql.SQL("DROP OWNED BY {}; DROP ROLE IF EXISTS {}").format(
+                sql.Identifier(role), sql.Identifier(role)
+            ),
+        )
 
 
 def replace_user(info: Any, user: str, password: str) -> Any:

@@ -49,7 +49,7 @@ def test_sql_files_apply_in_order_once_and_are_recorded_with_checksums(
     runner = SqlDirectoryRunner(folder)
     runner.apply(scratch)
     runner.apply(scratch)  # nothing pending: a no-op, not "table already exists"
-    recorded = rows(scratch, "SELECT name, length(checksum) FROM e2e_infra_migrations ORDER BY 1")
+    recorded = rows(scratch, "SELECT name, length(checksum) FROM e2e_infra.migrations ORDER BY 1")
     assert recorded == [("0001_accounts.sql", 64), ("0002_notes.sql", 64)]
     (folder / "0003_tags.sql").write_text("CREATE TABLE tags (name text PRIMARY KEY);")
     runner.apply(scratch)
@@ -79,7 +79,7 @@ def test_a_failing_file_is_rolled_back_alone_and_named_with_the_server_message(
     assert info.value.file.endswith("0003_bad.sql")
     assert 'relation "no_such_table" does not exist' in str(info.value)
     assert scratch.password is not None and scratch.password not in str(info.value)
-    names = rows(scratch, "SELECT name FROM e2e_infra_migrations ORDER BY 1")
+    names = rows(scratch, "SELECT name FROM e2e_infra.migrations ORDER BY 1")
     assert names == [("0001_accounts.sql",), ("0002_notes.sql",)]
     assert rows(scratch, "SELECT to_regclass('half') IS NULL") == [(True,)]
 
@@ -175,5 +175,5 @@ def test_two_concurrent_appliers_of_one_database_both_succeed_and_apply_each_fil
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
-    recorded = rows(scratch, "SELECT name FROM e2e_infra_migrations ORDER BY 1")
+    recorded = rows(scratch, "SELECT name FROM e2e_infra.migrations ORDER BY 1")
     assert recorded == [("0001_slow.sql",), ("0002_slow.sql",)]
