@@ -10,7 +10,8 @@ template fingerprint) and how to apply itself to one database (:meth:`Runner.app
   what was applied until its last file is committed. Each statement runs under
   ``statement_timeout`` = the runner's timeout (``database.build_timeout``).
 * :class:`CommandRunner` runs an external command (``alembic upgrade head``, ``prisma migrate
-  deploy``...) with ``DATABASE_URL`` pointing at the target; its command string, the files it names
+  deploy``...) with ``DATABASE_URL`` pointing at the target and the environment of
+  :func:`~e2e_infra.processes.child_environ` (no admin URL); its command string, the files it names
   and the files matched by ``migrate_inputs`` are its inputs (named relative to the project root,
   or by their absolute path when outside it). A command that overruns its timeout
   (``database.build_timeout``) is stopped by escalation: SIGTERM to its process group, a grace
@@ -47,7 +48,7 @@ from .config import NAME_PATTERN, Config, validate_name
 from .conninfo import ConnInfo, mask_secrets
 from .errors import ConfigError, MigrationError, SeedProfileNotFoundError
 from .pgerrors import ErrorContext, Phase, map_errors
-from .processes import KILL, escalation, spawn
+from .processes import KILL, child_environ, escalation, spawn
 
 __all__ = [
     "ADMIN_OPTIONS",
@@ -333,7 +334,7 @@ class CommandRunner:
 
     def apply(self, target: ConnInfo) -> None:
         secrets = (target.password,) if target.password else ()
-        env = {**os.environ, "DATABASE_URL": target.url}
+        env = {**child_environ(), "DATABASE_URL": target.url}
         # Output goes to a file, not a pipe: a grandchild that keeps the pipe open cannot stall us.
         with tempfile.TemporaryFile() as output:
             try:

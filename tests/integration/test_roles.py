@@ -233,11 +233,17 @@ def test_a_template_is_built_by_a_role_of_its_own_and_the_migrate_command_never_
         "with open(os.environ['MIGRATE_REPORT'], 'w') as out:\n"
         "    json.dump({'user': who[0], 'super': who[1], 'env': seen}, out)\n"
     )
+    # What CI exports: the admin URL and its password; and the tool's own plumbing.
+    assert pg_cluster.tcp.password
+    monkeypatch.setenv("E2E_ADMIN_DATABASE_URL", pg_cluster.tcp.url)
+    monkeypatch.setenv("PGPASSWORD", pg_cluster.tcp.password)
+    monkeypatch.setenv("E2E_FORKSERVER_ADDRESS", "/tmp/not-a-socket")
     monkeypatch.setenv("MIGRATE_REPORT", str(report))  # the user's own variable: passed on
     allocator = make_allocator(migrate_command=f"{{python}} {script}", migrations_dir=None)
     got = allocator.allocate("theta", Owner.current(), seed="empty")
     seen = json.loads(report.read_text())
     assert seen["user"].startswith(f"{allocator.base}_build_") and seen["super"] is False
+    assert seen["env"] == ["MIGRATE_REPORT"], seen["env"]
     assert role_row(pg_cluster, seen["user"]) is None  # dropped once the template was built
     template_owner, _acl = database_acl(pg_cluster, got.template)
     assert template_owner == pg_cluster.tcp.user

@@ -377,3 +377,93 @@ def test_objects_a_project_plants_never_run_with_the_admins_rights(
     finally:
         marker.unlink(missing_ok=True)
         run_cli("invoke", path, "db.release", "--all", **env)
+
+
+# --- no tool secret in a child's environment ------------------------------------------------------
+
+_DUMP = """
+import json, os, sys
+with open(sys.argv[1], "w") as out:
+    json.dump(dict(os.environ), out)
+if len(sys.argv) > 2:  # a server: serve until stopped
+    import http.server
+    http.server.test(http.server.SimpleHTTPRequestHandler, port=int(sys.argv[2]), bind="127.0.0.1")
+"""
+
+
+def test_servers_suites_and_migrate_commands_never_see_the_admin_url_or_the_tools_plumbing(
+    tmp_path: Path, cluster: e2e_infra.LocalCluster
+) -> None:
+    """`E2E_ADMIN_DATABASE_URL` exported the documented CI way (with PG* pointing at the admin and
+    the fork server's variables): the real server, suite and migrate command of `e2e.run` and of
+    `nox -j 2` (whose sessions run in forks of the fork server) print their environments."""
+    admin = cluster.tcp_conninfo()
+    assert admin.password
+    (tmp_path / "dump.py").write_text(_DUMP)
+    envs = tmp_path / "envs"
+    envs.mkdir()
+    base = f"v{uuid.uuid4().hex[:8]}"
+    server = {
+        "command": f"{{python}} dump.py {envs}/server-{{project}}.json {{port}}",
+        "port": "backend",
+        "health": "http://127.0.0.1:{port}/",
+        "startup_timeout": 20,
+        "stop_timeout": 3,
+        "cwd": str(tmp_path),
+    }
+    projects = {
+        name: {
+            "command": f"{{python}} dump.py {envs}/suite-{name}.json",
+            "servers": ["web"],
+            "cwd": str(tmp_path),
+        }
+        for name in ("envy", "envier")
+    }
+    path = write_pyproject(
+        tmp_path,
+        port_range="18470-18489",
+        name_base=base,
+        migrations_dir=None,
+        seeds_dir=None,
+        migrate_command=f"{{python}} {tmp_path}/dump.py {envs}/migrate.json",
+        servers={"web": server},
+        projects=projects,
+    )
+    env = {
+        "E2E_ADMIN_DATABASE_URL": admin.url,
+        "PGHOST": admin.host,
+        "PGPORT": str(admin.port),
+        "PGUSER": admin.user,
+        "PGPASSWORD": admin.password,
+        "E2E_FORKSERVER_ADDRESS": str(tmp_path / "not-a-socket"),
+        "E2E_FORKSERVER_PROJECTS": "envy",
+        "E2E_BUILD_TIMEOUT": "120",
+        "APP_SETTING": "the application's own",
+    }
+    ran = run_cli("invoke", path, "e2e.run", "--project", "envy", **env)
+    assert ran.returncode == 0, ran.stderr
+    seen = {file.stem: json.loads(file.read_text()) for file in envs.glob("*.json")}
+    assert set(seen) == {"migrate", "server-envy", "suite-envy"}
+    (envs / "suite-envy.json").unlink()
+    (envs / "server-envy.json").unlink()
+    ran = run_cli("nox", path, "-j", "2", "-s", "e2e-envy", "e2e-envier", **env)
+    assert ran.returncode == 0, ran.stderr
+    seen |= {file.stem: json.loads(file.read_text()) for file in envs.glob("*.json")}
+    assert set(seen) == {"migrate", *(f"{k}-{p}" for k in ("server", "suite") for p in projects)}
+
+    never = {"E2E_ADMIN_DATABASE_URL", "E2E_CONFIG", "E2E_BUILD_TIMEOUT"}
+    never |= {"E2E_FORKSERVER_ADDRESS", "E2E_FORKSERVER_PROJECTS"}
+    never |= {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD"}
+    for name, child in seen.items():
+        assert not never & set(child), (name, sorted(never & set(child)))
+        assert not [key for key, value in child.items() if admin.password in value], name
+        assert child["APP_SETTING"] == "the application's own", name
+        role = ConnInfo.parse(child["DATABASE_URL"])
+        assert role.user != admin.user and role.password and role.user == role.dbname, name
+        if name == "migrate":
+            assert role.user.startswith(f"{base}_build_")  # the template's own builder
+            continue
+        project = name.split("-")[1]
+        assert role.user.startswith(f"{base}_{project}")
+        assert child["E2E_PROJECT"] == project and child["E2E_RUN_ID"], name
+        assert child["BACKEND_PORT"] and child["E2E_RESULTS_DIR"] and child["E2E_INFRA_RUN"], name

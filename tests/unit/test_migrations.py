@@ -235,3 +235,19 @@ def test_runners_take_their_timeout_from_the_build_timeout(tmp_path: Path) -> No
     )
     runners = [migration_runner(config), seed_runner(config, "fast"), seed_runner(config, "slow")]
     assert [runner.timeout for runner in runners] == [42.0, 42.0, 42.0]  # type: ignore[attr-defined]
+
+
+def test_a_migrate_command_gets_neither_the_admin_url_nor_the_tools_plumbing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("E2E_ADMIN_DATABASE_URL", "postgresql://postgres:AdminPw9@db/postgres")
+    monkeypatch.setenv("PGPASSWORD", "AdminPw9")
+    monkeypatch.setenv("E2E_FORKSERVER_ADDRESS", "/tmp/x")
+    monkeypatch.setenv("APP_SETTING", "kept")
+    script = "import json, os; open('env.json', 'w').write(json.dumps(dict(os.environ)))"
+    CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path).apply(TARGET)
+    import json
+
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["DATABASE_URL"] == TARGET.url and env["APP_SETTING"] == "kept"
+    assert not {"E2E_ADMIN_DATABASE_URL", "PGPASSWORD", "E2E_FORKSERVER_ADDRESS"} & set(env)
