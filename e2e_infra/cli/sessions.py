@@ -22,13 +22,13 @@ from pathlib import Path
 import nox
 
 import e2e_infra
+from e2e_infra.config import NOX_RUN_ENV
 
 __all__ = ["register_sessions"]
 
-# The run id of one nox call, for its parallel workers (they inherit the environment of the main
-# nox process, which loads this file first). Ours, not E2E_RUN_ID: a command a session runs (a
-# nested `invoke e2e.all`) starts a run of its own; the projects' processes never see it.
-NOX_RUN_ENV = "E2E_NOX_RUN_ID"
+# The run id of one nox call reaches its parallel workers (they inherit the environment of the
+# main nox process, which loads this file first) as NOX_RUN_ENV. Ours, not E2E_RUN_ID: a command
+# a session runs (a nested `invoke e2e.all`) starts a run of its own; no child ever sees it.
 _STARTED = time.time()
 _registered: dict[str, e2e_infra.Config] = {}  # the config each registered project came from
 _worker: list[bool] = []  # [True] once this process ran a session as a nox -j worker
@@ -83,8 +83,12 @@ def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> li
         or os.environ.get(NOX_RUN_ENV)
         or e2e_infra.new_run_id()
     )
+    try:
+        config = config.for_run(run)
+    except e2e_infra.E2EInfraError as exc:  # E2E_RUN_ID names no valid folder: one line
+        print(f"nox: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     os.environ[NOX_RUN_ENV] = run
-    config = config.for_run(run)
     if not _registered:
         atexit.register(_summary_at_exit)
     return [_register(config, project) for project in config.projects]

@@ -153,6 +153,9 @@ class DatabaseConfig:
     clone_strategy: str = "auto"  # auto | file_copy | wal_log
     clone_timeout: float = 30.0
     spares: int = 0  # warm spare clones kept per template
+    # Seconds each migrate and seed (command or files) may take, and a project may wait for
+    # another's template build; also every admin statement's statement_timeout.
+    build_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,7 @@ _DB_ENV = {
     "clone_strategy": "E2E_CLONE_STRATEGY",
     "clone_timeout": "E2E_CLONE_TIMEOUT",
     "spares": "E2E_DB_SPARES",
+    "build_timeout": "E2E_BUILD_TIMEOUT",
 }
 _PG_ENV = {
     "bin_dir": "E2E_PG_BIN_DIR",
@@ -298,7 +302,9 @@ _PROJECT_KEYS = {
     "timeout",
     "playwright",
 }
-_OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID", "E2E_SUMMARY"}
+# The run id of one nox call, set by the main nox process for its -j workers (cli/sessions.py).
+NOX_RUN_ENV = "E2E_NOX_RUN_ID"
+_OTHER_ENV = {"E2E_CONFIG", "E2E_RUN_ID", "E2E_SKIP", "E2E_OWNER_PID", "E2E_SUMMARY", NOX_RUN_ENV}
 
 #: Every environment variable the tool reads, for documentation and the unknown-key check.
 ENVIRONMENT_VARIABLES = frozenset(
@@ -411,6 +417,7 @@ def load_config(
         clone_strategy=strategy,
         clone_timeout=db.get("clone_timeout", 30.0, _as_number(0.1)),
         spares=db.get("spares", 0, _as_number(0, integer=True)),
+        build_timeout=db.get("build_timeout", 600.0, _as_number(1)),
     )
     postgres = PostgresConfig(
         bin_dir=opt_path(pg, "bin_dir"),

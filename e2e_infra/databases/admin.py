@@ -35,7 +35,8 @@ class _Slot:
 
 
 class AdminConnections:
-    """Autocommit connections to the admin URL, each with ``statement_timeout`` set.
+    """Autocommit connections to the admin URL, each with ``statement_timeout`` set and
+    ``search_path`` pinned to ``pg_catalog`` (see :data:`~e2e_infra.migrations.ADMIN_OPTIONS`).
 
     One is kept and lent to one caller at a time: a new connection per call was ~5 ms of a ~12 ms
     warm-spare allocation. A nested caller (settling a CREATE needs one other than the busy one), a
@@ -90,7 +91,7 @@ class AdminConnections:
 
     def open(self) -> psycopg.Connection[Any]:
         """A new admin connection (the caller closes it)."""
-        conn = connect(self.info, purpose="admin")
+        conn = connect(self.info, purpose="admin", admin=True)  # search_path pinned
         try:
             # A deadline for every statement here (CREATE / DROP DATABASE wait on locks and on
             # other sessions): generous, the build timeout. Migrations run on their own

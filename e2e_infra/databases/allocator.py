@@ -87,7 +87,7 @@ class DatabaseAllocator:
         *,
         client: ConnInfo | None = None,
         clock: Clock | None = None,
-        build_timeout: float = 600.0,
+        build_timeout: float | None = None,
         shared: bool | None = None,
     ) -> None:
         self.config = config
@@ -95,12 +95,16 @@ class DatabaseAllocator:
         self.admin = admin
         self.client = client or admin
         self.clock = clock or SystemClock()
-        self.build_timeout = build_timeout
+        # database.build_timeout: each migrate and seed, a wait for another's build, and the
+        # statement_timeout of every admin statement.
+        self.build_timeout = (
+            config.database.build_timeout if build_timeout is None else build_timeout
+        )
         self.base = config.database.name_base
         # A shared server (admin_url set) is used by other hosts too: host-tagged names and
         # liveness proven by advisory locks. The embedded cluster is this host's alone.
         self.shared = config.database.admin_url is not None if shared is None else shared
-        self.connections = AdminConnections(admin, statement_timeout=build_timeout)
+        self.connections = AdminConnections(admin, statement_timeout=self.build_timeout)
         self.catalog = Catalog(
             config,
             registry,
@@ -117,7 +121,7 @@ class DatabaseAllocator:
         self.clones = Cloner(self.catalog, self.holds)
         self.spares = Spares(self.catalog)
         self.sweeper = Sweeper(self.catalog, self.templates)
-        self.gate = CreationGate.of(config, self.registry.host, timeout=build_timeout)
+        self.gate = CreationGate.of(config, self.registry.host, timeout=self.build_timeout)
 
     @_server_errors("allocate a database")
     def allocate(self, project: str, owner: Owner, *, seed: str | None = None) -> AllocatedDatabase:
@@ -280,17 +284,18 @@ class DatabaseAllocator:
 
     @_server_errors("migrate a database")
     def migrate(self, project: str) -> AllocatedDatabase:
-        """Apply pending migrations to the project's live database."""
+        """Apply pending migrations to the project's live database, as the project's own role:
+        never as the admin, whatever the project made there (see :mod:`.roles`)."""
         found = self.find(project)
-        migration_runner(self.config).apply(self.client.with_dbname(found.name))  # as the admin
+        migration_runner(self.config).apply(found.url)
         return found
 
     @_server_errors("seed a database")
     def seed(self, project: str, profile: str) -> AllocatedDatabase:
-        """Apply seed ``profile`` to the project's live database."""
+        """Apply seed ``profile`` to the project's live database, as the project's own role."""
         runner = seed_runner(self.config, profile)
         found = self.find(project)
-        runner.apply(self.client.with_dbname(found.name))  # as the admin
+        runner.apply(found.url)
         return found
 
     @_server_errors("prepare warm spares")

@@ -189,8 +189,9 @@ class Catalog:
             dropped = False
         else:
             dropped = True
-        if not template:
-            self.roles.drop(conn, name)  # after its database: the owner goes last
+        # After its database, the owner goes last: a project's role, or a build's (a template's
+        # name never has one: it is dropped before the build is published).
+        self.roles.drop(conn, name)
         return dropped
 
     def settle(

@@ -4,14 +4,24 @@ A :class:`Runner` knows what shapes the data it produces (:meth:`Runner.inputs`,
 template fingerprint) and how to apply itself to one database (:meth:`Runner.apply`).
 
 * :class:`SqlDirectoryRunner` applies the ``*.sql`` files of one folder in name order, each in its
-  own transaction, and records them with a checksum in ``e2e_infra_migrations``; a file that was
-  edited after it was applied is an error naming it. One applier at a time per database: it holds a
-  session advisory lock from reading what was applied until its last file is committed.
+  own transaction, and records them with a checksum in ``e2e_infra.migrations`` (the tool's
+  bookkeeping, see :data:`BOOKKEEPING`); a file that was edited after it was applied is an error
+  naming it. One applier at a time per database: it holds a session advisory lock from reading
+  what was applied until its last file is committed. Each statement runs under
+  ``statement_timeout`` = the runner's timeout (``database.build_timeout``).
 * :class:`CommandRunner` runs an external command (``alembic upgrade head``, ``prisma migrate
-  deploy``...) with ``DATABASE_URL`` pointing at the target; its command string, the files it names
+  deploy``...) with ``DATABASE_URL`` pointing at the target and the environment of
+  :func:`~e2e_infra.processes.child_environ` (no admin URL); its command string, the files it names
   and the files matched by ``migrate_inputs`` are its inputs (named relative to the project root,
-  or by their absolute path when outside it). A command that overruns its timeout is stopped by
-  escalation: SIGTERM to its process group, a grace period, SIGKILL.
+  or by their absolute path when outside it). A command that overruns its timeout
+  (``database.build_timeout``) is stopped by escalation: SIGTERM to its process group, a grace
+  period, SIGKILL.
+
+Both run as whoever ``target`` names, and the allocator never names a superuser: a template is
+built by a login role of its own and a live project database is migrated and seeded as the
+project's role (see :mod:`e2e_infra.databases.roles`), so nothing a project planted in its database
+(a trigger, a function ahead of pg_catalog's on its ``search_path``) ever runs with more rights
+than the project has.
 
 Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<profile>``.
 """
@@ -38,22 +48,35 @@ from ..config import NAME_PATTERN, Config, validate_name
 from ..conninfo import ConnInfo, mask_secrets
 from ..errors import ConfigError, MigrationError, SeedProfileNotFoundError
 from ..postgres.pgerrors import ErrorContext, Phase, map_errors
-from ..processes import KILL, escalation, spawn
+from ..processes import KILL, child_environ, escalation, spawn
 
 __all__ = [
-    "MIGRATIONS_TABLE",
+    "ADMIN_OPTIONS",
+    "BOOKKEEPING",
+    "LEGACY_BOOKKEEPING",
     "CommandRunner",
     "Runner",
     "SqlDirectoryRunner",
+    "admin_options",
     "advisory_lock",
+    "bookkeeping_sql",
     "connect",
     "migration_runner",
     "seed_profiles",
     "seed_runner",
 ]
 
-MIGRATIONS_TABLE = "e2e_infra_migrations"
+# The tool's record of applied files: a schema of its own, created and owned by the admin when a
+# template is built, where project roles get USAGE and SELECT, INSERT on the table and nothing more
+# (no TRIGGER, UPDATE, DELETE, ALTER, DROP: see databases/templates.py). Always schema-qualified.
+BOOKKEEPING = ("e2e_infra", "migrations")
+# Where templates of format 2 and older kept it (owned by the admin, ALL to the projects' group).
+LEGACY_BOOKKEEPING = ("public", "e2e_infra_migrations")
 CONNECT_TIMEOUT = 10  # seconds, libpq's own deadline for one connection attempt
+# The admin resolves names in pg_catalog only (pg_temp last): a function or operator that a less
+# trusted role put in a schema on the search_path never runs with the admin's rights. A startup
+# option, so it holds from the first statement and beats ALTER DATABASE / ALTER ROLE ... SET.
+ADMIN_OPTIONS = "-c search_path=pg_catalog,pg_temp"
 _OUTPUT_TAIL = 2000  # characters of a failed command's output kept in the error
 _STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for a command that overran its timeout
 # The session advisory lock that serialises the appliers of one database's migration table.
@@ -62,14 +85,24 @@ _APPLY_LOCK_KEY = int.from_bytes(
 )
 
 
-def connect(info: ConnInfo, *, purpose: str, autocommit: bool = True) -> psycopg.Connection[Any]:
+def admin_options(info: ConnInfo) -> str:
+    """libpq ``options`` of an admin connection to ``info``: its own, then :data:`ADMIN_OPTIONS`."""
+    return f"{info.params.get('options', '')} {ADMIN_OPTIONS}".strip()
+
+
+def connect(
+    info: ConnInfo, *, purpose: str, autocommit: bool = True, admin: bool = False
+) -> psycopg.Connection[Any]:
     """Open a connection named ``e2e-infra <purpose>`` (so a leak can be named), or raise
-    :class:`ServerUnreachableError` with the masked URL and the fix."""
+    :class:`ServerUnreachableError` with the masked URL and the fix. ``admin``: the admin's
+    connection, its ``search_path`` pinned (:data:`ADMIN_OPTIONS`)."""
+    extra = {"options": admin_options(info)} if admin else {}
     with map_errors(ErrorContext(Phase.CONNECT, info)):
         return psycopg.connect(
             info.conninfo(
                 application_name=f"e2e-infra {purpose} {os.getpid()}"[:63],
                 connect_timeout=CONNECT_TIMEOUT,
+                **extra,
             ),
             autocommit=autocommit,
         )
@@ -120,12 +153,14 @@ class SqlDirectoryRunner:
         *,
         record_prefix: str = "",
         what: str = "migration",
-        lock_timeout: float = 600.0,
+        timeout: float = 600.0,
     ) -> None:
         self.directory = Path(directory)
         self.record_prefix = record_prefix  # seeds record as "seed:<profile>/<file>"
         self.what = what
-        self.lock_timeout = lock_timeout  # how long to wait for another applier of the database
+        # database.build_timeout: the wait for another applier of the database, and each
+        # statement's statement_timeout (a file waiting on a lock fails instead of hanging).
+        self.timeout = timeout
         self.description = f"{what} files in {self.directory}"
 
     def files(self) -> list[Path]:
@@ -150,14 +185,19 @@ class SqlDirectoryRunner:
     def apply(self, target: ConnInfo) -> None:
         files = [(self.record_prefix + p.name, p, p.read_bytes()) for p in self.files()]
         with connect(target, purpose=self.what) as conn:
+            conn.execute(
+                "SELECT pg_catalog.set_config('statement_timeout', %s, false)",
+                (f"{max(1, round(self.timeout * 1000))}ms",),
+            )
             # A session lock, held until the last file is committed: two appliers of one database
             # (two `db.migrate`, say) take turns, and the second finds everything applied.
             advisory_lock(
                 conn,
                 _APPLY_LOCK_KEY,
-                timeout=self.lock_timeout,
+                timeout=self.timeout,
                 what=f"the migration lock of database {target.dbname!r} (another process is "
                 "applying migrations or seeds to it)",
+                hint="raise database.build_timeout (E2E_BUILD_TIMEOUT) if it is slow",
             )
             try:
                 self._apply_locked(conn, target, files)
@@ -172,14 +212,8 @@ class SqlDirectoryRunner:
         target: ConnInfo,
         files: list[tuple[str, Path, bytes]],
     ) -> None:
-        table = sql.Identifier(MIGRATIONS_TABLE)
         with conn.transaction():
-            conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, checksum text NOT "
-                    "NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-                ).format(table)
-            )
+            table = _bookkeeping(conn)
             rows = conn.execute(sql.SQL("SELECT name, checksum FROM {}").format(table))
             applied = dict(rows.fetchall())
         for name, path, content in files:
@@ -203,13 +237,43 @@ class SqlDirectoryRunner:
                     file=str(path),
                     dbname=target.dbname,
                 ) from None
-            applying = ErrorContext(Phase.APPLY, target, file=str(path), what=self.what)
+            applying = ErrorContext(
+                Phase.APPLY, target, file=str(path), what=self.what, statement_timeout=self.timeout
+            )
             with map_errors(applying, conn=conn), conn.transaction():
                 conn.execute(text.encode("utf-8"))
                 conn.execute(
                     sql.SQL("INSERT INTO {} (name, checksum) VALUES (%s, %s)").format(table),
                     (name, checksum),
                 )
+
+
+def bookkeeping_sql() -> sql.Composed:
+    """Create the bookkeeping schema and table if missing; every name schema-qualified."""
+    schema, table = (sql.Identifier(part) for part in BOOKKEEPING)
+    return sql.SQL(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; "
+        "CREATE TABLE IF NOT EXISTS {schema}.{table} (name pg_catalog.text PRIMARY KEY, "
+        "checksum pg_catalog.text NOT NULL, "
+        "applied_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.now())"
+    ).format(schema=schema, table=table)
+
+
+def _bookkeeping(conn: psycopg.Connection[Any]) -> sql.Identifier:
+    """The bookkeeping table of the database ``conn`` is in: the template's (see
+    :data:`BOOKKEEPING`), a clone's of an older template (:data:`LEGACY_BOOKKEEPING`), or, in a
+    database the tool did not build, one made now by ``conn``'s own role."""
+    names = [".".join(parts) for parts in (BOOKKEEPING, LEGACY_BOOKKEEPING)]
+    row = conn.execute(
+        "SELECT pg_catalog.to_regclass(%s) IS NOT NULL, pg_catalog.to_regclass(%s) IS NOT NULL",
+        names,
+    ).fetchone()
+    current, legacy = row if row is not None else (False, False)
+    if legacy and not current:
+        return sql.Identifier(*LEGACY_BOOKKEEPING)
+    if not current:
+        conn.execute(bookkeeping_sql())
+    return sql.Identifier(*BOOKKEEPING)
 
 
 def _expand(command: str) -> list[str]:
@@ -270,7 +334,7 @@ class CommandRunner:
 
     def apply(self, target: ConnInfo) -> None:
         secrets = (target.password,) if target.password else ()
-        env = {**os.environ, "DATABASE_URL": target.url}
+        env = {**child_environ(), "DATABASE_URL": target.url}
         # Output goes to a file, not a pipe: a grandchild that keeps the pipe open cannot stall us.
         with tempfile.TemporaryFile() as output:
             try:
@@ -295,7 +359,8 @@ class CommandRunner:
                 tail = mask_secrets(_tail(output), secrets)
                 raise MigrationError(
                     f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
-                    f"database {target.dbname!r} and was stopped; output: {' '.join(tail.split())}",
+                    f"database {target.dbname!r} and was stopped (raise database.build_timeout / "
+                    f"E2E_BUILD_TIMEOUT if it needs longer); output: {' '.join(tail.split())}",
                     file=self.command,
                     dbname=target.dbname,
                 ) from None
@@ -330,9 +395,14 @@ def migration_runner(config: Config) -> Runner:
     """The configured migration runner: ``migrations_dir`` or ``migrate_command``."""
     db = config.database
     if db.migrate_command:
-        return CommandRunner(db.migrate_command, cwd=config.root, input_globs=db.migrate_inputs)
+        return CommandRunner(
+            db.migrate_command,
+            cwd=config.root,
+            input_globs=db.migrate_inputs,
+            timeout=db.build_timeout,
+        )
     if db.migrations_dir is not None:
-        return SqlDirectoryRunner(db.migrations_dir)
+        return SqlDirectoryRunner(db.migrations_dir, timeout=db.build_timeout)
     raise ConfigError(
         f"no migrations configured: set database.migrations_dir or database.migrate_command in "
         f"{config.source or 'pyproject.toml'}",
@@ -372,10 +442,18 @@ def seed_runner(config: Config, profile: str) -> Runner:
     validate_name(profile, "seed profile")
     db = config.database
     if profile in db.seed_commands:
-        return CommandRunner(db.seed_commands[profile], cwd=config.root, what="seed command")
+        return CommandRunner(
+            db.seed_commands[profile],
+            cwd=config.root,
+            what="seed command",
+            timeout=db.build_timeout,
+        )
     if db.seeds_dir is not None and (db.seeds_dir / profile).is_dir():
         return SqlDirectoryRunner(
-            db.seeds_dir / profile, record_prefix=f"seed:{profile}/", what="seed"
+            db.seeds_dir / profile,
+            record_prefix=f"seed:{profile}/",
+            what="seed",
+            timeout=db.build_timeout,
         )
     if db.seeds_dir is None and not db.seed_commands and profile == db.default_seed:
         return NoSeed()  # a repository without seeds: the migrations alone shape the database

@@ -32,7 +32,9 @@ __all__ = [
     "validate_dbname",
 ]
 
-TEMPLATE_FORMAT_VERSION = 2  # 2: grants to the project roles' group (see .roles)
+# 2: grants to the project roles' group (see .roles); 3: built by a role of its own, objects owned
+# by the group, the bookkeeping in the admin's schema e2e_infra.
+TEMPLATE_FORMAT_VERSION = 3
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 MAX_IDENTIFIER = 63  # bytes; PostgreSQL truncates longer names silently
 # Input files changed less than this long ago are hashed again on every allocation (see

@@ -7,13 +7,38 @@ database's owner and the only role besides the admin with ``CONNECT`` on it (``R
 PUBLIC`` on every database the tool makes, templates and spares included), so one project cannot
 reach another's database, and nothing it runs can ``COPY ... TO PROGRAM``.
 
-The tables, sequences and functions inside a clone belong to the admin that built the template.
-Instead of handing them over in every clone (a connection into the new database and one ``ALTER
-... OWNER`` per object: ~20 ms per allocation; ``REASSIGN OWNED BY`` a superuser is refused), the
-template grants ``ALL`` on them, and by default privileges on what a later ``db.migrate`` creates,
-to one group role per name base (``<base>__projects``, ``NOLOGIN``), and every project role is a
-member: nothing to do per allocation but ``CREATE ROLE`` and the grants on the database itself.
-Membership reaches no further than the databases a role may connect to: its own.
+The admin (a superuser, as a rule) never runs SQL inside a database a project role can reach, and
+never runs anything a project could have made: a trigger or function runs with the rights of
+whoever fires it, so one fired by a superuser could ``COPY ... TO PROGRAM``. So:
+
+* **A template is built by a role of its own.** The build database gets a login role named after
+  it, like a project's (same attributes, a member of the group below, the owner of the build
+  database while it is built, a password from the key and the build's lease), and the migrations
+  and seeds run connected as that role: a ``migrate_command`` gets its URL, never the admin's.
+  Before they run, no other session is connected to the build database (``REVOKE`` from PUBLIC,
+  then the others' sessions ended) and the admin creates the tool's bookkeeping there
+  (:data:`~e2e_infra.migrations.BOOKKEEPING`: a schema the admin owns; the group gets ``USAGE``
+  and ``SELECT, INSERT`` on the table, so no project role can put a trigger, rule or policy on it,
+  change, delete or drop it). After them, the admin takes the database back, ``REASSIGN OWNED`` the
+  role's objects to the group and drops the role (:meth:`Roles.prepare_build`,
+  :meth:`Roles.finish_build`).
+* **Objects of a clone belong to the group** (``<base>__projects``, ``NOLOGIN``), of which every
+  project role is a member (``INHERIT``): the project role owns, in effect, the tables, sequences
+  and functions of its clone, with nothing to do per allocation but ``CREATE ROLE`` and the grants
+  on the database itself. Membership reaches no further than the databases a role may connect to:
+  its own.
+* **A live database is migrated and seeded as its project's role** (``db.migrate``, ``db.seed``:
+  see the allocator), so what the project planted there runs with the project's own rights.
+* **Admin connections pin** ``search_path`` to ``pg_catalog`` (see
+  :data:`~e2e_infra.migrations.ADMIN_OPTIONS`), and what the admin runs from its own database
+  (``CREATE``/``ALTER``/``DROP``/``COMMENT ON DATABASE``, ``CREATE``/``DROP ROLE``) executes no
+  object inside the project's database. Event triggers, the one object that could fire there, only
+  a superuser can create.
+* **On the embedded cluster** (the tool's own server) PUBLIC has no ``CONNECT`` on ``postgres`` and
+  ``template1`` (:meth:`Roles.lock_down_server`): the database where the tool's advisory locks live
+  is out of the project roles' reach (advisory locks are per database, so the locks a project takes
+  in its own database are not ours). On a shared server that is its administrator's decision (see
+  docs/scale-out.md).
 
 Every role the tool makes carries a marker (``COMMENT ON ROLE ... IS 'e2e-infra {json}'``, kind
 ``role`` or ``group``, and the name base); a role without it is never altered or dropped. A
@@ -51,7 +76,7 @@ from ..conninfo import ConnInfo
 from ..errors import DatabaseError, FolderError
 from ..resources.leases import Lease
 from .markers import MARKER_PREFIX, TOOL, parse_marker
-from .migrations import connect
+from .migrations import BOOKKEEPING, bookkeeping_sql, connect
 from .names import ident
 
 if TYPE_CHECKING:
@@ -69,9 +94,6 @@ GROUP = "group"
 # in Python at allocation and again in libpq at each connect).
 SCRAM_ITERATIONS = 256
 _ATTRIBUTES = "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT"
-_SYSTEM_SCHEMAS = (
-    "nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%'"
-)
 
 
 def scram_verifier(password: str, *, iterations: int = SCRAM_ITERATIONS) -> str:
@@ -174,41 +196,73 @@ class Roles:
             except (sqlerrors.DuplicateObject, sqlerrors.UniqueViolation):
                 continue  # another builder made it meanwhile: check it is ours
 
-    def grant_template(self, conn: psycopg.Connection[Any], name: str) -> None:
-        """In the template being built (``name``, migrated and seeded): ``ALL`` on every object of
-        its schemas to the group, and the same by default on what the admin creates later; and
-        no ``CONNECT`` for PUBLIC on it (a clone starts with the default ACL: see
-        :meth:`statements`)."""
-        self.ensure_group(conn)
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident(name)))
+    def prepare_build(self, conn: psycopg.Connection[Any], name: str) -> None:
+        """Build database ``name`` has its role (:meth:`make`, which revoked PUBLIC's ``CONNECT``):
+        end every other session on it (one that connected before the revoke), then, as the admin
+        and before the role runs anything there, create the tool's bookkeeping, which the group
+        may read and add to and nothing more."""
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+        schema, table = (sql.Identifier(part) for part in BOOKKEEPING)
         group = ident(self.group)
+        statement = sql.SQL("; ").join(
+            [
+                bookkeeping_sql(),
+                sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+                    schema, sql.Literal(f"{MARKER_PREFIX}bookkeeping: applied migrations and seeds")
+                ),
+                sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema),
+                sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, group),
+                sql.SQL("GRANT SELECT, INSERT ON {}.{} TO {}").format(schema, table, group),
+            ]
+        )
         target = self.catalog.admin.with_dbname(name)
-        with contextlib.closing(connect(target, purpose="template grants")) as db:
-            schemas = [
-                str(row[0])
-                for row in db.execute(
-                    f"SELECT nspname FROM pg_namespace WHERE {_SYSTEM_SCHEMAS}".encode()
-                ).fetchall()
-            ]
-            parts: builtins.list[sql.Composable] = [
-                sql.SQL(template).format(group)
-                for template in (
-                    "ALTER DEFAULT PRIVILEGES GRANT ALL ON SCHEMAS TO {}",
-                    "ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO {}",
-                    "ALTER DEFAULT PRIVILEGES GRANT ALL ON SEQUENCES TO {}",
-                    "ALTER DEFAULT PRIVILEGES GRANT ALL ON FUNCTIONS TO {}",
-                    "ALTER DEFAULT PRIVILEGES GRANT ALL ON TYPES TO {}",
+        with contextlib.closing(connect(target, purpose="template setup", admin=True)) as db:
+            db.execute(statement)
+
+    def finish_build(self, conn: psycopg.Connection[Any], name: str) -> None:
+        """Build database ``name`` is migrated and seeded (and nobody is connected to it): the
+        tool's owner takes it back, the group gets what the build role made, and the role goes."""
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                ident(name), sql.Identifier(self.catalog.client.user)
+            )
+        )
+        target = self.catalog.admin.with_dbname(name)
+        with contextlib.closing(connect(target, purpose="template owner", admin=True)) as db:
+            # DROP OWNED after REASSIGN: only the privileges and default privileges of the role.
+            db.execute(
+                sql.SQL("REASSIGN OWNED BY {role} TO {group}; DROP OWNED BY {role}").format(
+                    role=ident(name), group=ident(self.group)
                 )
-            ]
-            for schema in schemas:
-                where = sql.Identifier(schema)
-                parts += [
-                    sql.SQL("GRANT ALL ON SCHEMA {} TO {}").format(where, group),
-                    sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA {} TO {}").format(where, group),
-                    sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA {} TO {}").format(where, group),
-                    sql.SQL("GRANT ALL ON ALL FUNCTIONS IN SCHEMA {} TO {}").format(where, group),
-                ]
-            db.execute(sql.SQL("; ").join(parts))
+            )
+        self.drop(conn, name)
+
+    def lock_down_server(self, conn: psycopg.Connection[Any]) -> None:
+        """On the embedded cluster only (the tool's own server): take ``CONNECT`` on ``postgres``,
+        ``template1`` and the admin's database from PUBLIC, so that no project role reaches the
+        database of the tool's advisory locks. Superusers connect regardless. Only when granted:
+        the statement rewrites a catalog row, which two builders must not do at once."""
+        names = sorted({"postgres", "template1", self.catalog.admin.dbname})
+        rows = conn.execute(
+            "SELECT d.datname FROM pg_database d WHERE d.datname = ANY(%s) AND EXISTS ("
+            "SELECT 1 FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a "
+            "WHERE a.grantee = 0 AND a.privilege_type = 'CONNECT')",
+            (names,),
+        ).fetchall()
+        for (name,) in rows:
+            try:
+                conn.execute(
+                    sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(
+                        sql.Identifier(str(name))
+                    )
+                )
+            except sqlerrors.InternalError_ as exc:
+                if "concurrently" not in str(exc):
+                    raise  # not another builder revoking it at the same moment
 
     def statements(self, name: str, login: sql.Composable | None) -> sql.Composable:
         """What makes database ``name`` a project's: its role (``login``: ``LOGIN PASSWORD ...``;

@@ -43,7 +43,7 @@ from ..conninfo import ConnInfo
 from ..errors import DatabaseError, DeadlineExceeded, E2EInfraError
 from ..postgres.pgerrors import ErrorContext, Phase, map_errors
 from ..resources.leases import Lease
-from .migrations import CONNECT_TIMEOUT, advisory_lock
+from .migrations import CONNECT_TIMEOUT, admin_options, advisory_lock
 from .names import name_key
 
 __all__ = [
@@ -82,12 +82,14 @@ KEEPALIVES = {
 def hold_connect(
     info: ConnInfo, *, purpose: str, connect_timeout: float = CONNECT_TIMEOUT
 ) -> psycopg.Connection[Any]:
-    """An autocommit connection with TCP keepalives, named ``e2e-infra <purpose> <pid>``."""
+    """An autocommit admin connection with TCP keepalives, named ``e2e-infra <purpose> <pid>``,
+    its ``search_path`` pinned like every admin connection's."""
     with map_errors(ErrorContext(Phase.CONNECT, info)):
         return psycopg.connect(
             info.conninfo(
                 application_name=f"e2e-infra {purpose} {os.getpid()}"[:63],
                 connect_timeout=max(1, round(connect_timeout)),
+                options=admin_options(info),
                 **KEEPALIVES,
             ),
             autocommit=True,
@@ -95,10 +97,13 @@ def hold_connect(
 
 
 def held_keys(conn: psycopg.Connection[Any]) -> set[int]:
-    """The bigint advisory keys some session holds now (granted, shared or exclusive)."""
+    """The bigint advisory keys some session holds now (granted, shared or exclusive) in the
+    database of ``conn``: advisory locks are per database, and ``pg_locks`` shows every database's
+    (a project role taking our key numbers in its own database holds nothing of ours)."""
     rows = conn.execute(
         "SELECT DISTINCT (classid::bigint << 32) | objid::bigint FROM pg_locks "
-        "WHERE locktype = 'advisory' AND objsubid = 1 AND granted"
+        "WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     ).fetchall()
     out = set()
     for (value,) in rows:

@@ -4,8 +4,11 @@ The template of a fingerprint (``<base>_tpl_<seed>_<fp[:12]>``) is built under a
 lock held on a connection of its own: created as ``<base>_build_<fp[:12]>_<pid>`` (marked
 ``building`` with the builder's host, pid and start time), migrated, seeded, marked
 ``IS_TEMPLATE true, ALLOW_CONNECTIONS false`` and only then published by rename, so a database
-with the template's name is always complete. A half-built template is dropped on failure, and by
-the next builder or ``cleanup`` if its builder died.
+with the template's name is always complete. A half-built template is dropped on failure (with its
+build role), and by the next builder or ``cleanup`` if its builder died. The migrations and seeds
+run as the build database's own login role, never as the admin (see :mod:`.roles`): a template is
+only ever touched by the tool and that role, never by a project role (spares and clones are copies
+of a published template; a rebuild builds a new one from ``template0``).
 
 Templates are kept by last use, per fingerprint: each clone records its template's last use in
 the marker (rate-limited), and pruning drops only those not used for ``template_keep_hours``
@@ -73,7 +76,7 @@ class Templates:
         then prune the old ones."""
         cat = self.catalog
         key = build_key(fp)
-        lock = connect(cat.admin, purpose=f"template lock {fp[:12]}")
+        lock = connect(cat.admin, purpose=f"template lock {fp[:12]}", admin=True)
         try:
             advisory_lock(
                 lock,
@@ -81,8 +84,8 @@ class Templates:
                 timeout=cat.build_timeout,
                 what=f"the build lock of template {template} (another process is building it)",
                 clock=cat.clock,
-                hint="see who holds it with `invoke db.list`; raise the build timeout for slow "
-                "migrations",
+                hint="see who holds it with `invoke db.list`; raise database.build_timeout "
+                "(E2E_BUILD_TIMEOUT) for slow migrations",
             )
             # Someone else may have built it while we waited.
             state = self.ready(conn, template)
@@ -156,17 +159,22 @@ class Templates:
                 cat.forget(cat.registry, making)
             raise
         try:
-            cat.mark(conn, building, marker)
-            target = cat.client.with_dbname(building)
+            # Marked with its own login role, which owns it while it is built: the migrations
+            # and seeds run as that role, never as the admin (see .roles).
+            cat.roles.make(conn, building, marker.comment_sql(building), cat.roles.login(making))
+            cat.roles.prepare_build(conn, building)
+            if not cat.shared:
+                cat.roles.lock_down_server(conn)
+            target = cat.roles.url(making)
             migrations.apply(target)
             seeds.apply(target)
-            cat.roles.grant_template(conn, building)  # what the project roles may use
             # A migrate command's sessions may linger a moment after it exits; rename waits on them.
             conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = %s AND pid <> pg_backend_pid()",
                 (building,),
             )
+            cat.roles.finish_build(conn, building)  # its objects to the group; the role goes
             conn.execute(
                 sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(
                     ident(building)

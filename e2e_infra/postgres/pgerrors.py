@@ -48,7 +48,7 @@ class ErrorContext:
     server: ConnInfo
     action: str = ""  # ADMIN: "allocate a database", "clean up databases"...
     secrets: tuple[str | None, ...] = ()  # other passwords in play (the server's is always masked)
-    statement_timeout: float | None = None  # ADMIN: the statement_timeout set on the connection
+    statement_timeout: float | None = None  # ADMIN, APPLY: the connection's statement_timeout
     file: str = ""  # APPLY: the migration or seed file
     what: str = ""  # APPLY: "migration", "seed"
     external: bool | None = None  # CONNECT: the user's own server (True), ours (False), unknown
@@ -127,6 +127,14 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         Phase.APPLY,
+        sqlerrors.QueryCanceled,
+        MigrationError,
+        "{what} {file} ran past database.build_timeout ({timeout:g}s) on database {dbname!r}: "
+        "look for sessions holding the locks it waits on in pg_stat_activity, or raise "
+        "database.build_timeout (E2E_BUILD_TIMEOUT)",
+    ),
+    Rule(
+        Phase.APPLY,
         psycopg.Error,
         MigrationError,
         "{what} {file} failed on database {dbname!r}: {reason}; fix the file and retry",
@@ -174,8 +182,9 @@ RULES: tuple[Rule, ...] = (
         Phase.ADMIN,
         sqlerrors.QueryCanceled,
         DatabaseError,
-        _ADMIN_FAILED + "a statement ran past statement_timeout ({timeout:g}s): look for "
-        "sessions holding locks in pg_stat_activity, then retry",
+        _ADMIN_FAILED + "a statement ran past statement_timeout (database.build_timeout, "
+        "{timeout:g}s): look for sessions holding locks in pg_stat_activity, then retry, or raise "
+        "database.build_timeout (E2E_BUILD_TIMEOUT)",
     ),
     Rule(
         Phase.ADMIN,

@@ -11,6 +11,10 @@
   leftovers of a crashed run). The usual ladder is :func:`escalation`: SIGTERM, a grace, SIGKILL.
 * :func:`kill_group_if_ours` / :func:`kill_tree_if_ours` end what a crashed run recorded, only on
   proof (pid + start time) that the processes are still the ones it recorded.
+* :func:`child_environ` is the one place that says what of the tool's environment a child that
+  runs the user's code may see (servers, suites, health commands, migrate and seed commands,
+  Playwright's report merge): never the admin's credentials nor the tool's own plumbing
+  (:data:`NOT_FOR_CHILDREN`).
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from typing import IO, Any
 import psutil
 
 from ..clock import Clock, SystemClock, wait_until
+from ..config import ENVIRONMENT_VARIABLES
 from ..errors import DeadlineExceeded
 from .logs import open_log
 
 __all__ = [
     "KILL",
+    "NOT_FOR_CHILDREN",
     "Child",
     "Ending",
     "Marked",
@@ -45,6 +51,7 @@ __all__ = [
     "Step",
     "StopRecord",
     "Stoppable",
+    "child_environ",
     "escalation",
     "group_members",
     "kill_group_if_ours",
@@ -55,6 +62,39 @@ __all__ = [
 ]
 
 log = logging.getLogger("e2e_infra")
+
+# What a child never inherits from the tool (see child_environ):
+# * every setting the tool reads (ENVIRONMENT_VARIABLES): E2E_ADMIN_DATABASE_URL is a superuser's
+#   URL, and the others are the tool's configuration, none of a server's or suite's business;
+# * the tool's own plumbing: the run id the main nox process hands its workers (E2E_NOX_RUN_ID,
+#   one of those settings);
+# * libpq's variables that choose a server, an account or a credential: libpq completes the admin
+#   URL from them (a URL without a password takes PGPASSWORD), and a child's bare `psql` would
+#   log in with them. A child's database is DATABASE_URL (or PG* set from it in `env`).
+# Kept: E2E_RUN_ID (documented for suites), and the containment marker E2E_INFRA_RUN.
+NOT_FOR_CHILDREN = frozenset(
+    (ENVIRONMENT_VARIABLES - {"E2E_RUN_ID"})
+    | {
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGSSLCERT",
+        "PGSSLKEY",
+        "PGSSLROOTCERT",
+        "PGSSLCRL",
+        "PGSSLCRLDIR",
+        "PGREQUIREPEER",
+        "PGKRBSRVNAME",
+        "PGGSSLIB",
+        "PGTARGETSESSIONATTRS",
+    }
+)
 
 KILL_WAIT = 5.0  # after SIGKILL: only a process stuck in the kernel takes longer
 _START_TIME_TOLERANCE = 0.05  # seconds; as in leases.py (psutil's start times have tick precision)
@@ -437,6 +477,14 @@ def wait_exit(popen: subprocess.Popen[Any], timeout: float) -> int:
     if not ready:
         raise subprocess.TimeoutExpired(popen.args, timeout)
     return popen.wait()  # it has ended: this reaps it at once
+
+
+def child_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default: this process's) without :data:`NOT_FOR_CHILDREN`: the base of the
+    environment of every child that runs the user's code. The caller adds what the child is given
+    (DATABASE_URL with the project's own role, its ports, ...)."""
+    source = os.environ if environ is None else environ
+    return {key: value for key, value in source.items() if key not in NOT_FOR_CHILDREN}
 
 
 def spawn(

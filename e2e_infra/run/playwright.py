@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..config import Config, ProjectConfig
+from ..processes import child_environ
 from ..results.record import RunRecord
 
 __all__ = [
@@ -157,7 +158,7 @@ def merge_playwright_reports(
         for n, (project_name, blob) in enumerate(blobs, 1):
             shutil.copy2(blob, staging / f"{project_name}-{n}.zip")  # unique names, one folder
         env: Mapping[str, str] = {
-            **os.environ,
+            **child_environ(),  # the project's Playwright package runs: no admin URL for it
             "PLAYWRIGHT_HTML_OUTPUT_DIR": str(out),
             "PLAYWRIGHT_HTML_OPEN": "never",
         }

@@ -22,7 +22,6 @@ describes (pid + start time). Templates are filled by :func:`render` / :func:`re
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shlex
 import signal
@@ -55,6 +54,7 @@ from ..processes import (
     Child,
     ProcessRecord,
     StopRecord,
+    child_environ,
     escalation,
     group_members,
     kill_group_if_ours,
@@ -308,7 +308,7 @@ class ServerProcess:
         secrets: Sequence[str] = (),
         port: int | None = None,
     ) -> None:
-        """``env`` is the child's whole environment (merge ``os.environ`` before, if wanted).
+        """``env`` is the child's whole environment (start from :func:`process_env`, if wanted).
 
         ``secrets`` are masked in every tail and error. ``port``, the port the server listens on,
         is optional but recommended: health then also requires that a process of the server's
@@ -560,8 +560,9 @@ class Placeholders:
 def process_env(
     project: str, run_id: str, results_dir: Path, ports: Mapping[str, int], database_url: str
 ) -> dict[str, str]:
-    """The environment of a project's servers and suite: ours plus its ports, database, run."""
-    env = dict(os.environ)
+    """The environment of a project's servers and suite: ours without what is not theirs (see
+    :func:`~e2e_infra.processes.child_environ`), plus its ports, database, run."""
+    env = child_environ()
     for name, port in ports.items():
         env[f"{name.upper()}_PORT"] = str(port)
         env[f"{name.upper()}_URL"] = f"http://127.0.0.1:{port}"

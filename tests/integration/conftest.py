@@ -58,6 +58,7 @@ _DB_KEYS = {
     "clone_strategy",
     "clone_timeout",
     "spares",
+    "build_timeout",
 }
 _TABLES = {"servers", "projects"}
 

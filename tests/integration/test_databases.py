@@ -23,6 +23,7 @@ from e2e_infra.errors import (
     CloneError,
     DatabaseError,
     DatabaseLimitError,
+    DeadlineExceeded,
     MigrationError,
     ServerUnreachableError,
 )
@@ -384,9 +385,10 @@ def test_an_admin_user_without_createdb_gets_one_line_naming_the_fix(
     role, password = f"nocreatedb_{uuid.uuid4().hex[:8]}", "NoCreateDb-pw-1"
     admin_execute(
         pg_cluster,
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(role), sql.Literal(password)
-        ),
+        # CONNECT on postgres by name: the embedded cluster grants it to PUBLIC no more.
+        sql.SQL(
+            "CREATE ROLE {} LOGIN PASSWORD {}; GRANT CONNECT ON DATABASE postgres TO {}"
+        ).format(sql.Identifier(role), sql.Literal(password), sql.Identifier(role)),
     )
     try:
         allocator = make_allocator()
@@ -399,10 +401,45 @@ def test_an_admin_user_without_createdb_gets_one_line_naming_the_fix(
         assert "permission denied to create database" in line and password not in line
         assert allocator.registry.snapshot() == ()
     finally:
-        admin_execute(pg_cluster, sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        admin_execute(
+            pg_cluster,
+            sql.SQL("DROP OWNED BY {}; DROP ROLE IF EXISTS {}").format(
+                sql.Identifier(role), sql.Identifier(role)
+            ),
+        )
 
 
 def replace_user(info: Any, user: str, password: str) -> Any:
     from dataclasses import replace as dc_replace
 
     return dc_replace(info, user=user, password=password)
+
+
+def test_a_project_waiting_for_anothers_build_gives_up_at_the_build_timeout_naming_it(
+    make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    import threading
+
+    migrations = tmp_path / "slow"
+    shutil.copytree(FIXTURES / "migrations", migrations)
+    (migrations / "0003_slow.sql").write_text("SELECT pg_sleep(3);")
+    builder = make_allocator(migrations_dir=migrations)
+    waiter = make_allocator(name_base=builder.base, migrations_dir=migrations, build_timeout=1)
+    assert waiter.build_timeout == 1.0
+    built: list[object] = []
+    thread = threading.Thread(target=lambda: built.append(builder.allocate("one", Owner.current())))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not [n for n in databases(pg_cluster, builder.base + "_build_")]:
+            assert time.monotonic() < deadline, "the build never started"
+            time.sleep(0.02)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            waiter.allocate("two", Owner.current())
+        assert time.monotonic() - started < 2.5
+        assert "raise database.build_timeout (E2E_BUILD_TIMEOUT)" in info.value.one_line()
+    finally:
+        thread.join(timeout=30)
+    assert len(built) == 1  # the build itself went on and finished
+    builder.release_all()

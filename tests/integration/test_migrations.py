@@ -49,7 +49,7 @@ def test_sql_files_apply_in_order_once_and_are_recorded_with_checksums(
     runner = SqlDirectoryRunner(folder)
     runner.apply(scratch)
     runner.apply(scratch)  # nothing pending: a no-op, not "table already exists"
-    recorded = rows(scratch, "SELECT name, length(checksum) FROM e2e_infra_migrations ORDER BY 1")
+    recorded = rows(scratch, "SELECT name, length(checksum) FROM e2e_infra.migrations ORDER BY 1")
     assert recorded == [("0001_accounts.sql", 64), ("0002_notes.sql", 64)]
     (folder / "0003_tags.sql").write_text("CREATE TABLE tags (name text PRIMARY KEY);")
     runner.apply(scratch)
@@ -79,9 +79,26 @@ def test_a_failing_file_is_rolled_back_alone_and_named_with_the_server_message(
     assert info.value.file.endswith("0003_bad.sql")
     assert 'relation "no_such_table" does not exist' in str(info.value)
     assert scratch.password is not None and scratch.password not in str(info.value)
-    names = rows(scratch, "SELECT name FROM e2e_infra_migrations ORDER BY 1")
+    names = rows(scratch, "SELECT name FROM e2e_infra.migrations ORDER BY 1")
     assert names == [("0001_accounts.sql",), ("0002_notes.sql",)]
     assert rows(scratch, "SELECT to_regclass('half') IS NULL") == [(True,)]
+
+
+def test_a_file_that_waits_on_a_lock_fails_at_the_build_timeout_naming_it(
+    scratch: ConnInfo, tmp_path: Path
+) -> None:
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    (folder / "0001_locked.sql").write_text("ALTER TABLE held ADD COLUMN y int;")
+    with psycopg.connect(scratch.conninfo(), autocommit=True) as holder:
+        holder.execute("CREATE TABLE held (x int)")
+        with holder.transaction():
+            holder.execute("LOCK TABLE held IN ACCESS EXCLUSIVE MODE")  # a session that hangs on
+            with pytest.raises(MigrationError) as info:
+                SqlDirectoryRunner(folder, timeout=1.0).apply(scratch)
+    line = info.value.one_line()
+    assert "0001_locked.sql ran past database.build_timeout (1s)" in line
+    assert "E2E_BUILD_TIMEOUT" in line and "Traceback" not in line
 
 
 def test_a_migrate_command_gets_the_target_as_database_url(
@@ -158,5 +175,5 @@ def test_two_concurrent_appliers_of_one_database_both_succeed_and_apply_each_fil
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
-    recorded = rows(scratch, "SELECT name FROM e2e_infra_migrations ORDER BY 1")
+    recorded = rows(scratch, "SELECT name FROM e2e_infra.migrations ORDER BY 1")
     assert recorded == [("0001_slow.sql",), ("0002_slow.sql",)]

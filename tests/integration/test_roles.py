@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import PgCluster
+from conftest import PgCluster, marked_databases
 from psycopg import errors as sqlerrors
 from psycopg import sql
 from test_cli_db import Invoke
@@ -20,7 +20,7 @@ from test_databases import make_allocator as make_allocator  # the fixture, shar
 
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.databases import DatabaseAllocator
-from e2e_infra.errors import DatabaseError
+from e2e_infra.errors import DatabaseError, MigrationError
 from e2e_infra.resources.leases import Owner
 
 pytestmark = pytest.mark.integration
@@ -194,7 +194,7 @@ def test_a_leftover_role_of_ours_is_replaced_when_its_name_is_allocated_again(
     allocator.release("epsilon")
 
 
-def test_migrate_on_a_live_database_runs_as_the_admin_and_the_role_can_use_what_it_made(
+def test_migrate_on_a_live_database_runs_as_the_project_role_which_may_alter_the_templates_tables(
     make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Any
 ) -> None:
     migrations = tmp_path / "migrations"
@@ -202,14 +202,148 @@ def test_migrate_on_a_live_database_runs_as_the_admin_and_the_role_can_use_what_
     allocator: DatabaseAllocator = make_allocator(migrations_dir=migrations)
     got = allocator.allocate("zeta", Owner.current())
     (migrations / "0003_b.sql").write_text(
-        "CREATE SCHEMA extra; CREATE TABLE extra.b (id serial PRIMARY KEY, v text);"
+        "CREATE SCHEMA extra; CREATE TABLE extra.b (id serial PRIMARY KEY, v text); "
+        "ALTER TABLE accounts ADD COLUMN email text; CREATE INDEX ON notes (body);"
     )
     allocator.migrate("zeta")
     with psycopg.connect(got.url.conninfo(), autocommit=True) as conn:
-        conn.execute("INSERT INTO accounts (name) VALUES ('x')")
-        conn.execute("INSERT INTO extra.b (v) VALUES ('y')")  # made after the clone, by the admin
+        conn.execute("INSERT INTO accounts (name, email) VALUES ('x', 'x@example.org')")
+        conn.execute("INSERT INTO extra.b (v) VALUES ('y')")
         assert conn.execute("SELECT count(*) FROM extra.b").fetchone() == (1,)
+        owners = conn.execute(
+            "SELECT tablename, tableowner FROM pg_tables WHERE tablename IN ('accounts', 'b') "
+            "ORDER BY 1"
+        ).fetchall()
+    # The template's tables belong to the group; what db.migrate made, to the project's role.
+    assert owners == [("accounts", f"{allocator.base}__projects"), ("b", got.name)]
     allocator.release("zeta")
+
+
+def test_a_template_is_built_by_a_role_of_its_own_and_the_migrate_command_never_sees_the_admin(
+    make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script, report = tmp_path / "migrate.py", tmp_path / "migrate.json"
+    script.write_text(
+        "import json, os, psycopg\n"
+        "with psycopg.connect(os.environ['DATABASE_URL'], autocommit=True) as conn:\n"
+        "    who = conn.execute('SELECT current_user::text, rolsuper FROM pg_roles '\n"
+        "                       'WHERE rolname = current_user').fetchone()\n"
+        "    conn.execute('CREATE TABLE accounts (id int PRIMARY KEY, name text)')\n"
+        "seen = sorted(k for k in os.environ if k.startswith(('E2E_', 'PG', 'MIGRATE_')))\n"
+        "with open(os.environ['MIGRATE_REPORT'], 'w') as out:\n"
+        "    json.dump({'user': who[0], 'super': who[1], 'env': seen}, out)\n"
+    )
+    # What CI exports: the admin URL and its password; and the tool's own plumbing.
+    assert pg_cluster.tcp.password
+    monkeypatch.setenv("E2E_ADMIN_DATABASE_URL", pg_cluster.tcp.url)
+    monkeypatch.setenv("PGPASSWORD", pg_cluster.tcp.password)
+    monkeypatch.setenv("E2E_NOX_RUN_ID", "a nox run")
+    monkeypatch.setenv("MIGRATE_REPORT", str(report))  # the user's own variable: passed on
+    allocator = make_allocator(migrate_command=f"{{python}} {script}", migrations_dir=None)
+    got = allocator.allocate("theta", Owner.current(), seed="empty")
+    seen = json.loads(report.read_text())
+    assert seen["user"].startswith(f"{allocator.base}_build_") and seen["super"] is False
+    assert seen["env"] == ["MIGRATE_REPORT"], seen["env"]
+    assert role_row(pg_cluster, seen["user"]) is None  # dropped once the template was built
+    template_owner, _acl = database_acl(pg_cluster, got.template)
+    assert template_owner == pg_cluster.tcp.user
+    with psycopg.connect(got.url.conninfo(), autocommit=True) as conn:
+        owners = dict(
+            conn.execute(
+                "SELECT schemaname || '.' || tablename, tableowner FROM pg_tables "
+                "WHERE schemaname IN ('public', 'e2e_infra')"
+            ).fetchall()
+        )
+        conn.execute("ALTER TABLE accounts ADD COLUMN email text")  # the group's: its own
+    assert owners == {
+        "public.accounts": f"{allocator.base}__projects",
+        "e2e_infra.migrations": pg_cluster.tcp.user,  # the admin's, see the next test
+    }
+    allocator.release("theta")
+
+
+def test_a_build_may_create_trusted_extensions_and_an_untrusted_one_is_one_line_naming_the_file(
+    make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Any
+) -> None:
+    trusted, untrusted = tmp_path / "trusted", tmp_path / "untrusted"
+    for folder, extension in ((trusted, "pgcrypto"), (untrusted, "adminpack")):
+        shutil.copytree(FIXTURES / "migrations", folder)
+        (folder / "0003_extension.sql").write_text(f"CREATE EXTENSION {extension};")
+    got = make_allocator(migrations_dir=trusted).allocate("mu", Owner.current())
+    with psycopg.connect(got.url.conninfo(), autocommit=True) as conn:
+        digest = conn.execute("SELECT encode(digest('x', 'sha256'), 'hex')").fetchone()
+    assert digest is not None and len(digest[0]) == 64
+    with pytest.raises(MigrationError) as info:
+        make_allocator(migrations_dir=untrusted).allocate("nu", Owner.current())
+    line = info.value.one_line()
+    assert "0003_extension.sql failed" in line and "permission denied" in line
+
+
+def test_a_project_role_may_read_and_add_to_the_tools_bookkeeping_and_nothing_more(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    allocator = make_allocator()
+    got = allocator.allocate("iota", Owner.current())
+    table = "e2e_infra.migrations"
+    refused = [
+        f"CREATE TRIGGER spy AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION spy()",
+        f"CREATE RULE spy AS ON INSERT TO {table} DO ALSO NOTIFY spy",
+        f"CREATE POLICY spy ON {table} USING (spy_check())",
+        f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY",
+        f"ALTER TABLE {table} ADD COLUMN spy int DEFAULT spy_check()::int",
+        f"ALTER TABLE {table} RENAME TO spied",
+        f"CREATE TABLE public.spy_child () INHERITS ({table})",
+        f"UPDATE {table} SET checksum = 'forged'",
+        f"DELETE FROM {table}",
+        f"TRUNCATE {table}",
+        f"DROP TABLE {table}",
+        "DROP SCHEMA e2e_infra CASCADE",
+        "ALTER SCHEMA e2e_infra RENAME TO spied",
+        "CREATE TABLE e2e_infra.spy (x int)",
+        "CREATE FUNCTION e2e_infra.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT now()'",
+    ]
+    with psycopg.connect(got.url.conninfo(), autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION spy() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'; "
+            "CREATE FUNCTION spy_check() RETURNS boolean LANGUAGE sql AS 'SELECT true'"
+        )
+        for statement in refused:
+            with pytest.raises(sqlerrors.InsufficientPrivilege):
+                conn.execute(statement.encode())
+        # Read, and add a row: what `db.migrate` does as this very role.
+        names = {row[0] for row in conn.execute(f"SELECT name FROM {table}").fetchall()}
+        assert {"0001_accounts.sql", "seed:default/0001_accounts.sql"} <= names
+        conn.execute(f"INSERT INTO {table} (name, checksum) VALUES ('mine.sql', 'x')")
+    allocator.release("iota")
+
+
+def test_project_roles_reach_neither_postgres_nor_template1_nor_the_tools_advisory_locks(
+    make_allocator: Factory, pg_cluster: PgCluster
+) -> None:
+    # The embedded cluster (the tool's own server); short waits, should a lock be contended.
+    allocator = make_allocator(clone_timeout=2, build_timeout=5)
+    got = allocator.allocate("kappa", Owner.current())
+    for other in ("postgres", "template1"):
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(got.url.with_dbname(other).conninfo()).close()
+    # Advisory locks are per database: the project holding the tool's keys in its own database
+    # (the build lock of its template, the creation gate) holds nothing of the tool's.
+    from e2e_infra.databases.names import build_key, name_key
+    from e2e_infra.databases.shared import gate_key, held_keys
+
+    marker = marked_databases(pg_cluster.admin, got.template)[got.template]
+    assert marker is not None
+    keys = [name_key(got.template), gate_key(allocator.base, allocator.registry.host)]
+    keys.append(build_key(str(marker["fingerprint"])))
+    with psycopg.connect(got.url.conninfo(), autocommit=True) as project:
+        for key in keys:
+            assert project.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone() == (True,)
+        with allocator.connections.lend() as admin:
+            assert not set(keys) & held_keys(admin)
+        again = allocator.allocate("lambda", Owner.current())  # takes the gate and name locks
+        allocator.release("lambda")
+        assert again.template == got.template
+    allocator.release("kappa")
 
 
 def _names(pg: PgCluster, prefix: str) -> list[tuple[str]]:

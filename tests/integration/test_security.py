@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import clean_environ, project_folder, running_cluster, write_pyproject
+from psycopg import errors as sqlerrors
+from psycopg import sql
 
 import e2e_infra
+from e2e_infra.conninfo import ConnInfo
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "db"
 
 WEB = {
     "command": "{python} -m http.server {port} --bind 127.0.0.1",
@@ -264,3 +270,199 @@ def test_environment_files_are_never_echoed(
     for file in _files(tmp_path / "state") + _files(tmp_path / "results"):
         text = file.read_bytes().decode("utf-8", errors="replace")
         assert app_secret not in text and (admin.password or "?") not in text, file
+
+
+# --- a project's own objects never run with the admin's rights ------------------------------------
+
+# Planted by the project role: it records who runs it, then tries a superuser's escape to the shell.
+_SPY = """
+CREATE TABLE public.seen (who text, superuser boolean, fired_by text);
+CREATE FUNCTION public.record(what text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.seen SELECT current_user, rolsuper, what FROM pg_roles
+        WHERE rolname = current_user;
+    BEGIN
+        EXECUTE format('COPY (SELECT 1) TO PROGRAM %L', 'id > {marker}');
+    EXCEPTION WHEN insufficient_privilege THEN NULL;
+    END;
+END $$;
+CREATE FUNCTION public.spy() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.record('trigger on ' || TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+RETURN NULL; END $$;
+CREATE SCHEMA evil;
+CREATE FUNCTION evil.lower(text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.record('evil.lower'); RETURN pg_catalog.lower($1); END $$;
+"""
+
+
+def _plant(url: ConnInfo, marker: Path) -> list[str]:
+    """As the project role: the spy, a statement trigger on every table it may put one on, and a
+    `lower` ahead of pg_catalog's on the database's search_path. The tables it trapped."""
+    trapped = []
+    with psycopg.connect(url.conninfo(), autocommit=True) as conn:
+        conn.execute(_SPY.replace("{marker}", str(marker)).encode())
+        tables = conn.execute(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND n.nspname NOT LIKE 'pg\\_%' AND c.relname <> 'seen'"
+        ).fetchall()
+        for number, (schema, table) in enumerate(tables):
+            statement = sql.SQL(
+                "CREATE TRIGGER {} AFTER INSERT OR UPDATE OR DELETE ON {}.{} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION public.spy()"
+            ).format(sql.Identifier(f"spy_{number}"), sql.Identifier(schema), sql.Identifier(table))
+            try:
+                conn.execute(statement)
+                trapped.append(f"{schema}.{table}")
+            except sqlerrors.InsufficientPrivilege:
+                pass
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET search_path = evil, pg_catalog, public").format(
+                sql.Identifier(url.dbname)
+            )
+        )
+    return trapped
+
+
+def test_objects_a_project_plants_never_run_with_the_admins_rights(
+    tmp_path: Path, cluster: e2e_infra.LocalCluster
+) -> None:
+    """The issue's reproduction: `db.allocate --json` hands out the project's URL; with it the
+    project plants triggers (on the tool's table too, where it may), a `lower` ahead of
+    pg_catalog's, then `db.migrate` and `db.seed` run. Nothing planted runs as a superuser."""
+    admin = cluster.tcp_conninfo()
+    migrations, seeds = tmp_path / "migrations", tmp_path / "seeds"
+    shutil.copytree(FIXTURES / "migrations", migrations)
+    shutil.copytree(FIXTURES / "seeds", seeds)
+    base = f"s{uuid.uuid4().hex[:8]}"
+    path = write_pyproject(
+        tmp_path,
+        port_range="18460-18469",
+        name_base=base,
+        migrations_dir=migrations,
+        seeds_dir=seeds,
+    )
+    env = {"E2E_ADMIN_DATABASE_URL": admin.url, "E2E_OWNER_PID": str(os.getpid())}
+    marker = Path("/tmp") / f"e2e-infra-pwned-{uuid.uuid4().hex}"
+    got = run_cli("invoke", path, "db.allocate", "--project", "q0", "--json", **env)
+    assert got.returncode == 0, got.stderr
+    url = ConnInfo.parse(json.loads(got.stdout)["database_url"])
+    try:
+        trapped = _plant(url, marker)
+        assert "public.accounts" in trapped  # its own data: its own business
+        (migrations / "0003_more.sql").write_text(
+            "INSERT INTO accounts (name) VALUES (lower('Zed'));"
+        )
+        (seeds / "extra").mkdir()
+        (seeds / "extra" / "0001_notes.sql").write_text(
+            "INSERT INTO notes (account_id, body) SELECT id, lower('More') FROM accounts;"
+        )
+        migrated = run_cli("invoke", path, "db.migrate", "--project", "q0", **env)
+        assert migrated.returncode == 0, migrated.stderr
+        seeded = run_cli("invoke", path, "db.seed", "--project", "q0", "--seed", "extra", **env)
+        assert seeded.returncode == 0, seeded.stderr
+
+        assert not marker.exists(), marker.read_text()  # never a shell as the server's user
+        with psycopg.connect(url.conninfo(), autocommit=True) as conn:
+            seen = conn.execute("SELECT who, superuser, fired_by FROM public.seen").fetchall()
+            applied = conn.execute("SELECT count(*) FROM accounts WHERE name = 'zed'").fetchone()
+        # The planted code did run (the migration and the seed fired it), as the project's role.
+        assert applied == (1,)
+        fired = {what for _who, _super, what in seen}
+        assert {"evil.lower", "trigger on public.accounts", "trigger on public.notes"} <= fired
+        assert {(who, superuser) for who, superuser, _what in seen} == {(url.user, False)}
+        # The tool's own bookkeeping was never the project's to trap.
+        assert not [name for name in trapped if "e2e_infra" in name], trapped
+    finally:
+        marker.unlink(missing_ok=True)
+        run_cli("invoke", path, "db.release", "--all", **env)
+
+
+# --- no tool secret in a child's environment ------------------------------------------------------
+
+_DUMP = """
+import json, os, sys
+with open(sys.argv[1], "w") as out:
+    json.dump(dict(os.environ), out)
+if len(sys.argv) > 2:  # a server: serve until stopped
+    import http.server
+    http.server.test(http.server.SimpleHTTPRequestHandler, port=int(sys.argv[2]), bind="127.0.0.1")
+"""
+
+
+def test_servers_suites_and_migrate_commands_never_see_the_admin_url_or_the_tools_plumbing(
+    tmp_path: Path, cluster: e2e_infra.LocalCluster
+) -> None:
+    """`E2E_ADMIN_DATABASE_URL` exported the documented CI way (with PG* pointing at the admin and
+    the fork server's variables): the real server, suite and migrate command of `e2e.run` and of
+    `nox -j 2` (whose sessions run in forks of the fork server) print their environments."""
+    admin = cluster.tcp_conninfo()
+    assert admin.password
+    (tmp_path / "dump.py").write_text(_DUMP)
+    envs = tmp_path / "envs"
+    envs.mkdir()
+    base = f"v{uuid.uuid4().hex[:8]}"
+    server = {
+        "command": f"{{python}} dump.py {envs}/server-{{project}}.json {{port}}",
+        "port": "backend",
+        "health": "http://127.0.0.1:{port}/",
+        "startup_timeout": 20,
+        "stop_timeout": 3,
+        "cwd": str(tmp_path),
+    }
+    projects = {
+        name: {
+            "command": f"{{python}} dump.py {envs}/suite-{name}.json",
+            "servers": ["web"],
+            "cwd": str(tmp_path),
+        }
+        for name in ("envy", "envier")
+    }
+    path = write_pyproject(
+        tmp_path,
+        port_range="18470-18489",
+        name_base=base,
+        migrations_dir=None,
+        seeds_dir=None,
+        migrate_command=f"{{python}} {tmp_path}/dump.py {envs}/migrate.json",
+        servers={"web": server},
+        projects=projects,
+    )
+    env = {
+        "E2E_ADMIN_DATABASE_URL": admin.url,
+        "PGHOST": admin.host,
+        "PGPORT": str(admin.port),
+        "PGUSER": admin.user,
+        "PGPASSWORD": admin.password,
+        "E2E_NOX_RUN_ID": "outer-nox-run",
+        "E2E_BUILD_TIMEOUT": "120",
+        "APP_SETTING": "the application's own",
+    }
+    ran = run_cli("invoke", path, "e2e.run", "--project", "envy", **env)
+    assert ran.returncode == 0, ran.stderr
+    seen = {file.stem: json.loads(file.read_text()) for file in envs.glob("*.json")}
+    assert set(seen) == {"migrate", "server-envy", "suite-envy"}
+    (envs / "suite-envy.json").unlink()
+    (envs / "server-envy.json").unlink()
+    ran = run_cli("nox", path, "-j", "2", "-s", "e2e-envy", "e2e-envier", **env)
+    assert ran.returncode == 0, ran.stderr
+    seen |= {file.stem: json.loads(file.read_text()) for file in envs.glob("*.json")}
+    assert set(seen) == {"migrate", *(f"{k}-{p}" for k in ("server", "suite") for p in projects)}
+
+    never = {"E2E_ADMIN_DATABASE_URL", "E2E_CONFIG", "E2E_BUILD_TIMEOUT"}
+    never |= {"E2E_NOX_RUN_ID"}
+    never |= {"PGHOST", "PGPORT", "PGUSER", "PGPASSWORD"}
+    for name, child in seen.items():
+        assert not never & set(child), (name, sorted(never & set(child)))
+        assert not [key for key, value in child.items() if admin.password in value], name
+        assert child["APP_SETTING"] == "the application's own", name
+        role = ConnInfo.parse(child["DATABASE_URL"])
+        assert role.user != admin.user and role.password and role.user == role.dbname, name
+        if name == "migrate":
+            assert role.user.startswith(f"{base}_build_")  # the template's own builder
+            continue
+        project = name.split("-")[1]
+        assert role.user.startswith(f"{base}_{project}")
+        assert child["E2E_PROJECT"] == project and child["E2E_RUN_ID"], name
+        assert child["BACKEND_PORT"] and child["E2E_RESULTS_DIR"] and child["E2E_INFRA_RUN"], name

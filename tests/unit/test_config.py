@@ -49,6 +49,18 @@ def test_defaults_fill_everything_not_configured(tmp_path: Path) -> None:
     assert config.run_id is None and config.owner_pid is None
 
 
+def test_the_build_timeout_defaults_to_600s_and_comes_from_the_file_or_the_environment(
+    tmp_path: Path,
+) -> None:
+    assert load_config(write(tmp_path), environ={}).database.build_timeout == 600.0
+    path = write(tmp_path, "[tool.e2e_infra.database]\nbuild_timeout = 90\n")
+    assert load_config(path, environ={}).database.build_timeout == 90.0
+    from_env = load_config(path, environ={"E2E_BUILD_TIMEOUT": "1.5"})
+    assert from_env.database.build_timeout == 1.5
+    with pytest.raises(ConfigError, match="E2E_BUILD_TIMEOUT"):
+        load_config(path, environ={"E2E_BUILD_TIMEOUT": "0"})
+
+
 def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_config(write(tmp_path), environ={})
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -56,7 +56,7 @@ def test_a_lease_marker_is_written_exactly_as_the_tool_always_wrote_it() -> None
     )
     expected = {
         "tool": "e2e-infra",
-        "format": 2,  # TEMPLATE_FORMAT_VERSION
+        "format": 3,  # TEMPLATE_FORMAT_VERSION
         "base": "e2e_db",
         "kind": "database",
         "lease": "abc",

@@ -90,9 +90,11 @@ def test_command_that_overruns_its_timeout_is_killed_with_its_children(tmp_path:
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
         "pathlib.Path('child.pid').write_text(str(p.pid)); time.sleep(60)"
     )
-    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, timeout=1.0)
-    with pytest.raises(MigrationError, match=r"did not finish within 1s"):
+    config = make_config(tmp_path, migrate_command=f'{{python}} -c "{script}"', build_timeout=1.0)
+    runner = migration_runner(config)  # the timeout is database.build_timeout
+    with pytest.raises(MigrationError, match=r"did not finish within 1s") as info:
         runner.apply(TARGET)
+    assert "raise database.build_timeout / E2E_BUILD_TIMEOUT" in str(info.value)
     grandchild = psutil.Process(int((tmp_path / "child.pid").read_text()))
     # It was SIGKILLed; once init reaps it, it is gone (a zombie until then).
     psutil.wait_procs([grandchild], timeout=5)
@@ -215,3 +217,32 @@ def test_a_repository_without_seeds_gets_an_empty_default_seed(tmp_path: Path) -
     assert isinstance(runner, NoSeed) and runner.inputs() == []
     with pytest.raises(SeedProfileNotFoundError):
         seed_runner(config, "auth_only")  # a named profile still has to exist
+
+
+def test_runners_take_their_timeout_from_the_build_timeout(tmp_path: Path) -> None:
+    (tmp_path / "seeds" / "fast").mkdir(parents=True)
+    config = make_config(
+        tmp_path,
+        migrations_dir=tmp_path,
+        seeds_dir=tmp_path / "seeds",
+        seed_commands={"slow": "seed.sh"},
+        build_timeout=42.0,
+    )
+    runners = [migration_runner(config), seed_runner(config, "fast"), seed_runner(config, "slow")]
+    assert [runner.timeout for runner in runners] == [42.0, 42.0, 42.0]  # type: ignore[attr-defined]
+
+
+def test_a_migrate_command_gets_neither_the_admin_url_nor_the_tools_plumbing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("E2E_ADMIN_DATABASE_URL", "postgresql://postgres:AdminPw9@db/postgres")
+    monkeypatch.setenv("PGPASSWORD", "AdminPw9")
+    monkeypatch.setenv("E2E_NOX_RUN_ID", "a nox run")
+    monkeypatch.setenv("APP_SETTING", "kept")
+    script = "import json, os; open('env.json', 'w').write(json.dumps(dict(os.environ)))"
+    CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path).apply(TARGET)
+    import json
+
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert env["DATABASE_URL"] == TARGET.url and env["APP_SETTING"] == "kept"
+    assert not {"E2E_ADMIN_DATABASE_URL", "PGPASSWORD", "E2E_NOX_RUN_ID"} & set(env)

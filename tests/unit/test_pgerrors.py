@@ -50,7 +50,14 @@ def test_admin_errors_are_one_masked_line_naming_the_fix() -> None:
     assert 'ALTER ROLE "ci user" CREATEDB' in line and "could not allocate a database" in line
     assert "s3cret" not in line and "***" in line
     canceled = to_error(sqlerrors.QueryCanceled("canceling statement"), context)
-    assert isinstance(canceled, DatabaseError) and "statement_timeout (9s)" in str(canceled)
+    assert isinstance(canceled, DatabaseError) and "database.build_timeout, 9s" in str(canceled)
+    assert "E2E_BUILD_TIMEOUT" in str(canceled)
+    applying = ErrorContext(
+        Phase.APPLY, SERVER, file="0001_slow.sql", what="migration", statement_timeout=7
+    )
+    slow = to_error(sqlerrors.QueryCanceled("canceling statement due to timeout"), applying)
+    assert isinstance(slow, MigrationError) and slow.file == "0001_slow.sql"
+    assert "migration 0001_slow.sql ran past database.build_timeout (7s)" in str(slow)
     lost = to_error(psycopg.OperationalError("server closed the connection other-pw"), context)
     assert isinstance(lost, ServerUnreachableError) and lost.url == SERVER.masked
     assert "other-pw" not in str(lost) and "invoke pg.status" in str(lost)

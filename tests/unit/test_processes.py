@@ -6,7 +6,17 @@ import signal
 
 import pytest
 
-from e2e_infra.processes import KILL, Ending, ProcessRecord, Step, Stoppable, StopRecord, escalation
+from e2e_infra.processes import (
+    KILL,
+    NOT_FOR_CHILDREN,
+    Ending,
+    ProcessRecord,
+    Step,
+    Stoppable,
+    StopRecord,
+    child_environ,
+    escalation,
+)
 from e2e_infra.testing import FakeClock
 
 
@@ -129,3 +139,29 @@ def test_a_process_record_round_trips_and_rejects_bad_data() -> None:
     assert ProcessRecord.from_json(record.to_json()) == record
     with pytest.raises(ValueError, match="pgid"):
         ProcessRecord.from_json({"pid": 4242, "pgid": True, "start_time": 1.0})
+
+
+def test_a_childs_environment_has_no_tool_secret_nor_plumbing_but_the_users_own_variables() -> None:
+    outer = {
+        "E2E_ADMIN_DATABASE_URL": "postgresql://postgres:pw@db/postgres",
+        "E2E_CONFIG": "/repo/pyproject.toml",
+        "E2E_STATE_DIR": "/repo/.e2e-infra",
+        "E2E_NOX_RUN_ID": "run-of-the-main-nox-process",
+        "E2E_BUILD_TIMEOUT": "600",
+        "PGPASSWORD": "pw",
+        "PGHOST": "db",
+        "PGSSLKEY": "/secret/admin.key",
+        "E2E_RUN_ID": "run-1",
+        "E2E_INFRA_RUN": "token",
+        "E2E_BASE_URL": "an application's own setting",
+        "PGTZ": "UTC",
+        "PATH": "/usr/bin",
+    }
+    assert child_environ(outer) == {
+        "E2E_RUN_ID": "run-1",
+        "E2E_INFRA_RUN": "token",
+        "E2E_BASE_URL": "an application's own setting",
+        "PGTZ": "UTC",
+        "PATH": "/usr/bin",
+    }
+    assert "E2E_ADMIN_DATABASE_URL" in NOT_FOR_CHILDREN and "E2E_RUN_ID" not in NOT_FOR_CHILDREN

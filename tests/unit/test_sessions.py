@@ -8,7 +8,7 @@ import nox
 import pytest
 
 from e2e_infra.cli import sessions
-from e2e_infra.config import Config, ProjectConfig
+from e2e_infra.config import NOX_RUN_ENV, Config, ProjectConfig
 from e2e_infra.parallel import pool
 from e2e_infra.parallel.pool import Outcome
 
@@ -37,7 +37,7 @@ def registered(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Con
     monkeypatch.setattr(sessions, "_registered", state)
     monkeypatch.setattr(sessions, "_worker", [])
     monkeypatch.delenv("E2E_RUN_ID", raising=False)
-    monkeypatch.delenv(sessions.NOX_RUN_ENV, raising=False)
+    monkeypatch.delenv(NOX_RUN_ENV, raising=False)
     return state
 
 
@@ -61,7 +61,7 @@ def test_one_run_id_per_nox_call_shared_with_its_workers_but_not_with_nested_run
     # A -j worker inherits the main process's environment: the same run.
     import os
 
-    assert os.environ[sessions.NOX_RUN_ENV] == run
+    assert os.environ[NOX_RUN_ENV] == run
     assert "E2E_RUN_ID" not in os.environ  # a nested `invoke e2e.all` starts a run of its own
     registered.clear()
     sessions.register_sessions(_config(tmp_path, "ns_gamma"))
@@ -112,3 +112,17 @@ def test_only_the_main_nox_process_prints_the_summary(
     nox.registry.get()["e2e-ns_sum"].func(FakeSession(parallel=True))
     sessions._summary_at_exit()
     assert printed == [["a run"]]
+
+
+def test_a_run_id_that_names_no_valid_folder_is_one_line_not_a_traceback(
+    registered: dict[str, Config],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("E2E_RUN_ID", "../elsewhere")
+    with pytest.raises(SystemExit) as exited:
+        sessions.register_sessions(_config(tmp_path, "ns_bad"))
+    assert exited.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run id '../elsewhere'" in err[0], err
