@@ -143,11 +143,15 @@ def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
 
 def print_run_report(config: e2e_infra.Config, runs: list[e2e_infra.RunRecord]) -> None:
     """After a run: the summary table and failures, the merged JUnit file, the merged Playwright
-    report and ``report.html``, on stderr (stdout stays for JSON)."""
+    report and ``report.html``, on stderr (stdout stays for JSON); then the run folders beyond
+    the retention (``keep_runs``, ``keep_run_days``) are removed."""
     e2e_infra.print_summary(config, runs)
     if merged := e2e_infra.merge_playwright_reports(config, runs):
         print(f"Playwright report: {merged}", file=sys.stderr)
     print(f"report: {e2e_infra.write_html_report(config, runs)}", file=sys.stderr)
+    from e2e_infra.report.retention import prune_runs
+
+    prune_runs(config)  # keep_runs / keep_run_days: the results folder does not grow forever
 
 
 def print_tail(what: str, log: Path, lines: int = 15) -> None:

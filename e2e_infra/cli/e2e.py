@@ -59,6 +59,7 @@ def _run_projects(
             return []
     started = time.time()
     config = _for_run(config)
+    config.layout.make_run_dir()  # a link planted there, a full disk: one line, nothing written
     live = e2e_infra.use_live_display(sys.stderr)
     printing = threading.Lock()
 
@@ -73,10 +74,13 @@ def _run_projects(
     pool = ProjectPool(config, int(jobs), on_finished=None if live else print_block)
     done = threading.Event()
     outcomes: list[Outcome] = []
+    failures: list[e2e_infra.E2EInfraError] = []
 
     def work() -> None:
         try:
             outcomes.extend(pool.run(projects))
+        except e2e_infra.E2EInfraError as exc:  # raised again in this thread, after the join
+            failures.append(exc)
         finally:
             done.set()
 
@@ -94,6 +98,8 @@ def _run_projects(
             runner.join(timeout=pool.grace + 5.0)
             _summarize(config, started, projects)
         raise
+    if failures:
+        raise failures[0]
     runs = _summarize(config, started, projects)
     failed = [run.project for run in runs if not run.passed]
     if live:
@@ -145,6 +151,7 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
     """Run one E2E project: its own ports, database and servers, then its suite."""
     config = _for_run(load())
     config.project(project)
+    config.layout.make_run_dir()  # a link planted there, a full disk: one line, nothing written
     try:
         suite_args = shlex.split(args)
     except ValueError as exc:
@@ -242,15 +249,25 @@ def e2e_list(c: Context, json_: bool = False) -> None:
 @task(name="cleanup", help={"json": JSON_HELP})
 @cli
 def e2e_cleanup(c: Context, json_: bool = False) -> None:
-    """Reclaim everything stale on this host: orphan server groups, databases, ports, and the
-    cluster folders of checkouts that are gone (when their server is not running)."""
+    """Reclaim everything stale on this host: orphan server groups, databases, ports, the
+    cluster folders of checkouts that are gone (when their server is not running), and run
+    folders beyond keep_runs / keep_run_days."""
     from ..postgres.folders import remove_orphans, scan_cluster_folders
+    from ..report.retention import prune_runs
 
-    report = e2e_infra.reclaim(load())
+    config = load()
+    report = e2e_infra.reclaim(config)
     clusters, cluster_errors = remove_orphans(scan_cluster_folders())
     report.errors.extend(cluster_errors)
+    runs = prune_runs(config)
     if json_:
-        emit_json({**report.to_json(), "clusters": [f.to_json() for f in clusters]})
+        emit_json(
+            {
+                **report.to_json(),
+                "clusters": [f.to_json() for f in clusters],
+                "runs": [str(folder) for folder in runs],
+            }
+        )
     else:
         rows = [
             [kind, what, why]
@@ -259,6 +276,7 @@ def e2e_cleanup(c: Context, json_: bool = False) -> None:
                 ("database", report.databases),
                 ("port", report.ports),
                 ("cluster", [(str(f.path), f"{f.why}; {size(f.size)} freed") for f in clusters]),
+                ("run", [(str(folder), "beyond keep_runs / keep_run_days") for folder in runs]),
             )
             for what, why in items
         ]

@@ -52,6 +52,11 @@ def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Sessi
 
         if session.parallel:  # a nox -j worker: the main nox process prints the summary
             _worker.append(True)
+        try:
+            config.layout.make_run_dir()  # a link planted there: refused, nothing written
+        except e2e_infra.E2EInfraError as exc:
+            session.error(exc.one_line())
+            return
         outcome = run_one(config, project, session.posargs)
         for line in outcome.logs:
             session.log(line)
@@ -113,7 +118,10 @@ def _summary_at_exit() -> None:
     from ._output import print_run_report
 
     config = next(iter(_registered.values()))
-    vanished(config, list(_registered))  # a session whose process died: named, as an error
-    runs = e2e_infra.collect_runs(config, since=_STARTED, projects=list(_registered))
-    if runs:
-        print_run_report(config, runs)
+    try:
+        vanished(config, list(_registered))  # a session whose process died: named, as an error
+        runs = e2e_infra.collect_runs(config, since=_STARTED, projects=list(_registered))
+        if runs:
+            print_run_report(config, runs)
+    except e2e_infra.E2EInfraError as exc:  # a full results folder, say: one line
+        print(f"nox: error: {exc.one_line()}", file=sys.stderr)

@@ -202,6 +202,8 @@ class Config:
     lock_timeout: float = 30.0
     host_id: str = field(default_factory=default_host_id)  # see hostid.py
     keep_on_failure: bool = False
+    keep_runs: int = 20  # run folders kept in results_dir: the newest N ...
+    keep_run_days: float = 0.0  # ... and any younger than this many days (0: age keeps none)
     run_id: str | None = None  # E2E_RUN_ID: groups the leases of one run
     owner_pid: int | None = None  # E2E_OWNER_PID: who owns leases taken by short-lived commands
     database: DatabaseConfig = DatabaseConfig()
@@ -249,6 +251,8 @@ _TOP_ENV = {
     "lock_timeout": "E2E_LOCK_TIMEOUT",
     "host_id": "E2E_HOST_ID",
     "keep_on_failure": "E2E_KEEP_ON_FAILURE",
+    "keep_runs": "E2E_KEEP_RUNS",
+    "keep_run_days": "E2E_KEEP_RUN_DAYS",
 }
 _DB_ENV = {
     "admin_url": "E2E_ADMIN_DATABASE_URL",
@@ -460,6 +464,8 @@ def load_config(
         lock_timeout=top.get("lock_timeout", 30.0, _as_number(0.1)),
         host_id=host_id,
         keep_on_failure=top.get("keep_on_failure", False, _as_bool),
+        keep_runs=top.get("keep_runs", 20, _as_number(1, integer=True)),
+        keep_run_days=top.get("keep_run_days", 0.0, _as_number(0)),
         run_id=run_id,
         owner_pid=int(owner_text) if owner_text else None,
         database=database,

@@ -108,8 +108,11 @@ def run_one(
         record = run_project(
             config, project, posargs, on_phase=status, record_duration=record_duration
         )
-    except E2EInfraError as exc:  # an interrupt: released already; one line
+    except Interrupted as exc:  # released already; one line
         status.finish(project, Result.INTERRUPTED)
+        return Outcome(project, None, f"{project}: {exc.one_line()}")
+    except E2EInfraError as exc:  # its record could not be written (a full results folder)
+        status.finish(project, Result.ERROR)
         return Outcome(project, None, f"{project}: {exc.one_line()}")
     except Exception as exc:  # a defect of ours: still one masked line, never a traceback
         status.finish(project, Result.ERROR)
@@ -176,7 +179,7 @@ def _output_to(path: Path) -> Iterator[None]:
     sys.stderr.flush()
     saved = (os.dup(1), os.dup(2))
     try:
-        with open_log(path) as out:
+        with open_log(path, fresh=True) as out:  # a run id used again starts a new output
             os.dup2(out.fileno(), 1)
             os.dup2(out.fileno(), 2)
             try:
@@ -193,6 +196,8 @@ def _output_to(path: Path) -> Iterator[None]:
 
 def _work(config: Config, project: str, posargs: Sequence[str], output: Path) -> Outcome:
     """In a worker: one project, its output into ``output``; not started after a stop."""
+    from ..errors import E2EInfraError
+    from ..files import RESULTS_SETTING, folder_error
     from ..processes.interrupts import Interrupts
 
     worker = _worker[0]
@@ -204,6 +209,11 @@ def _work(config: Config, project: str, posargs: Sequence[str], output: Path) ->
             outcome = run_one(config, project, posargs, record_duration=False)
     except Interrupted:
         return Outcome(project, None, f"{project}: interrupted before it started", (), output)
+    except E2EInfraError as exc:  # its output file: a link, a full or read-only folder
+        return Outcome(project, None, f"{project}: {exc.one_line()}", (), None)
+    except OSError as exc:
+        error = folder_error(output, exc, setting=RESULTS_SETTING, what="write")
+        return Outcome(project, None, f"{project}: {error.one_line()}", (), None)
     interrupted = outcome.record is not None and outcome.record.result is Result.INTERRUPTED
     if interrupted and not worker.stop.is_set() and worker.interrupted is None:
         # Not our stop: the pool broke and SIGTERMed its workers. Leave, or the pool's shutdown
@@ -253,7 +263,7 @@ class ProjectPool:
         from ..processes.interrupts import Interrupts
 
         state = _Run(list(dict.fromkeys(projects)))
-        self.config.layout.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.layout.make_run_dir()
         durations: dict[str, float] = {}
         try:
             with Interrupts().installed():

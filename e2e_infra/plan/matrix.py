@@ -32,7 +32,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import UsageError
-from ..resources.leases import ensure_private_dir
+from ..files import ensure_private_dir
 from ..results.durations import durations_for_plan, locked, write_json
 
 __all__ = [

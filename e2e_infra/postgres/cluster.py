@@ -30,8 +30,9 @@ from ..errors import (
     LockTimeoutError,
     ServerUnreachableError,
 )
+from ..files import ensure_private_dir
 from ..processes.logs import file_size, log_tail
-from ..resources.leases import Lease, Owner, Registry, ensure_private_dir
+from ..resources.leases import Lease, Owner, Registry
 from ..resources.ports import PortAllocator
 from .binaries import CHILD_PATH, PgBinaries, copy_installation, find_binaries
 from .folders import purge_folders, write_owner

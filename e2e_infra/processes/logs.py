@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
 from ..conninfo import mask_secrets
+from ..files import symlink_error
 
 __all__ = ["TAIL_LINES", "file_size", "log_tail", "open_log", "read_end"]
 
@@ -15,10 +17,18 @@ TAIL_LINES = 20
 _TAIL_BYTES = 64 * 1024  # the tail is read from at most this many bytes at the end of the log
 
 
-def open_log(path: Path) -> IO[bytes]:
-    """``path`` opened for appending, created 0600: a log may hold what a process printed of
-    its configuration, so it is the user's alone (its folder is 0700 too)."""
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+def open_log(path: Path, *, fresh: bool = False) -> IO[bytes]:
+    """``path`` opened for appending (``fresh``: emptied first), created 0600: a log may hold
+    what a process printed of its configuration, so it is the user's alone (its folder is 0700
+    too). A symbolic link there is refused, never followed: the tool writes only to files it
+    made (:class:`~e2e_infra.errors.FolderError` naming it)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if fresh else 0)
+    try:
+        return os.fdopen(os.open(path, flags, 0o600), "ab")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise symlink_error(path) from None
+        raise
 
 
 def file_size(path: Path) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..conninfo import mask_secrets
+from ..files import RESULTS_SETTING, folder_error
 from ..results.record import Result, RunRecord
 from .junit import FailedTest
 from .summary import (
@@ -412,8 +413,11 @@ def write_html_report(
     if merged is not None and not merged.is_file():
         merged = None
     page = render_html(rows, base=out.parent, playwright_report=merged)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:  # a full or read-only results folder: one line naming it
+        raise folder_error(out, exc, setting=RESULTS_SETTING, what="write") from None
     return out

@@ -31,6 +31,7 @@ __all__ = [
     "ProjectStatus",
     "StatusWriter",
     "follow_run",
+    "read_status",
     "read_statuses",
     "use_live_display",
     "vanished",
@@ -118,7 +119,8 @@ class ProjectStatus:
         return f"{self.project}: {self.phase} ({self.elapsed:.1f}s)"
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def read_status(path: Path) -> dict[str, Any] | None:
+    """A ``status.json`` as a mapping; None when it is missing or unreadable."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -138,7 +140,7 @@ def read_statuses(
         if run is not None and run.started_at >= since - _SLACK:
             out.append(ProjectStatus(project, run.result.label, run.duration, True, run.result))
             continue
-        status = _read(layout.status(project))
+        status = read_status(layout.status(project))
         try:
             started = float(status["started_at"]) if status else 0.0
         except (KeyError, TypeError, ValueError):
@@ -166,7 +168,7 @@ def vanished(config: Config, projects: Iterable[str]) -> dict[str, RunRecord]:
     layout = config.layout
     found: dict[str, RunRecord] = {}
     for project in projects:
-        status = _read(layout.status(project))
+        status = read_status(layout.status(project))
         if status is None or status.get("done"):
             continue
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..files import RESULTS_SETTING, folder_error
 from ..results.layout import OTHER_RUNS
 from ..results.record import Result, RunRecord
 from .junit import JUnitSummary, read_junit
@@ -240,10 +241,13 @@ def merge_junit(runs: Sequence[RunRecord], out: Path) -> Path | None:
         return None
     for key, value in totals.items():
         root.set(key, str(value))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".xml.tmp")
-    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".xml.tmp")
+        ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+        os.replace(tmp, out)
+    except OSError as exc:  # a full or read-only results folder: one line naming it
+        raise folder_error(out, exc, setting=RESULTS_SETTING, what="write") from None
     return out
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import FolderError
+from ..files import RESULTS_SETTING, folder_error, symlink_error
 from .record import RunRecord
 
 __all__ = ["LATEST", "Layout"]
@@ -177,23 +179,36 @@ class Layout:
         folder = self.project_dir(project)
         if others and self.run is not None:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _make(self.run_dir)
+                _own(folder)
                 folder.mkdir()
                 others = False  # the other run writes into another run's folder
             except FileExistsError:
                 pass
+            except OSError as exc:
+                raise _folder_error(folder, exc) from None
         if others:
             folder = self.other_run_dir(project, session_run)
-        folder.mkdir(parents=True, exist_ok=True)
+        chain = [self.run_dir]
+        for part in folder.relative_to(self.run_dir).parts:
+            chain.append(chain[-1] / part)
+        for made in chain:  # each one a folder of ours, never a link to somewhere else
+            _make(made)
         for made in {self.run_dir, folder}:
             with contextlib.suppress(OSError):
-                made.chmod(0o700)
+                made.chmod(0o700)  # not through a link: _make refused those
         self.point_latest()
         if not others:
             for name in (RECORD, JUNIT, *stale):
                 with contextlib.suppress(FileNotFoundError):
                     (folder / name).unlink()
         return folder
+
+    def make_run_dir(self) -> Path:
+        """The run's folder, made if missing (never through a link); one line if it cannot be."""
+        _make(self.results_dir)
+        _make(self.run_dir)
+        return self.run_dir
 
     def point_latest(self) -> None:
         """Make ``latest`` point at this run's folder (atomically; best effort)."""
@@ -205,6 +220,27 @@ class Layout:
             tmp.unlink(missing_ok=True)
             tmp.symlink_to(self.run, target_is_directory=True)
             os.replace(tmp, self.latest)
+
+
+def _own(path: Path) -> None:
+    """Refuse a symbolic link where the tool makes (and later chmods and writes into) a folder of
+    its own: a link planted at ``<results>/<run id>`` would send a run's files elsewhere."""
+    if path.is_symlink():
+        raise symlink_error(path, RESULTS_SETTING)
+
+
+def _make(path: Path) -> None:
+    """``path`` as a folder of the tool's (made if missing); a link or an error is one line."""
+    _own(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _folder_error(path, exc) from None
+    _own(path)
+
+
+def _folder_error(path: Path, exc: OSError) -> FolderError:
+    return folder_error(path, exc, setting=RESULTS_SETTING, what="create the folder")
 
 
 def _mtime(path: Path) -> float:

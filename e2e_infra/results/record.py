@@ -24,6 +24,7 @@ from typing import Any
 
 from ..conninfo import mask_secrets
 from ..errors import E2EInfraError, Interrupted, SuiteFailedError
+from ..files import RESULTS_SETTING, folder_error
 
 __all__ = ["RECORD_VERSION", "Draft", "Result", "RunRecord"]
 
@@ -258,14 +259,19 @@ class RunRecord:
 
     def write(self, path: Path) -> RunRecord:
         """Write it to ``path`` atomically (0600: paths and errors are the user's); return it with
-        its path. Best effort: a full disk must not turn a finished run into a crash."""
-        with contextlib.suppress(OSError):
+        its path. A full or read-only folder is a :class:`~e2e_infra.errors.FolderError` naming
+        it (the temporary file removed): a run whose record is lost must not read as passed."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
             with os.fdopen(os.open(tmp, flags, 0o600), "w", encoding="utf-8") as out:
                 out.write(json.dumps(self.to_json(), indent=2) + "\n")
             os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise folder_error(path, exc, setting=RESULTS_SETTING, what="write") from None
         return replace(self, path=path)
 
 

@@ -7,10 +7,11 @@ waits. It leads a session of its own (the interrupt that kills the run's group d
 and holds no descriptor of the owner's but the pipe (``close_fds``). A session that ends normally
 writes ``q`` and reaps it (:meth:`Guardian.stop`). End of file without that line means the owner
 died holding its write end (SIGKILL, say): only then does the shell become the full guardian, by
-``exec`` of a fresh interpreter, its output appended to the guardian log::
+``exec`` of a fresh interpreter, which appends its output to the guardian log (never through a
+symbolic link)::
 
     python -m e2e_infra.run.guardian --pid PID --start-time T --run-id RUN --project NAME \\
-        --timeout S
+        --timeout S --log LOG
 
 That guardian polls the owner (pid + start time, so a reused pid is not mistaken for it) until the
 owner is gone or the deadline passes, then kills the run's orphan server groups, drops its
@@ -34,6 +35,7 @@ from ..clock import SystemClock, wait_until
 from ..config import load_config
 from ..errors import DeadlineExceeded, E2EInfraError
 from ..processes import wait_exit
+from ..processes.logs import open_log
 from ..resources.leases import process_state
 
 __all__ = ["Guardian", "main", "start_guardian"]
@@ -41,11 +43,9 @@ __all__ = ["Guardian", "main", "start_guardian"]
 log = logging.getLogger("e2e_infra")
 
 _STOP = b"q\n"  # what the owner writes when it ends normally: the guardian exits, no reclaim
-# $1: the log; the rest: the full guardian's command. A private log (umask), stdin from /dev/null.
-_WAIT = (
-    'IFS= read -r line && [ "$line" = q ] && exit 0; '
-    'log=$1; shift; umask 077; exec "$@" </dev/null >>"$log" 2>&1'
-)
+# "$@": the full guardian's command, which opens its own log (--log: never through a symbolic
+# link, which the shell's >> would follow). stdin from /dev/null.
+_WAIT = 'IFS= read -r line && [ "$line" = q ] && exit 0; exec "$@" </dev/null >/dev/null 2>&1'
 
 
 def _owner_gone(pid: int, start_time: float) -> bool:
@@ -59,9 +59,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--project", required=True)
     parser.add_argument("--timeout", type=float, default=7200.0)
+    parser.add_argument("--log", type=Path, help="append to this file (never a symbolic link)")
     args = parser.parse_args(argv)
+    stream = None
+    if args.log is not None:
+        try:
+            stream = open_log(args.log)  # 0600, O_NOFOLLOW; a refused log leaves the output off
+        except (E2EInfraError, OSError):
+            stream = None
+        else:
+            os.dup2(stream.fileno(), 1)
+            os.dup2(stream.fileno(), 2)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s guardian[%(process)d] %(levelname)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s guardian[%(process)d] %(levelname)s: %(message)s",
+        stream=sys.stderr,
     )
     clock = SystemClock()
     try:
@@ -152,13 +164,15 @@ def start_guardian(
         project,
         "--timeout",
         str(timeout),
+        "--log",
+        str(log_path),
     ]
     read_end, write_end = os.pipe()  # both close on exec: no server or suite inherits them
     try:
         # Its own session; every other descriptor closed (the owner's listening sockets,
         # connections, lock files); the default signal dispositions of a fresh process.
         proc = subprocess.Popen(
-            ["/bin/sh", "-c", _WAIT, "e2e-infra-guardian", str(log_path), *argv],
+            ["/bin/sh", "-c", _WAIT, "e2e-infra-guardian", *argv],
             stdin=read_end,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

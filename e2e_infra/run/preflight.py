@@ -12,13 +12,7 @@ from pathlib import Path
 
 from ..config import Config, ProjectConfig
 from ..errors import ConfigError, FolderError
-from ..resources.leases import (
-    RESULTS_SETTING,
-    STATE_SETTING,
-    check_writable,
-    ensure_private_dir,
-    folder_error,
-)
+from ..files import RESULTS_SETTING, STATE_SETTING, check_writable, ensure_private_dir, folder_error
 
 __all__ = ["check_project", "writable_folder"]
 

@@ -30,16 +30,10 @@ from ..clock import Clock, SystemClock
 from ..config import Config, ProjectConfig, ServerConfig
 from ..conninfo import mask_secrets
 from ..errors import ConfigError, E2EInfraError, Interrupted, SuiteFailedError
+from ..files import ensure_private_dir
 from ..processes import wait_exit
 from ..processes.interrupts import Interrupts, signals_deferred
-from ..resources.leases import (
-    Lease,
-    Owner,
-    Registry,
-    ensure_private_dir,
-    new_run_id,
-    process_start_time,
-)
+from ..resources.leases import Lease, Owner, Registry, new_run_id, process_start_time
 from ..results.record import Draft, Result, RunRecord
 from . import playwright
 from .reclaim import SERVER_KIND, reclaim
@@ -128,6 +122,7 @@ class ProjectSession:
         self._secrets: tuple[str, ...] = ()
         self._placeholders: Placeholders | None = None
         self._record: RunRecord | None = None
+        self.record_error: E2EInfraError | None = None  # its run.json could not be written
         self._phase_start = 0.0
         self._started = self.clock.monotonic()
         self.env: ProjectEnv | None = None
@@ -501,7 +496,11 @@ class ProjectSession:
             )
 
     def _write_record(self) -> RunRecord:
-        record = self.result.freeze().write(self.layout.record(self.results_dir))
+        try:
+            record = self.result.freeze().write(self.layout.record(self.results_dir))
+        except E2EInfraError as exc:  # a full results folder: the run fails, naming it
+            self.record_error = exc
+            return self.result.freeze()
         self._record = record
         if self.record_duration and record.timed:  # how long the suite takes, for CI plans
             from ..results.durations import record_duration
@@ -575,4 +574,6 @@ def run_project(
         raise
     except E2EInfraError:
         pass  # recorded by the session (result failed or error, masked message)
+    if session.record_error is not None:
+        raise session.record_error  # the record is lost: say where and why, not "passed"
     return session.record

@@ -266,7 +266,7 @@ def test_an_owner_that_cannot_be_inspected_is_not_proof_of_death(
 
 
 def test_a_new_state_folder_is_private_and_ignores_itself(tmp_path: Path) -> None:
-    from e2e_infra.resources.leases import ensure_private_dir
+    from e2e_infra.files import ensure_private_dir
 
     state = ensure_private_dir(tmp_path / "repo" / ".e2e-infra")
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
@@ -274,7 +274,7 @@ def test_a_new_state_folder_is_private_and_ignores_itself(tmp_path: Path) -> Non
 
 
 def test_an_existing_shared_folder_keeps_its_mode(tmp_path: Path) -> None:
-    from e2e_infra.resources.leases import ensure_private_dir
+    from e2e_infra.files import ensure_private_dir
 
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -286,7 +286,7 @@ def test_an_existing_shared_folder_keeps_its_mode(tmp_path: Path) -> None:
 
 def test_a_state_path_under_a_regular_file_is_one_folder_error(tmp_path: Path) -> None:
     from e2e_infra.errors import FolderError
-    from e2e_infra.resources.leases import ensure_private_dir
+    from e2e_infra.files import ensure_private_dir
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(FolderError, match="state_dir"):
