@@ -10,19 +10,19 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import clean_environ, project_folder, running_cluster, write_pyproject
+from support.cli import CLI, clean_environ, config_environ
+from support.clusters import running_cluster
+from support.configs import write_pyproject
+from support.runs import project_folder
 
 import e2e_infra
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
 
 WEB = {
     "command": "{python} -m http.server {port} --bind 127.0.0.1",
@@ -49,17 +49,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[e2e_infra.Loca
 def run_cli(
     tool: str, config_path: Path, *args: str, umask: int = -1, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", tool]
-    argv += ["-r", str(ROOT)] if tool == "invoke" else ["-f", str(ROOT / "noxfile.py")]
-    return subprocess.run(
-        [*argv, *args],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path), **env}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        umask=umask,
-    )
+    run = CLI.invoke if tool == "invoke" else CLI.nox
+    return run(*args, env=config_environ(config_path, **env), timeout=120, umask=umask)
 
 
 def databases(cluster: e2e_infra.LocalCluster) -> set[str]:
