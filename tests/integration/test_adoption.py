@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,20 +14,19 @@ from pathlib import Path
 import psutil
 import pytest
 import uv
-from conftest import clean_environ, running_cluster
+from support import FIXTURES_DIR, REPO_ROOT
+from support.cli import CLI, clean_environ
+from support.clusters import running_cluster
 
 import e2e_infra
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURE = ROOT / "tests" / "fixtures" / "adopter"
+FIXTURE = FIXTURES_DIR / "adopter"
 
 
 def _run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
-    proc = subprocess.run(
-        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = CLI.run(argv, env=env, cwd=cwd, timeout=timeout, check=False)
     assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -46,16 +44,14 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheels = base / "wheels"
     env = clean_environ()
     env.pop("PYTHONPATH", None)  # the package must come from the wheel, not a checkout
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
-        base, env,
-    )  # fmt: skip
-    shutil.rmtree(ROOT / "build", ignore_errors=True)  # setuptools' build folder
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels)]
+    _run([*pip_wheel, str(REPO_ROOT)], base, env)
+    shutil.rmtree(REPO_ROOT / "build", ignore_errors=True)  # setuptools' build folder
     (wheel,) = wheels.glob("e2e_infra-*.whl")
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], base, env)
     python = str(venv / "bin" / "python")
-    lock = ROOT / "requirements-dev.txt"
+    lock = REPO_ROOT / "requirements-dev.txt"
     # The wheel, and pytest: the team's own test runner (its suites are pytest files).
     install = ["pip", "install", "-q", "--python", python, "-c", str(lock), str(wheel), "pytest"]
     _run([uv.find_uv_bin(), *install], base, env, timeout=600)
@@ -106,10 +102,8 @@ def test_init_then_the_projects_run_from_the_installed_wheel(
 
     listed = _run([python, "-m", "nox", "-l", "--json"], repo, env)
     assert {s["session"] for s in json.loads(listed)} >= {"e2e-smoke", "e2e-notes"}
-    run = subprocess.run(
-        [python, "-m", "nox", "-j", "auto", "-t", "e2e"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+    argv = [python, "-m", "nox", "-j", "auto", "-t", "e2e"]
+    run = CLI.run(argv, env=env, cwd=repo, timeout=600, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "e2e-smoke" in run.stderr and "e2e-notes" in run.stderr
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -23,15 +22,17 @@ from urllib.parse import unquote
 
 import psycopg
 import pytest
-from conftest import clean_environ, project_folder, run_processes, running_cluster
+from support import REPO_ROOT
+from support.cli import CLI, config_environ
+from support.clusters import running_cluster
+from support.runs import project_folder, run_processes
 
 import e2e_infra
 from e2e_infra.testing import copy_config
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO_E2E = ROOT / "demo" / "e2e"
+DEMO_E2E = REPO_ROOT / "demo" / "e2e"
 PORT_RANGE = "19400-19499"
 PROJECTS = {"browser_ui": 3, "browser_node": 2}  # project -> its number of tests
 
@@ -55,7 +56,7 @@ test("fails on purpose", async ({ page }) => {
 
 
 def demo_project(name: str) -> dict[str, Any]:
-    table: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"][
+    table: dict[str, Any] = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"][
         "e2e_infra"
     ]["projects"][name]
     return table
@@ -99,7 +100,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # The project's own install step, as its command runs it: a no-op when already installed.
     subprocess.run(["sh", "ensure-deps.sh"], cwd=DEMO_E2E / "browser_node", check=True, timeout=600)
     config_path = copy_config(
-        ROOT / "pyproject.toml",
+        REPO_ROOT / "pyproject.toml",
         folder,
         port_range=PORT_RANGE,
         extra_projects=failing_copies(folder),
@@ -116,14 +117,7 @@ def config(workspace: Path) -> e2e_infra.Config:
 def nox(
     config_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path), **(env or {})}),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return CLI.nox(*args, env=config_environ(config_path, **(env or {})), timeout=300)
 
 
 def run_record(config: e2e_infra.Config, project: str) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import clean_environ
+from support import REPO_ROOT
+from support.cli import clean_environ
 
 from e2e_infra.config import load_config
 from e2e_infra.report.summary import collect_runs
@@ -31,9 +32,8 @@ from e2e_infra.results.layout import DURATIONS as DURATIONS_FILE
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW = ROOT / ".github" / "workflows" / "e2e.yml"
-CI_TOOLS = ROOT / ".ci"
+WORKFLOW = REPO_ROOT / ".github" / "workflows" / "e2e.yml"
+CI_TOOLS = REPO_ROOT / ".ci"
 PORT_RANGE = "19200-19299"
 DURATIONS = {"alpha": 50.0, "beta": 40.0, "gamma": 30.0, "delta": 20.0, "epsilon": 10.0}
 PROJECTS = sorted([*DURATIONS, "zeta"])  # zeta never ran before
@@ -210,7 +210,7 @@ def bash(script: str, cwd: Path, env: Mapping[str, str]) -> subprocess.Completed
 
 
 def test_the_workflows_scripts_run_each_project_once_and_keep_every_duration(
-    tmp_path: Path,
+    tmp_path: Path, repo_root: Path
 ) -> None:
     workflow = load_workflow()
     jobs = workflow["jobs"]
@@ -229,7 +229,7 @@ def test_the_workflows_scripts_run_each_project_once_and_keep_every_duration(
     outputs = tmp_path / "plan-outputs"
     proc = bash(
         step(jobs["plan"], lambda s: s.get("id") == "matrix")["run"],
-        ROOT,
+        repo_root,
         {"E2E_CONFIG": str(plan), "GITHUB_OUTPUT": str(outputs), **workflow["env"]},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -253,7 +253,7 @@ def test_the_workflows_scripts_run_each_project_once_and_keep_every_duration(
         before = len(ran_file.read_text().split()) if ran_file.exists() else 0
         proc = bash(
             step(jobs["e2e"], running("e2e.all"))["run"],
-            ROOT,
+            repo_root,
             {"E2E_CONFIG": str(checkout), **env},
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr

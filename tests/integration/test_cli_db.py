@@ -6,19 +6,15 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import (
-    PgCluster,
-    clean_environ,
-    drop_databases,
-    make_config,
-    write_pyproject,
-)
+from support import REPO_ROOT
+from support.cli import Cli, Invoke, config_environ
+from support.clusters import PgCluster
+from support.configs import make_config, write_pyproject
 
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.postgres import LocalCluster
@@ -27,52 +23,15 @@ from e2e_infra.run.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures" / "db"
-DEMO = REPO / "demo"
-
-Invoke = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def invoke(pg_cluster: PgCluster, tmp_path: Path) -> Iterator[Invoke]:
-    """Run ``invoke db.*`` against the session cluster through E2E_ADMIN_DATABASE_URL."""
-    base = f"c{uuid.uuid4().hex[:10]}"
-    config_file = write_pyproject(
-        tmp_path,
-        name_base=base,
-        migrations_dir=FIXTURES / "migrations",
-        seeds_dir=FIXTURES / "seeds",
-    )
-    env = clean_environ(
-        {
-            "E2E_CONFIG": str(config_file),
-            "E2E_ADMIN_DATABASE_URL": pg_cluster.tcp.url,
-            "E2E_OWNER_PID": str(os.getpid()),  # the lease lives as long as this test process
-        }
-    )
-
-    def run(
-        *args: str, env_extra: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "invoke", "-r", str(REPO), *args],
-            env={**env, **(env_extra or {})},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    yield run
-    drop_databases(pg_cluster.admin, base + "_")
+DEMO = REPO_ROOT / "demo"
 
 
 def test_allocate_json_carries_the_real_url_and_human_output_masks_it(
-    invoke: Invoke, pg_cluster: PgCluster
+    db_invoke: Invoke, pg_cluster: PgCluster
 ) -> None:
     password = pg_cluster.tcp.password
     assert password
-    done = invoke("db.allocate", "--project", "auth_tests", "--json")
+    done = db_invoke("db.allocate", "--project", "auth_tests", "--json")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
     assert set(document) == {"project", "database", "database_url", "template", "seed", "run_id"}
@@ -83,12 +42,12 @@ def test_allocate_json_carries_the_real_url_and_human_output_masks_it(
     with psycopg.connect(document["database_url"]) as conn:
         assert conn.execute("SELECT count(*) FROM accounts").fetchone() == (3,)
 
-    url = invoke("db.url", "--project", "auth_tests")
+    url = db_invoke("db.url", "--project", "auth_tests")
     assert url.returncode == 0 and url.stdout.strip() == document["database_url"]
 
-    human = invoke("db.allocate", "--project", "auth_tests")  # a second one: suffixed name
-    listing = invoke("db.list")
-    listing_json = invoke("db.list", "--json")
+    human = db_invoke("db.allocate", "--project", "auth_tests")  # a second one: suffixed name
+    listing = db_invoke("db.list")
+    listing_json = db_invoke("db.list", "--json")
     for output in (human, listing, listing_json):
         assert output.returncode == 0, output.stderr
         assert password not in output.stdout + output.stderr
@@ -97,31 +56,33 @@ def test_allocate_json_carries_the_real_url_and_human_output_masks_it(
     kinds = sorted(row["kind"] for row in json.loads(listing_json.stdout)["databases"])
     assert kinds == ["database", "database", "template"]
 
-    released = invoke("db.release", "--project", "auth_tests")
+    released = db_invoke("db.release", "--project", "auth_tests")
     assert released.returncode == 0 and released.stdout.count("dropped") == 2
-    again = invoke("db.release", "--project", "auth_tests")
+    again = db_invoke("db.release", "--project", "auth_tests")
     assert again.returncode == 0 and "no databases to release" in again.stdout
 
 
-def test_user_errors_are_one_line_with_the_fix(invoke: Invoke) -> None:
-    bad_name = invoke("db.allocate", "--project", "Bad-Name")
+def test_user_errors_are_one_line_with_the_fix(db_invoke: Invoke) -> None:
+    bad_name = db_invoke("db.allocate", "--project", "Bad-Name")
     assert bad_name.returncode == 2
     assert bad_name.stderr.strip().startswith("error: invalid project name")
     assert len(bad_name.stderr.strip().splitlines()) == 1
 
-    no_profile = invoke("db.allocate", "--project", "quality", "--seed", "nightly")
+    no_profile = db_invoke("db.allocate", "--project", "quality", "--seed", "nightly")
     assert no_profile.returncode == 2
     assert "available: default, empty" in no_profile.stderr
     assert len(no_profile.stderr.strip().splitlines()) == 1
 
-    no_db = invoke("db.url", "--project", "quality")
+    no_db = db_invoke("db.url", "--project", "quality")
     assert no_db.returncode == 2 and no_db.stdout == ""
     assert "invoke db.allocate --project quality" in no_db.stderr
 
 
-def test_unreachable_server_is_one_line_naming_the_masked_url(invoke: Invoke) -> None:
+def test_unreachable_server_is_one_line_naming_the_masked_url(db_invoke: Invoke) -> None:
     url = "postgresql://postgres:hunter2-secret@127.0.0.1:15597/postgres"
-    done = invoke("db.allocate", "--project", "quality", env_extra={"E2E_ADMIN_DATABASE_URL": url})
+    done = db_invoke(
+        "db.allocate", "--project", "quality", env_extra={"E2E_ADMIN_DATABASE_URL": url}
+    )
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot connect to PostgreSQL")
@@ -129,13 +90,13 @@ def test_unreachable_server_is_one_line_naming_the_masked_url(invoke: Invoke) ->
     assert "hunter2-secret" not in done.stderr + done.stdout
 
 
-def test_release_keep_then_cleanup_keeps_it_while_it_is_fresh(invoke: Invoke) -> None:
-    assert invoke("db.allocate", "--project", "dashboard").returncode == 0
-    kept = invoke("db.release", "--project", "dashboard", "--keep")
+def test_release_keep_then_cleanup_keeps_it_while_it_is_fresh(db_invoke: Invoke) -> None:
+    assert db_invoke("db.allocate", "--project", "dashboard").returncode == 0
+    kept = db_invoke("db.release", "--project", "dashboard", "--keep")
     assert kept.returncode == 0 and "kept" in kept.stdout and "***" in kept.stdout
-    assert invoke("db.cleanup").stdout.strip() == "nothing to drop"
-    assert invoke("db.url", "--project", "dashboard").returncode == 0
-    assert invoke("db.release", "--all").stdout.count("dropped") == 1
+    assert db_invoke("db.cleanup").stdout.strip() == "nothing to drop"
+    assert db_invoke("db.url", "--project", "dashboard").returncode == 0
+    assert db_invoke("db.release", "--all").stdout.count("dropped") == 1
 
 
 # --- cold start: no cluster, no template, 8 processes at once -----------------------------------
@@ -151,7 +112,7 @@ _BARRIER = (
 
 
 def test_eight_processes_from_a_cold_start_share_one_cluster_and_one_template(
-    tmp_path: Path, new_cluster: Callable[..., LocalCluster]
+    tmp_path: Path, new_cluster: Callable[..., LocalCluster], cli: Cli
 ) -> None:
     projects = [f"p{i}" for i in range(8)]
     config_file = write_pyproject(
@@ -164,23 +125,17 @@ def test_eight_processes_from_a_cold_start_share_one_cluster_and_one_template(
     config = make_config(tmp_path, port_range="15500-15509", name_base="cold")
     cluster = new_cluster(config, start=False)  # only to stop and remove it afterwards
     assert not cluster.status().running
-    env = clean_environ({"E2E_CONFIG": str(config_file), "E2E_OWNER_PID": str(os.getpid())})
+    env = config_environ(config_file, E2E_OWNER_PID=str(os.getpid()))
     barrier = tmp_path / "go"
     children = [
+        # The barrier execs this Python with the rest of the command line: invoke's.
         subprocess.Popen(
             [
                 sys.executable,
                 "-c",
                 _BARRIER,
                 str(barrier),
-                "-m",
-                "invoke",
-                "-r",
-                str(REPO),
-                "db.allocate",
-                "--project",
-                project,
-                "--json",
+                *cli.invoke_argv("db.allocate", "--project", project, "--json")[1:],
             ],
             env=env,
             stdout=subprocess.PIPE,

@@ -6,15 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cli import CLI, Cli, config_environ
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 LOW, HIGH = 20400, 20599
 
 
@@ -28,16 +27,8 @@ def write_config(folder: Path, port_range: str = f"{LOW}-{HIGH}") -> Path:
 
 
 def invoke(config: Path, *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("E2E_")}
-    env["E2E_CONFIG"] = str(config)
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # No -r: invoke finds the tasks.py of its working folder, the repository's root.
+    done = CLI.invoke(*args, env=config_environ(config), search_root=False, timeout=60)
     assert done.returncode == code, (done.stdout, done.stderr)
     return done
 
@@ -56,14 +47,8 @@ def owner() -> Iterator[subprocess.Popen[bytes]]:
     proc.wait(timeout=10)
 
 
-def test_invoke_list_shows_every_ports_task_with_its_help() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "invoke", "--list"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def test_invoke_list_shows_every_ports_task_with_its_help(cli: Cli) -> None:
+    done = cli.invoke("--list", env=None, search_root=False, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = {
         line.split()[0]: line.split(maxsplit=1)[1:]

@@ -9,39 +9,33 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import clean_environ, write_pyproject
+from support.cli import CLI, Cli, clean_environ
+from support.configs import write_pyproject
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _tasks(argv: list[str], cwd: Path) -> list[str]:
-    out = subprocess.run(
-        argv, cwd=cwd, env=clean_environ(), capture_output=True, text=True, timeout=60, check=True
-    ).stdout
+    out = CLI.run(argv, env=clean_environ(), cwd=cwd, timeout=60, check=True).stdout
     # The heading differs ("Available tasks:" / "Subcommands:"); the tasks must not.
     return [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.strip()]
 
 
-def test_every_entry_point_lists_the_same_tasks() -> None:
+def test_every_entry_point_lists_the_same_tasks(cli: Cli, repo_root: Path) -> None:
     script = shutil.which("e2e-infra") or str(Path(sys.executable).parent / "e2e-infra")
-    by_invoke = _tasks([sys.executable, "-m", "invoke", "--list"], ROOT)
+    by_invoke = _tasks(cli.invoke_argv("--list", search_root=False), repo_root)
     assert {"init", "e2e.init", "db.allocate", "ports.release", "e2e.all"} <= set(by_invoke)
-    assert _tasks([script, "--list"], ROOT) == by_invoke
-    assert _tasks([sys.executable, "-m", "e2e_infra", "--list"], ROOT) == by_invoke
+    assert _tasks([script, "--list"], repo_root) == by_invoke
+    assert _tasks(cli.console_argv("--list"), repo_root) == by_invoke
 
 
-def test_tasks_run_where_no_tasks_py_exists(tmp_path: Path) -> None:
+def test_tasks_run_where_no_tasks_py_exists(tmp_path: Path, cli: Cli) -> None:
     write_pyproject(tmp_path, port_range="15480-15489")
     assert not (tmp_path / "tasks.py").exists()
     env = clean_environ()
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "e2e_infra", *args]
-        return subprocess.run(
-            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
-        )
+        return cli.console(*args, env=env, cwd=tmp_path, timeout=60, check=False)
 
     got = run("ports.allocate", "--project", "auth_tests", "--json")
     assert got.returncode == 0, got.stderr

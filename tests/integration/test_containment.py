@@ -21,8 +21,10 @@ from pathlib import Path
 import filelock
 import psutil
 import pytest
-from conftest import clean_environ, project_folder, running_cluster, write_pyproject
-from test_reliability_crash import Nox, guardian_of, invoke, start_nox
+from support.cli import CLI, Cli, clean_environ, config_environ
+from support.clusters import running_cluster
+from support.configs import write_pyproject
+from support.runs import Nox, guardian_of, project_folder, start_nox
 
 import e2e_infra
 from e2e_infra.processes.containment import MARKER, Containment, sweep_dead
@@ -30,7 +32,6 @@ from e2e_infra.resources.leases import Owner
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "19600-19679"
 
 # Forks twice, the middle one calls setsid: the daemon is in no group or session of ours and its
@@ -143,16 +144,6 @@ def config(workspace: Path) -> e2e_infra.Config:
     return e2e_infra.load_config(workspace, environ=clean_environ())
 
 
-@pytest.fixture
-def reap() -> Iterator[list[Nox]]:
-    started: list[Nox] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
 def marked(results_dir: Path) -> list[psutil.Process]:
     """Live processes carrying a containment marker, of runs whose results go to ``results_dir``."""
     found = []
@@ -184,14 +175,7 @@ def sleeps(seconds: str, results_dir: Path) -> list[psutil.Process]:
 def nox_run(config_path: Path, project: str, timeout: float = 120) -> tuple[float, str]:
     start = time.monotonic()
     # Piped on purpose: a leftover holding the pipe would make this call hang.
-    done = subprocess.run(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", f"e2e-{project}"],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path)}),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    done = CLI.nox("-s", f"e2e-{project}", env=config_environ(config_path), timeout=timeout)
     return time.monotonic() - start, done.stdout + done.stderr
 
 
@@ -252,7 +236,7 @@ def test_a_suite_stopped_at_its_timeout_leaves_no_children(
 
 
 def test_sigkill_between_a_server_spawn_and_its_lease_is_cleaned_by_e2e_cleanup(
-    workspace: Path, config: e2e_infra.Config, reap: list[Nox]
+    workspace: Path, config: e2e_infra.Config, reap: list[Nox], cli: Cli
 ) -> None:
     folder = workspace.parent
     for name in ("locker.pid", "gate.up", "gate.go"):
@@ -285,7 +269,7 @@ def test_sigkill_between_a_server_spawn_and_its_lease_is_cleaned_by_e2e_cleanup(
         lock.release()
     assert not pid_gone(server)  # orphaned, and no lease names it
 
-    done = invoke(workspace, "e2e.cleanup", "--json")
+    done = cli.invoke("e2e.cleanup", "--json", env=config_environ(workspace), timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert any(row["resource"] == "window/processes" for row in report["servers"]), report

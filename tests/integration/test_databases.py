@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import PgCluster, drop_databases, make_config, make_registry, marked_databases
 from psycopg import sql
+from support import REPO_ROOT
+from support.clusters import PgCluster
+from support.databases import DB_FIXTURES, Factory, admin_execute, databases, dead_owner
 
 from e2e_infra.databases import DatabaseAllocator, fingerprint, template_name
 from e2e_infra.databases.migrations import migration_runner, seed_runner
@@ -32,47 +31,7 @@ from e2e_infra.testing import FakeClock
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "db"
-DEMO = Path(__file__).resolve().parents[2] / "demo"
-
-Factory = Callable[..., DatabaseAllocator]
-
-
-def dead_owner() -> Owner:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    owner = Owner.of_pid(proc.pid, run_id="dead-run")
-    proc.wait()
-    return owner
-
-
-def databases(pg: PgCluster, prefix: str) -> dict[str, dict[str, Any] | None]:
-    return marked_databases(pg.admin, prefix)
-
-
-def admin_execute(pg: PgCluster, query: sql.Composable | str, *params: Any) -> None:
-    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
-        conn.execute(query if not isinstance(query, str) else query.encode(), params or None)
-
-
-@pytest.fixture
-def make_allocator(pg_cluster: PgCluster, tmp_path: Path) -> Iterator[Factory]:
-    """Allocators with a fresh name base each, so tests sharing the cluster never meet; every
-    database of those bases is dropped afterwards, marked or not."""
-    bases: list[str] = []
-
-    def factory(*, clock: FakeClock | None = None, **overrides: Any) -> DatabaseAllocator:
-        base = overrides.pop("name_base", None) or f"t{uuid.uuid4().hex[:10]}"
-        bases.append(base)
-        overrides.setdefault("migrations_dir", FIXTURES / "migrations")
-        overrides.setdefault("seeds_dir", FIXTURES / "seeds")
-        config = make_config(tmp_path / base, name_base=base, **overrides)
-        return DatabaseAllocator(
-            config, make_registry(config), pg_cluster.admin, client=pg_cluster.tcp, clock=clock
-        )
-
-    yield factory
-    for base in bases:
-        drop_databases(pg_cluster.admin, base + "_")
+DEMO = REPO_ROOT / "demo"
 
 
 def test_allocated_database_has_the_demo_schema_and_seed_and_a_marker(
@@ -130,7 +89,7 @@ def test_editing_a_migration_builds_a_new_template_and_old_ones_are_dropped(
     make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Path
 ) -> None:
     migrations = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", migrations)
+    shutil.copytree(DB_FIXTURES / "migrations", migrations)
     # Age 0: only the keep_templates most recently used of the seed stay.
     allocator = make_allocator(migrations_dir=migrations, keep_templates=2, template_keep_hours=0)
     owner = Owner.current()
@@ -157,7 +116,7 @@ def test_a_failing_migration_names_the_file_and_leaves_nothing_behind(
     make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Path
 ) -> None:
     migrations = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", migrations)
+    shutil.copytree(DB_FIXTURES / "migrations", migrations)
     (migrations / "0003_broken.sql").write_text("CREATE TABLE fine (id int);\nCREATE TABLE (;\n")
     allocator = make_allocator(migrations_dir=migrations)
     with pytest.raises(MigrationError) as info:
@@ -421,7 +380,7 @@ def test_a_project_waiting_for_anothers_build_gives_up_at_the_build_timeout_nami
     import threading
 
     migrations = tmp_path / "slow"
-    shutil.copytree(FIXTURES / "migrations", migrations)
+    shutil.copytree(DB_FIXTURES / "migrations", migrations)
     (migrations / "0003_slow.sql").write_text("SELECT pg_sleep(3);")
     builder = make_allocator(migrations_dir=migrations)
     waiter = make_allocator(name_base=builder.base, migrations_dir=migrations, build_timeout=1)

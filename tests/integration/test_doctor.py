@@ -8,20 +8,18 @@ the password masked), and exit 0 when only warnings remain.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import clean_environ, running_cluster
+from support.cli import CLI, Cli, config_environ
+from support.clusters import running_cluster
 
 import e2e_infra
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "19300-19399"
 
 
@@ -46,14 +44,8 @@ def write_config(folder: Path, port_range: str = PORT_RANGE) -> Path:
 
 
 def doctor(config: Path, **extra: str) -> tuple[int, dict[str, Any], str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.doctor", "--json"],
-        cwd=config.parent,
-        env=clean_environ({"E2E_CONFIG": str(config), **extra}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = config_environ(config, **extra)
+    proc = CLI.invoke("e2e.doctor", "--json", env=env, cwd=config.parent, timeout=120)
     return proc.returncode, json.loads(proc.stdout), proc.stdout + proc.stderr
 
 
@@ -124,16 +116,10 @@ def test_an_unreachable_admin_url_fails_without_showing_the_password(tmp_path: P
     assert binaries["status"] == "ok"  # found, or not needed with an admin URL
 
 
-def test_warnings_alone_exit_zero_and_the_table_says_what_to_fix(tmp_path: Path) -> None:
+def test_warnings_alone_exit_zero_and_the_table_says_what_to_fix(tmp_path: Path, cli: Cli) -> None:
     config_path = write_config(tmp_path, port_range="40000-40099")
-    proc = subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.doctor"],
-        cwd=tmp_path,
-        env=clean_environ({"E2E_CONFIG": str(config_path), "E2E_ALLOW_EPHEMERAL_OVERLAP": "1"}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = config_environ(config_path, E2E_ALLOW_EPHEMERAL_OVERLAP="1")
+    proc = cli.invoke("e2e.doctor", env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "warn" in proc.stdout and "allowed by allow_ephemeral_overlap" in proc.stdout
     assert "ready (1 warning(s))" in proc.stdout

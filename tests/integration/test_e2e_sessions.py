@@ -8,10 +8,8 @@ live in a temporary folder, the embedded PostgreSQL cluster, the demo's real ser
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,14 +18,16 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
-from conftest import project_folder, run_folder, run_processes, running_cluster
+from support import REPO_ROOT
+from support.cli import CLI, Cli, config_environ
+from support.clusters import running_cluster
+from support.runs import project_folder, run_folder, run_processes
 
 import e2e_infra
 from e2e_infra.testing import copy_config
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "17000-17999"
 
 
@@ -39,7 +39,7 @@ def write_config(
 ) -> Path:
     """A copy of the repository's [tool.e2e_infra] with state and results under ``folder``."""
     return copy_config(
-        ROOT / "pyproject.toml",
+        REPO_ROOT / "pyproject.toml",
         folder,
         port_range=PORT_RANGE,
         extra_servers=extra_servers,
@@ -47,21 +47,8 @@ def write_config(
     )
 
 
-def clean_env(config_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("E2E_")}
-    env["E2E_CONFIG"] = str(config_path)
-    return env
-
-
 def nox(config_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args],
-        cwd=ROOT,
-        env=clean_env(config_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return CLI.nox(*args, env=config_environ(config_path), timeout=timeout)
 
 
 class Leftovers:
@@ -190,20 +177,10 @@ def test_every_demo_project_passes_in_parallel(workspace: Path, config: e2e_infr
 
 
 def test_same_project_twice_at_once_gets_two_databases_and_port_sets(
-    workspace: Path, config: e2e_infra.Config
+    workspace: Path, config: e2e_infra.Config, cli: Cli
 ) -> None:
-    argv = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "e2e-work_orders"]
-    procs = [
-        subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=clean_env(workspace),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    argv = cli.nox_argv("-s", "e2e-work_orders")
+    procs = [cli.start(argv, env=config_environ(workspace)) for _ in range(2)]
     outputs = [proc.communicate(timeout=240)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     records = [
@@ -244,29 +221,10 @@ def test_a_server_that_never_gets_healthy_fails_with_its_log_tail(
 
 
 def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
-    workspace: Path, config: e2e_infra.Config
+    workspace: Path, config: e2e_infra.Config, cli: Cli
 ) -> None:
-    argv = [
-        sys.executable,
-        "-m",
-        "nox",
-        "-f",
-        str(ROOT / "noxfile.py"),
-        "-j",
-        "auto",
-        "-s",
-        "e2e-slow",
-        "e2e-static_pages",
-        "e2e-failing",
-    ]
-    proc = subprocess.Popen(
-        argv,
-        cwd=ROOT,
-        env=clean_env(workspace),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    argv = cli.nox_argv("-j", "auto", "-s", "e2e-slow", "e2e-static_pages", "e2e-failing")
+    proc = cli.start(argv, env=config_environ(workspace))
     leftovers = Leftovers(config)
     try:
         e2e_infra.wait_until(
@@ -306,14 +264,7 @@ def test_parallel_sessions_run_each_in_noxs_own_worker(
     workspace: Path, config: e2e_infra.Config
 ) -> None:
     sessions = ["-s", "e2e-ancestry", "e2e-static_pages"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "2", *sessions],
-        cwd=ROOT,
-        env=clean_env(workspace),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = nox(workspace, "-j", "2", *sessions, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parent = (project_folder(config.results_dir, "ancestry") / "parent.txt").read_text()
     assert "nox" in parent  # the session ran in a nox process, the suite its child
@@ -324,14 +275,7 @@ def test_parallel_sessions_run_each_in_noxs_own_worker(
 
 
 def invoke_all(workspace: Path, *args: str, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all", *args],
-        cwd=ROOT,
-        env={**clean_env(workspace), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return CLI.start(CLI.invoke_argv("e2e.all", *args), env=config_environ(workspace, **env))
 
 
 def test_invoke_e2e_all_runs_projects_on_a_pool_of_warm_workers_without_nox(
@@ -500,17 +444,10 @@ def test_a_killed_pool_worker_is_named_as_an_error_and_the_rest_still_run(
 
 
 def test_a_killed_nox_worker_is_named_in_the_summary(
-    workspace: Path, config: e2e_infra.Config
+    workspace: Path, config: e2e_infra.Config, cli: Cli
 ) -> None:
-    argv = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "2"]
-    proc = subprocess.Popen(
-        [*argv, "-s", "e2e-slow", "e2e-static_pages"],
-        cwd=ROOT,
-        env={**clean_env(workspace), "E2E_RUN_ID": "kill-nox"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    argv = cli.nox_argv("-j", "2", "-s", "e2e-slow", "e2e-static_pages")
+    proc = cli.start(argv, env=config_environ(workspace, E2E_RUN_ID="kill-nox"))
     leftovers = Leftovers(config)
     try:
         e2e_infra.wait_until(

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,14 +23,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import (
-    PgCluster,
-    clean_environ,
-    drop_databases,
-    project_folder,
-    running_cluster,
-    write_pyproject,
-)
+from support.cli import CLI, Cli, clean_environ, config_environ
+from support.clusters import PgCluster, running_cluster
+from support.configs import write_pyproject
+from support.databases import drop_databases
+from support.runs import project_folder
 
 import e2e_infra
 from e2e_infra.postgres.folders import OWNER_FILE, read_owner, scan_cluster_folders
@@ -39,33 +35,24 @@ from e2e_infra.resources.leases import parse_registry
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PASS = "{python} -c pass"
 
 
-def run(
-    config: Path, *argv: str, timeout: float = 120, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config), "E2E_SUMMARY": "0", **env}),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def quiet_env(config: Path, **env: str) -> dict[str, str]:
+    """The tool pointed at ``config``, without the end-of-run summary (``E2E_SUMMARY=0``)."""
+    return config_environ(config, E2E_SUMMARY="0", **env)
 
 
 def nox(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return run(config, sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args, **env)
+    return CLI.nox(*args, env=quiet_env(config, **env), timeout=120)
 
 
 def invoke(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return run(config, sys.executable, "-m", "invoke", "-r", str(ROOT), *args, **env)
+    return CLI.invoke(*args, env=quiet_env(config, **env), timeout=120)
 
 
 def console(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return run(config, sys.executable, "-m", "e2e_infra", *args, **env)
+    return CLI.console(*args, env=quiet_env(config, **env), timeout=120)
 
 
 def one_error_line(
@@ -257,7 +244,9 @@ STUBBORN = (
 )
 
 
-def test_an_interrupt_under_nox_j_records_interrupted_before_the_teardown(tmp_path: Path) -> None:
+def test_an_interrupt_under_nox_j_records_interrupted_before_the_teardown(
+    tmp_path: Path, cli: Cli
+) -> None:
     config = write_pyproject(
         tmp_path,
         port_range="16160-16169",
@@ -271,10 +260,9 @@ def test_an_interrupt_under_nox_j_records_interrupted_before_the_teardown(tmp_pa
         },
         projects={"x": project("{python} -c 'import time; time.sleep(60)'", servers=["slow"])},
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "2", "-s", "e2e-x"],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config), "E2E_SUMMARY": "0"}),
+    proc = cli.popen(
+        cli.nox_argv("-j", "2", "-s", "e2e-x"),
+        env=quiet_env(config),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

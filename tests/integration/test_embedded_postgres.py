@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import make_config, running_cluster
+from support.clusters import running_cluster
+from support.configs import make_config
 
 pytestmark = pytest.mark.integration
 

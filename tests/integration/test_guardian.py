@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import clean_environ, make_config  # tests/integration is on sys.path
+from support.cli import clean_environ
+from support.configs import make_config
 
 from e2e_infra.clock import wait_until
 from e2e_infra.resources.leases import process_start_time

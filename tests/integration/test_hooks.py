@@ -17,11 +17,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import clean_environ, project_folder, run_folder
+from support.cli import CLI, clean_environ
+from support.runs import project_folder, run_folder
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "19000-19099"
 
 RECORDER = """\
@@ -58,14 +58,7 @@ def push(repo: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[st
 
 
 def invoke(repo: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
-        cwd=repo,
-        env=clean_environ(extra),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return CLI.invoke(*args, env=clean_environ(extra), cwd=repo, timeout=180)
 
 
 def commit(repo: Path, files: dict[str, str], message: str) -> None:

@@ -9,18 +9,19 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import PgCluster, make_config, make_registry
 from psycopg import sql
+from support.clusters import PgCluster
+from support.configs import make_config
+from support.databases import DB_FIXTURES
 
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.databases import DatabaseAllocator
 from e2e_infra.databases.migrations import CommandRunner, SqlDirectoryRunner
 from e2e_infra.errors import MigrationError
 from e2e_infra.resources.leases import Owner
+from e2e_infra.run.workspace import make_registry
 
 pytestmark = pytest.mark.integration
-
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "db"
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_sql_files_apply_in_order_once_and_are_recorded_with_checksums(
     scratch: ConnInfo, tmp_path: Path
 ) -> None:
     folder = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", folder)
+    shutil.copytree(DB_FIXTURES / "migrations", folder)
     runner = SqlDirectoryRunner(folder)
     runner.apply(scratch)
     runner.apply(scratch)  # nothing pending: a no-op, not "table already exists"
@@ -58,7 +59,7 @@ def test_sql_files_apply_in_order_once_and_are_recorded_with_checksums(
 
 def test_an_edited_applied_file_is_an_error_naming_it(scratch: ConnInfo, tmp_path: Path) -> None:
     folder = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", folder)
+    shutil.copytree(DB_FIXTURES / "migrations", folder)
     SqlDirectoryRunner(folder).apply(scratch)
     with (folder / "0001_accounts.sql").open("a") as handle:
         handle.write("\n-- sneaky edit\n")
@@ -70,7 +71,7 @@ def test_a_failing_file_is_rolled_back_alone_and_named_with_the_server_message(
     scratch: ConnInfo, tmp_path: Path
 ) -> None:
     folder = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", folder)
+    shutil.copytree(DB_FIXTURES / "migrations", folder)
     (folder / "0003_bad.sql").write_text(
         "CREATE TABLE half (id int);\nINSERT INTO no_such_table VALUES (1);\n"
     )
@@ -119,10 +120,10 @@ def test_db_migrate_and_seed_apply_to_the_projects_live_database(
     pg_cluster: PgCluster, tmp_path: Path
 ) -> None:
     folder = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", folder)
+    shutil.copytree(DB_FIXTURES / "migrations", folder)
     base = f"t{uuid.uuid4().hex[:10]}"
     config = make_config(
-        tmp_path, name_base=base, migrations_dir=folder, seeds_dir=FIXTURES / "seeds"
+        tmp_path, name_base=base, migrations_dir=folder, seeds_dir=DB_FIXTURES / "seeds"
     )
     allocator = DatabaseAllocator(
         config, make_registry(config), pg_cluster.admin, client=pg_cluster.tcp

@@ -18,7 +18,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -29,16 +28,18 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import clean_environ, project_folder, run_processes, running_cluster
+from support import FIXTURES_DIR, REPO_ROOT
+from support.cli import CLI, Cli, config_environ
+from support.clusters import running_cluster
+from support.runs import project_folder, run_processes
 
 import e2e_infra
 from e2e_infra.testing import copy_config
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURE = ROOT / "tests" / "fixtures" / "pwconfig"
-NODE_PROJECT = ROOT / "demo" / "e2e" / "browser_node"
+FIXTURE = FIXTURES_DIR / "pwconfig"
+NODE_PROJECT = REPO_ROOT / "demo" / "e2e" / "browser_node"
 PW_PROJECTS = ("alpha", "beta", "gamma")
 
 
@@ -49,16 +50,9 @@ def ensure_node_packages() -> Path:
 
 
 def nox(
-    config_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+    config_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO_ROOT
 ) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args],
-        cwd=cwd,
-        env=clean_environ({"E2E_CONFIG": str(config_path), **(env or {})}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return CLI.start(CLI.nox_argv(*args), env=config_environ(config_path, **(env or {})), cwd=cwd)
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 400) -> tuple[int, str]:
@@ -200,7 +194,7 @@ def test_two_overlapping_runs_each_list_only_their_own_projects(pwconfig: Path) 
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("hostile")
     ensure_node_packages()
-    config_path = copy_config(ROOT / "pyproject.toml", folder, port_range="19700-19799")
+    config_path = copy_config(REPO_ROOT / "pyproject.toml", folder, port_range="19700-19799")
     with running_cluster(e2e_infra.load_config(config_path, environ={})):
         yield config_path
 
@@ -221,12 +215,12 @@ class Deleter(threading.Thread):
 
 
 def test_a_loop_deleting_test_results_does_not_break_a_full_parallel_demo_run(
-    demo: Path,
+    demo: Path, cli: Cli, repo_root: Path
 ) -> None:
     config = e2e_infra.load_config(demo, environ={})
     # ./test-results where nox runs (the repository: pytest-playwright's default output) and
     # next to each working folder and the config (Playwright Test's default outputDir).
-    targets = {ROOT / "test-results", demo.parent / "test-results"}
+    targets = {repo_root / "test-results", demo.parent / "test-results"}
     targets |= {project.cwd / "test-results" for project in config.projects.values()}
     deleter = Deleter(sorted(targets))
     deleter.start()
@@ -236,15 +230,8 @@ def test_a_loop_deleting_test_results_does_not_break_a_full_parallel_demo_run(
         deleter.stopped.set()
         deleter.join()
     assert code == 0, out
-    listed = subprocess.run(
-        [sys.executable, "-m", "invoke", "e2e.list", "--json"],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(demo)}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    env = config_environ(demo)
+    listed = cli.invoke("e2e.list", "--json", env=env, search_root=False, timeout=60, check=True)
     rows = {row["project"]: row for row in json.loads(listed.stdout)["projects"]}
     assert set(rows) == set(config.projects)
     assert {name: row["last_result"] for name, row in rows.items()} == dict.fromkeys(

@@ -22,14 +22,10 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import (  # tests/integration is on sys.path (rootdir, no __init__.py)
-    REPO_ROOT,
-    PgCluster,
-    clean_environ,
-    make_config,
-    make_registry,
-    write_pyproject,
-)
+from support import REPO_ROOT
+from support.cli import CLI, clean_environ, config_environ
+from support.clusters import PgCluster
+from support.configs import make_config, write_pyproject
 
 from e2e_infra.clock import wait_until
 from e2e_infra.config import PostgresConfig
@@ -38,6 +34,7 @@ from e2e_infra.errors import BinariesNotFoundError, ServerUnreachableError
 from e2e_infra.postgres import LocalCluster, check_reachable, find_binaries
 from e2e_infra.postgres.postmaster import Postmaster
 from e2e_infra.resources.ports import PortAllocator, port_is_free
+from e2e_infra.run.workspace import make_registry
 
 pytestmark = pytest.mark.integration
 
@@ -96,15 +93,9 @@ def _postgres_leases(cluster: LocalCluster) -> list[tuple[int, int, str | None]]
 def _invoke(
     config_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=REPO_ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path), **(env or {})}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    # No -r: invoke finds the tasks.py of its working folder, the repository's root.
+    environ = config_environ(config_path, **(env or {}))
+    return CLI.invoke(*args, env=environ, search_root=False, timeout=120, check=False)
 
 
 # --- starting -----------------------------------------------------------------------------------

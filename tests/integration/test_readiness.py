@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import FIXTURES_DIR
 
 from e2e_infra.clock import wait_until
 from e2e_infra.errors import ServerExitedError
@@ -16,7 +17,7 @@ from e2e_infra.run.servers import ServerProcess, bind_listen_socket
 
 pytestmark = pytest.mark.integration
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "servers" / "http_server.py"
+FIXTURE = FIXTURES_DIR / "servers" / "http_server.py"
 PORTS = range(17400, 17500)
 
 

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +20,10 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import (
-    clean_environ,
-    project_folder,
-    run_processes,
-    running_cluster,
-    write_pyproject,
-)
+from support.cli import CLI, clean_environ, config_environ
+from support.clusters import running_cluster
+from support.configs import write_pyproject
+from support.runs import Nox, guardian_of, project_folder, run_processes, start_nox
 
 import e2e_infra
 from e2e_infra.resources.leases import Lease, Owner, process_start_time
@@ -35,7 +31,6 @@ from e2e_infra.run.servers import ProcessRecord, kill_group_if_ours
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "18000-18199"
 
 # The suite: records its pid, waits for the go file, then asks the server whether it is healthy.
@@ -94,50 +89,8 @@ def config(workspace: Path) -> e2e_infra.Config:
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def env_for(config_path: Path) -> dict[str, str]:
-    return clean_environ({"E2E_CONFIG": str(config_path)})
-
-
-class Nox:
-    """A nox run in a session of its own (so the test can always end it), output in a file.
-
-    A file, not a pipe: a SIGKILLed nox leaves children that would hold a pipe open.
-    """
-
-    def __init__(self, config_path: Path, *args: str) -> None:
-        self.output = config_path.parent / f"nox-{time.monotonic_ns()}.out"
-        with self.output.open("w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args],
-                cwd=ROOT,
-                env=env_for(config_path),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pid = self.proc.pid
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def wait(self, timeout: float = 120) -> tuple[int, str]:
-        returncode = self.proc.wait(timeout=timeout)
-        return returncode, self.output.read_text()
-
-
-def start_nox(config_path: Path, *args: str) -> Nox:
-    return Nox(config_path, *args)
-
-
 def invoke(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
-        cwd=ROOT,
-        env=env_for(config_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return CLI.invoke(*args, env=config_environ(config_path), timeout=120)
 
 
 class Leftovers:
@@ -210,31 +163,10 @@ def held_resources(leftovers: Leftovers, project: str) -> tuple[str, set[int], l
     return run_ids.pop(), ports, servers
 
 
-def guardian_of(owner_pid: int) -> psutil.Process:
-    """The session's guardian: a child of the owner that names e2e_infra.run.guardian in its command
-    line (a shell until its owner dies) and leads its own session."""
-    owner = psutil.Process(owner_pid)
-    for child in owner.children():
-        if "e2e_infra.run.guardian" in child.cmdline() and os.getsid(child.pid) == child.pid:
-            return child
-    raise AssertionError(f"no guardian started by {owner_pid}")
-
-
 def kill_session(proc: Nox, owner_pid: int) -> None:
     os.kill(owner_pid, signal.SIGKILL)
     if owner_pid == proc.pid:
         proc.wait(timeout=30)
-
-
-@pytest.fixture
-def reap() -> Iterator[list[Nox]]:
-    """nox processes a test started: killed with their whole group if the test failed early."""
-    started: list[Nox] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def strike(

@@ -19,15 +19,15 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from conftest import clean_environ, make_config, project_folder, write_pyproject
+from support.cli import CLI, Cli, clean_environ, config_environ
+from support.configs import make_config, write_pyproject
+from support.runs import project_folder
 
 import e2e_infra
 from e2e_infra.resources.leases import Owner, process_start_time
 from e2e_infra.results.record import Result
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # A foreign process: binds and listens on the ports given, says so, then waits to be killed.
 SQUATTER = """\
@@ -68,25 +68,11 @@ def foreign() -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
 
 def invoke(config_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path), **env}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return CLI.invoke(*args, env=config_environ(config_path, **env), timeout=120)
 
 
 def nox(config_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path), **env}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return CLI.nox(*args, env=config_environ(config_path, **env), timeout=120)
 
 
 def project_leases(config: e2e_infra.Config) -> list[e2e_infra.Lease]:
@@ -105,7 +91,7 @@ def e2e_databases(admin: e2e_infra.ConnInfo, base: str) -> list[str]:
 
 
 def test_postgres_stopped_mid_migration_fails_fast_and_leaves_nothing_half_made(
-    tmp_path: Path, new_cluster: Callable[..., e2e_infra.LocalCluster]
+    tmp_path: Path, new_cluster: Callable[..., e2e_infra.LocalCluster], cli: Cli
 ) -> None:
     cluster = new_cluster(make_config(tmp_path / "pg", port_range="18200-18209"))
     admin = cluster.tcp_conninfo()
@@ -122,10 +108,10 @@ def test_postgres_stopped_mid_migration_fails_fast_and_leaves_nothing_half_made(
         projects={"pgdown": {"command": "{python} -c 'pass'", "servers": [], "cwd": str(tmp_path)}},
     )
     config = e2e_infra.load_config(path, environ=clean_environ())
-    argv = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "e2e-pgdown"]
-    env = clean_environ({"E2E_CONFIG": str(path), "E2E_ADMIN_DATABASE_URL": admin.url})
+    argv = cli.nox_argv("-s", "e2e-pgdown")
+    env = config_environ(path, E2E_ADMIN_DATABASE_URL=admin.url)
     with (tmp_path / "nox.out").open("w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = cli.popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
 
         def migrating() -> bool:
@@ -169,7 +155,7 @@ def test_postgres_stopped_mid_migration_fails_fast_and_leaves_nothing_half_made(
 
 
 def test_postgres_stopped_during_the_suite_fails_release_clearly_then_cleanup_drops_it(
-    tmp_path: Path, new_cluster: Callable[..., e2e_infra.LocalCluster]
+    tmp_path: Path, new_cluster: Callable[..., e2e_infra.LocalCluster], cli: Cli
 ) -> None:
     cluster = new_cluster(make_config(tmp_path / "pg", port_range="18230-18239"))
     admin = cluster.tcp_conninfo()
@@ -195,10 +181,10 @@ def test_postgres_stopped_during_the_suite_fails_release_clearly_then_cleanup_dr
         },
     )
     config = e2e_infra.load_config(path, environ=clean_environ())
-    argv = [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", "e2e-pgaway"]
-    env = clean_environ({"E2E_CONFIG": str(path), "E2E_ADMIN_DATABASE_URL": admin.url})
+    argv = cli.nox_argv("-s", "e2e-pgaway")
+    env = config_environ(path, E2E_ADMIN_DATABASE_URL=admin.url)
     with (tmp_path / "nox.out").open("w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = cli.popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         e2e_infra.wait_until(
             lambda: stop_file.exists() or proc.poll() is not None,

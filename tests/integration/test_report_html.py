@@ -13,20 +13,20 @@ import os
 import pty
 import shutil
 import subprocess
-import sys
 import textwrap
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import clean_environ, project_folder, run_folder
+from support import FIXTURES_DIR
+from support.cli import Cli, config_environ
+from support.runs import project_folder, run_folder
 
 from e2e_infra.report.html import nice_ticks
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "19200-19299"
 PROJECTS = {"alpha": 0, "beta": 0, "gamma": 3}  # name -> exit code of its suite
 
@@ -126,16 +126,11 @@ def check_page(report: Path) -> Page:
     return page
 
 
-def test_invoke_e2e_all_shows_plain_status_lines_and_writes_the_report(tmp_path: Path) -> None:
+def test_invoke_e2e_all_shows_plain_status_lines_and_writes_the_report(
+    tmp_path: Path, cli: Cli
+) -> None:
     config = write_config(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all"],
-        cwd=tmp_path,
-        env=clean_environ({"E2E_CONFIG": str(config)}),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = cli.invoke("e2e.all", env=config_environ(config), cwd=tmp_path, timeout=180)
     assert proc.returncode != 0  # gamma failed
     report = run_folder(tmp_path / "results").resolve() / "report.html"  # latest -> the run
     check_page(report)
@@ -153,19 +148,15 @@ def test_invoke_e2e_all_shows_plain_status_lines_and_writes_the_report(tmp_path:
 
 
 def test_on_a_terminal_the_status_is_a_live_table_and_project_output_goes_to_files(
-    tmp_path: Path,
+    tmp_path: Path, cli: Cli
 ) -> None:
     config = write_config(tmp_path)
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all"],
+    proc = cli.popen(
+        cli.invoke_argv("e2e.all"),
         cwd=tmp_path,
         # CI=true asks for plain lines even on a terminal; this test is about the terminal.
-        env={
-            k: v
-            for k, v in clean_environ({"E2E_CONFIG": str(config), "TERM": "xterm"}).items()
-            if k != "CI"
-        },
+        env={k: v for k, v in config_environ(config, TERM="xterm").items() if k != "CI"},
         stdin=subprocess.DEVNULL,
         stdout=terminal,
         stderr=terminal,
@@ -192,16 +183,9 @@ def test_on_a_terminal_the_status_is_a_live_table_and_project_output_goes_to_fil
     check_page(run_folder(tmp_path / "results") / "report.html")
 
 
-def test_nox_in_parallel_writes_the_report_at_exit(tmp_path: Path) -> None:
+def test_nox_in_parallel_writes_the_report_at_exit(tmp_path: Path, cli: Cli) -> None:
     config = write_config(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-j", "auto", "-t", "e2e"],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config)}),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = cli.nox("-j", "auto", "-t", "e2e", env=config_environ(config), timeout=180)
     assert proc.returncode != 0
     page = check_page(run_folder(tmp_path / "results") / "report.html")
     # One time axis for every project: each row's first bar starts at its own start time.
@@ -223,7 +207,7 @@ def test_nox_in_parallel_writes_the_report_at_exit(tmp_path: Path) -> None:
 
 # --- what a person sees: a run with a passed, a failed and a broken project, in real Chromium ----
 
-FIXTURES = ROOT / "tests" / "fixtures" / "report"
+FIXTURES = FIXTURES_DIR / "report"
 VISUAL_PROJECTS = {"web_api": "pass", "checkout_ui": "fail", "reports": "broken"}
 
 
@@ -269,21 +253,14 @@ def chromium() -> str:
     return found
 
 
-def test_a_failed_run_reads_well_in_chromium(tmp_path: Path) -> None:
+def test_a_failed_run_reads_well_in_chromium(tmp_path: Path, cli: Cli) -> None:
     browser_path = chromium()
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("the visual check drives Chromium with playwright: pip install -e '.[dev]'")
     config = write_visual_config(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), "e2e.all"],
-        cwd=tmp_path,
-        env=clean_environ({"E2E_CONFIG": str(config)}),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = cli.invoke("e2e.all", env=config_environ(config), cwd=tmp_path, timeout=180)
     assert proc.returncode != 0, proc.stderr
     # The terminal summary says it too: the counts, the failing test and its message.
     assert "3 passed, 1 failed, 1 skipped" in proc.stderr, proc.stderr

@@ -12,20 +12,19 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import clean_environ, make_config, write_pyproject
+from support.cli import CLI, clean_environ, config_environ
+from support.configs import make_config, write_pyproject
 
 from e2e_infra.resources.leases import process_start_time
 from e2e_infra.run.guardian import start_guardian
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 STATIC = {"command": "{python} -c \"print('the suite of static ran')\"", "database": False}
 
 
@@ -33,23 +32,12 @@ def _config(tmp_path: Path, **extra: object) -> Path:
     return write_pyproject(tmp_path, port_range="16300-16319", projects={"static": STATIC}, **extra)
 
 
-def _run(config: Path, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config), **env}),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
 def _invoke(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return _run(config, sys.executable, "-m", "invoke", "-r", str(ROOT), *args, **env)
+    return CLI.invoke(*args, env=config_environ(config, **env), timeout=180)
 
 
 def _nox(config: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return _run(config, sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), *args, **env)
+    return CLI.nox(*args, env=config_environ(config, **env), timeout=180)
 
 
 def _one_line(result: subprocess.CompletedProcess[str], *needles: str) -> str:

@@ -10,13 +10,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import PgCluster, marked_databases
 from psycopg import errors as sqlerrors
 from psycopg import sql
-from test_cli_db import Invoke
-from test_cli_db import invoke as invoke  # the fixture, shared
-from test_databases import FIXTURES, Factory, admin_execute, dead_owner
-from test_databases import make_allocator as make_allocator  # the fixture, shared
+from support.cli import Invoke
+from support.clusters import PgCluster
+from support.databases import DB_FIXTURES, Factory, admin_execute, dead_owner, marked_databases
 
 from e2e_infra.conninfo import ConnInfo
 from e2e_infra.databases import DatabaseAllocator
@@ -67,11 +65,11 @@ def assert_own_unprivileged_role(pg: PgCluster, url: ConnInfo, database: str) ->
 
 
 def test_each_project_gets_a_role_of_its_own_that_cannot_reach_another_project(
-    invoke: Invoke, pg_cluster: PgCluster
+    db_invoke: Invoke, pg_cluster: PgCluster
 ) -> None:
     docs = {}
     for project in ("auth_tests", "dashboard"):
-        done = invoke("db.allocate", "--project", project, "--json")
+        done = db_invoke("db.allocate", "--project", project, "--json")
         assert done.returncode == 0, done.stderr
         docs[project] = json.loads(done.stdout)
     a = ConnInfo.parse(docs["auth_tests"]["database_url"])
@@ -103,11 +101,11 @@ def test_each_project_gets_a_role_of_its_own_that_cannot_reach_another_project(
     _owner, acl = database_acl(pg_cluster, template)
     assert not [entry for entry in acl if entry.startswith("=")], acl
 
-    released = invoke("db.release", "--project", "auth_tests")
+    released = db_invoke("db.release", "--project", "auth_tests")
     assert released.returncode == 0, released.stderr
     assert role_row(pg_cluster, a.user) is None  # dropped with its database
     assert role_row(pg_cluster, b.user) is not None
-    assert invoke("db.release", "--project", "dashboard").returncode == 0
+    assert db_invoke("db.release", "--project", "dashboard").returncode == 0
     assert role_row(pg_cluster, b.user) is None
 
 
@@ -198,7 +196,7 @@ def test_migrate_on_a_live_database_runs_as_the_project_role_which_may_alter_the
     make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Any
 ) -> None:
     migrations = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", migrations)
+    shutil.copytree(DB_FIXTURES / "migrations", migrations)
     allocator: DatabaseAllocator = make_allocator(migrations_dir=migrations)
     got = allocator.allocate("zeta", Owner.current())
     (migrations / "0003_b.sql").write_text(
@@ -267,7 +265,7 @@ def test_a_build_may_create_trusted_extensions_and_an_untrusted_one_is_one_line_
 ) -> None:
     trusted, untrusted = tmp_path / "trusted", tmp_path / "untrusted"
     for folder, extension in ((trusted, "pgcrypto"), (untrusted, "adminpack")):
-        shutil.copytree(FIXTURES / "migrations", folder)
+        shutil.copytree(DB_FIXTURES / "migrations", folder)
         (folder / "0003_extension.sql").write_text(f"CREATE EXTENSION {extension};")
     got = make_allocator(migrations_dir=trusted).allocate("mu", Owner.current())
     with psycopg.connect(got.url.conninfo(), autocommit=True) as conn:

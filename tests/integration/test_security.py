@@ -11,24 +11,24 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import clean_environ, project_folder, running_cluster, write_pyproject
 from psycopg import errors as sqlerrors
 from psycopg import sql
+from support.cli import CLI, clean_environ, config_environ
+from support.clusters import running_cluster
+from support.configs import write_pyproject
+from support.databases import DB_FIXTURES
+from support.runs import project_folder
 
 import e2e_infra
 from e2e_infra.conninfo import ConnInfo
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "fixtures" / "db"
 
 WEB = {
     "command": "{python} -m http.server {port} --bind 127.0.0.1",
@@ -55,17 +55,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[e2e_infra.Loca
 def run_cli(
     tool: str, config_path: Path, *args: str, umask: int = -1, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", tool]
-    argv += ["-r", str(ROOT)] if tool == "invoke" else ["-f", str(ROOT / "noxfile.py")]
-    return subprocess.run(
-        [*argv, *args],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path), **env}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        umask=umask,
-    )
+    run = CLI.invoke if tool == "invoke" else CLI.nox
+    return run(*args, env=config_environ(config_path, **env), timeout=120, umask=umask)
 
 
 def databases(cluster: e2e_infra.LocalCluster) -> set[str]:
@@ -333,8 +324,8 @@ def test_objects_a_project_plants_never_run_with_the_admins_rights(
     pg_catalog's, then `db.migrate` and `db.seed` run. Nothing planted runs as a superuser."""
     admin = cluster.tcp_conninfo()
     migrations, seeds = tmp_path / "migrations", tmp_path / "seeds"
-    shutil.copytree(FIXTURES / "migrations", migrations)
-    shutil.copytree(FIXTURES / "seeds", seeds)
+    shutil.copytree(DB_FIXTURES / "migrations", migrations)
+    shutil.copytree(DB_FIXTURES / "seeds", seeds)
     base = f"s{uuid.uuid4().hex[:8]}"
     path = write_pyproject(
         tmp_path,

@@ -11,21 +11,22 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import clean_environ, project_folder, running_cluster, write_pyproject
+from support.cli import CLI, clean_environ, config_environ
+from support.clusters import running_cluster
+from support.configs import write_pyproject
+from support.runs import project_folder
 
 import e2e_infra
 from e2e_infra.report.summary import RunSummary, print_summary
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "19700-19799"
 
 SERVER = """\
@@ -100,14 +101,7 @@ def config(workspace: Path) -> e2e_infra.Config:
 
 def nox(config_path: Path, project: str) -> tuple[float, subprocess.CompletedProcess[str]]:
     start = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "nox", "-f", str(ROOT / "noxfile.py"), "-s", f"e2e-{project}"],
-        cwd=ROOT,
-        env=clean_environ({"E2E_CONFIG": str(config_path)}),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = CLI.nox("-s", f"e2e-{project}", env=config_environ(config_path), timeout=120)
     return time.monotonic() - start, done
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+from support import FIXTURES_DIR
 
 from e2e_infra.clock import wait_until
 from e2e_infra.errors import ConfigError, PortError, ServerExitedError, ServerStartTimeoutError
@@ -34,7 +35,7 @@ from e2e_infra.run.servers import (
 
 pytestmark = pytest.mark.integration
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "servers" / "http_server.py"
+FIXTURE = FIXTURES_DIR / "servers" / "http_server.py"
 PORT_RANGE = range(16000, 17000)
 SECRET_PASSWORD = "s3cr3t-pw-91"
 SECRET_TOKEN = "tok-5c8e-secret"

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import clean_environ
+from support.cli import CLI, config_environ
 
 from e2e_infra.config import Config, load_config
 from e2e_infra.plan.matrix import plan_shards
@@ -27,7 +26,6 @@ from e2e_infra.results.layout import DURATIONS as DURATIONS_FILE
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT_RANGE = "19100-19199"
 DURATIONS = {"alpha": 50.0, "beta": 40.0, "gamma": 30.0, "delta": 20.0, "epsilon": 10.0}
 UNKNOWN = "zeta"  # never ran: gets the median
@@ -85,14 +83,8 @@ def recorded_durations(tmp_path: Path) -> Path:
 
 
 def invoke(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
-        cwd=config.parent,
-        env=clean_environ({"E2E_CONFIG": str(config), "CI": "true"}),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    env = config_environ(config, CI="true")
+    return CLI.invoke(*args, env=env, cwd=config.parent, timeout=180)
 
 
 def ran_since(ran_file: Path, before: int) -> list[str]:

@@ -22,26 +22,22 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import (
-    REPO_ROOT,
-    PgCluster,
-    clean_environ,
-    drop_databases,
-    make_config,
-    make_registry,
-    marked_databases,
-)
+from support import REPO_ROOT
+from support.cli import clean_environ
+from support.clusters import PgCluster
+from support.configs import make_config
+from support.databases import DB_FIXTURES, drop_databases, marked_databases
 
 from e2e_infra.config import Config
 from e2e_infra.databases import DatabaseAllocator, host_tag
 from e2e_infra.databases.names import name_key
 from e2e_infra.errors import DatabaseError, DatabaseLimitError
 from e2e_infra.resources.leases import Owner
+from e2e_infra.run.workspace import make_registry
 from e2e_infra.testing import FakeClock
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "db"
 
 HOST = textwrap.dedent(
     """
@@ -89,7 +85,11 @@ def host_config(tmp_path: Path, pg: PgCluster, base: str, host: str, **extra: An
         admin_url=pg.tcp.url,
         host_id=host,
         name_base=base,
-        **{"migrations_dir": FIXTURES / "migrations", "seeds_dir": FIXTURES / "seeds", **extra},
+        **{
+            "migrations_dir": DB_FIXTURES / "migrations",
+            "seeds_dir": DB_FIXTURES / "seeds",
+            **extra,
+        },
     )
 
 
@@ -421,7 +421,7 @@ def test_three_branches_at_once_build_each_template_once_and_every_allocation_su
     configs = []
     for branch in range(3):
         migrations = tmp_path / f"branch{branch}" / "migrations"
-        shutil.copytree(FIXTURES / "migrations", migrations)
+        shutil.copytree(DB_FIXTURES / "migrations", migrations)
         (migrations / "0009_branch.sql").write_text(f"CREATE TABLE branch_{branch} (id int);\n")
         configs.append(
             host_config(

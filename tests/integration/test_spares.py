@@ -12,10 +12,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import PgCluster
 from psycopg import sql
-from test_databases import FIXTURES, Factory, admin_execute, databases, dead_owner
-from test_databases import make_allocator as make_allocator  # the fixture, shared
+from support.clusters import PgCluster
+from support.databases import DB_FIXTURES, Factory, admin_execute, databases, dead_owner
 
 from e2e_infra.databases import DatabaseAllocator, spare_name
 from e2e_infra.errors import DatabaseLimitError
@@ -182,7 +181,7 @@ def test_spares_of_an_old_or_rebuilt_template_are_never_handed_out_and_are_dropp
     make_allocator: Factory, pg_cluster: PgCluster, tmp_path: Path
 ) -> None:
     migrations = tmp_path / "migrations"
-    shutil.copytree(FIXTURES / "migrations", migrations)
+    shutil.copytree(DB_FIXTURES / "migrations", migrations)
     # One template per seed, however recently used: the old one goes when the new one is built.
     allocator = make_allocator(
         spares=1, migrations_dir=migrations, keep_templates=1, template_keep_hours=0

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +19,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support.cli import Cli
 
 import e2e_infra
 from e2e_infra.config import NAME_PATTERN
 from e2e_infra.resources.leases import Registry
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Text that looks like an attack or an accident: SQL, quotes, shell, unicode, control characters.
 NASTY = st.sampled_from(
@@ -389,7 +386,7 @@ CLI_CASES = [
 
 @pytest.mark.parametrize(("args", "expected"), CLI_CASES)
 def test_the_cli_rejects_bad_input_with_one_line_and_no_traceback(
-    cli_config: Path, args: tuple[str, ...], expected: str
+    cli_config: Path, args: tuple[str, ...], expected: str, cli: Cli
 ) -> None:
     env = {
         "PATH": "/usr/bin:/bin",
@@ -397,14 +394,7 @@ def test_the_cli_rejects_bad_input_with_one_line_and_no_traceback(
         # Nothing listens there: reaching the server would be a different error.
         "E2E_ADMIN_DATABASE_URL": "postgresql://postgres:CliSecret99@127.0.0.1:1/postgres",
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = cli.invoke(*args, env=env, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -428,7 +418,7 @@ NO_CLUSTER_CASES = [
 
 @pytest.mark.parametrize(("args", "expected"), NO_CLUSTER_CASES)
 def test_bad_input_to_db_tasks_is_rejected_before_any_cluster_starts(
-    tmp_path: Path, args: tuple[str, ...], expected: str
+    tmp_path: Path, args: tuple[str, ...], expected: str, cli: Cli
 ) -> None:
     from e2e_infra.postgres import LocalCluster
     from e2e_infra.resources.ports import PortAllocator
@@ -441,14 +431,7 @@ def test_bad_input_to_db_tasks_is_rejected_before_any_cluster_starts(
     )
     config_file = write_config(tmp_path, tables)
     env = {"PATH": "/usr/bin:/bin", "E2E_CONFIG": str(config_file)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "invoke", "-r", str(ROOT), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = cli.invoke(*args, env=env, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import REPO_ROOT
 
-APP = Path(__file__).resolve().parents[2] / "demo" / "backend" / "app.py"
+APP = REPO_ROOT / "demo" / "backend" / "app.py"
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,20 @@ import ast
 from pathlib import Path
 
 import pytest
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ROOT / "e2e_infra"
+PACKAGE = REPO_ROOT / "e2e_infra"
 MAX_MODULE_LINES = 700
 MAX_CLASS_LINES = 500
 
 
 def _modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _shown(path: Path) -> Path:
+    """A module's path as an offender's message names it: from the repository's root."""
+    return path.relative_to(REPO_ROOT)
 
 
 @pytest.mark.parametrize("name", ["tasks.py.tmpl", "noxfile.py.tmpl"])
@@ -24,22 +29,24 @@ def test_what_init_writes_for_an_adopter_is_a_few_lines_over_the_package(name: s
     assert "from e2e_infra.cli import" in "\n".join(lines)
 
 
-def test_the_root_tasks_file_is_the_one_init_writes() -> None:
+def test_the_root_tasks_file_is_the_one_init_writes(repo_root: Path) -> None:
     template = PACKAGE / "templates" / "tasks.py.tmpl"
-    assert (ROOT / "tasks.py").read_text() == template.read_text()
+    assert (repo_root / "tasks.py").read_text() == template.read_text()
 
 
-def test_the_root_noxfile_is_the_one_init_writes_then_this_repositorys_own_sessions() -> None:
+def test_the_root_noxfile_is_the_one_init_writes_then_this_repositorys_own_sessions(
+    repo_root: Path,
+) -> None:
     template = (PACKAGE / "templates" / "noxfile.py.tmpl").read_text()
-    root = (ROOT / "noxfile.py").read_text()
+    root = (repo_root / "noxfile.py").read_text()
     assert root.startswith(template)
     own = root[len(template) :]
     assert "register_sessions" not in own and "from e2e_infra" not in own
 
 
-def test_the_env_example_is_the_one_init_writes() -> None:
+def test_the_env_example_is_the_one_init_writes(repo_root: Path) -> None:
     template = PACKAGE / "templates" / "env.example"
-    assert (ROOT / ".env.example").read_text() == template.read_text()
+    assert (repo_root / ".env.example").read_text() == template.read_text()
 
 
 def test_only_the_cli_subpackage_imports_invoke_or_nox() -> None:
@@ -54,7 +61,7 @@ def test_only_the_cli_subpackage_imports_invoke_or_nox() -> None:
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
             offenders += [
-                f"{path.relative_to(ROOT)}:{node.lineno} imports {n}"
+                f"{_shown(path)}:{node.lineno} imports {n}"
                 for n in names
                 if n.split(".")[0] in ("invoke", "nox")
             ]
@@ -67,19 +74,19 @@ def test_no_module_or_class_is_too_large() -> None:
         text = path.read_text(encoding="utf-8")
         lines = len(text.splitlines())
         if lines > MAX_MODULE_LINES:
-            too_large.append(f"{path.relative_to(ROOT)}: {lines} lines")
+            too_large.append(f"{_shown(path)}: {lines} lines")
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
                 size = node.end_lineno - node.lineno + 1
                 if size > MAX_CLASS_LINES:
-                    too_large.append(f"{path.relative_to(ROOT)}: class {node.name} {size} lines")
+                    too_large.append(f"{_shown(path)}: class {node.name} {size} lines")
     assert too_large == []
 
 
-def test_the_version_lives_in_one_place() -> None:
+def test_the_version_lives_in_one_place(repo_root: Path) -> None:
     import e2e_infra
 
-    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    pyproject = (repo_root / "pyproject.toml").read_text(encoding="utf-8")
     assert 'dynamic = ["version"]' in pyproject
     assert 'version = { attr = "e2e_infra.__version__" }' in pyproject
     assert e2e_infra.__version__.count(".") == 2
@@ -106,7 +113,7 @@ def test_no_result_string_is_compared_outside_the_record_module() -> None:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Compare):
                 offenders += [
-                    f"{path.relative_to(ROOT)}:{node.lineno} compares {value!r}"
+                    f"{_shown(path)}:{node.lineno} compares {value!r}"
                     for value in _compared_strings(node)
                     if value in RESULT_VALUES
                 ]
@@ -122,26 +129,26 @@ def test_no_module_reads_nox_internals() -> None:
     for path in _modules():
         text = path.read_text(encoding="utf-8")
         if "--parallel-worker" in text:
-            offenders.append(f"{path.relative_to(ROOT)} reads nox's hidden --parallel-worker")
+            offenders.append(f"{_shown(path)} reads nox's hidden --parallel-worker")
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nox."):
-                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
+                offenders.append(f"{_shown(path)}:{node.lineno} imports {node.module}")
             elif isinstance(node, ast.Import) and any(
                 a.name.startswith("nox.") for a in node.names
             ):
-                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} imports nox internals")
+                offenders.append(f"{_shown(path)}:{node.lineno} imports nox internals")
             elif (
                 isinstance(node, ast.Attribute)
                 and isinstance(node.value, ast.Name)
                 and node.value.id == "nox"
                 and node.attr not in NOX_PUBLIC
             ):
-                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} uses nox.{node.attr}")
+                offenders.append(f"{_shown(path)}:{node.lineno} uses nox.{node.attr}")
     assert offenders == []
 
 
-def test_the_architecture_document_lists_every_module() -> None:
-    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+def test_the_architecture_document_lists_every_module(repo_root: Path) -> None:
+    text = (repo_root / "docs" / "architecture.md").read_text(encoding="utf-8")
     missing = [
         path.relative_to(PACKAGE).as_posix()
         for path in _modules()

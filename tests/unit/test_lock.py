@@ -7,18 +7,17 @@ changed in pyproject.toml without `nox -s lock` fails here, before any install d
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-LOCK = ROOT / "requirements-dev.txt"
+LOCK = REPO_ROOT / "requirements-dev.txt"
 
 
 def _declared() -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     lines = list(project["dependencies"])
     for extra in project["optional-dependencies"].values():
         lines += extra
