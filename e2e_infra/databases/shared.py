@@ -16,8 +16,9 @@ the lock was lost) is *lost for good*: logged at once, reported to ``on_lost``, 
 :meth:`Holds.check`, which the session calls after the suite.
 
 The other side, :class:`DeathProof`: a cleanup on any host judges "no lock" twice, across
-:data:`DEATH_GRACE` (longer than a re-take), before it drops another owner's database, and holds
-the key exclusively from the second judgement until the drop is done. A database that any session
+:data:`DEATH_GRACE` (longer than a re-take), before it drops another owner's database (or a
+half-built template, whose builder holds the fingerprint's build lock instead), and holds the key
+exclusively from the second judgement until the drop is done. A database that any session
 is connected to is never dropped (see :mod:`.sweep`).
 
 :class:`CreationGate`: ``max_databases`` (per host) and ``server_max_databases`` are checked and
@@ -335,25 +336,23 @@ class Holds:
 
 
 class DeathProof:
-    """Called with a name, takes its key exclusively if nobody holds it: proof that no owner
-    holds the name any more. The keys taken stay held (so no owner appears meanwhile) until
-    :meth:`release`, after the drops. :meth:`free_now` only looks (takes and lets go at once):
-    the first of a cleanup's two judgements."""
+    """Takes an advisory key exclusively if nobody holds it: proof that no owner holds it any
+    more. The keys taken stay held (so no owner appears meanwhile) until :meth:`release`, after
+    the drops. :meth:`free_now` only looks (takes and lets go at once): the first of a cleanup's
+    two judgements. Called with a database name, it takes the name's key (:meth:`take`)."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
         self._keys: builtins.list[int] = []
 
-    def free_now(self, name: str) -> bool:
-        key = name_key(name)
+    def free_now(self, key: int) -> bool:
         row = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         if row and row[0]:
             self.conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
             return True
         return False
 
-    def __call__(self, name: str) -> bool:
-        key = name_key(name)
+    def take(self, key: int) -> bool:
         if key in self._keys:
             return True
         row = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
@@ -361,6 +360,9 @@ class DeathProof:
             self._keys.append(key)
             return True
         return False
+
+    def __call__(self, name: str) -> bool:
+        return self.take(name_key(name))
 
     def release(self) -> None:
         for key in self._keys:

@@ -31,10 +31,12 @@ from conftest import (
     make_registry,
     marked_databases,
 )
+from psycopg import sql
 
 from e2e_infra.config import Config
 from e2e_infra.databases import DatabaseAllocator, host_tag
 from e2e_infra.databases.names import name_key
+from e2e_infra.databases.shared import DEATH_GRACE
 from e2e_infra.errors import DatabaseError, DatabaseLimitError
 from e2e_infra.leases import Owner
 from e2e_infra.testing import FakeClock
@@ -402,6 +404,111 @@ def test_another_pid_namespace_with_the_same_host_id_keeps_and_never_reuses_a_li
                 holder.kill()
     for result in (result_a, result_b):
         assert result["failed"] == 0 and result["lost"] == {}
+
+
+BUILDER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import e2e_infra
+    config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
+    allocator = e2e_infra.Workspace(config).databases
+    print(allocator.ensure_template("default"), flush=True)
+    allocator.close()
+    """
+)
+
+TIMED_CLEANUP = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    import e2e_infra
+    config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
+    allocator = e2e_infra.Workspace(config).databases
+    started = time.monotonic()
+    dropped = allocator.cleanup()
+    seconds = time.monotonic() - started
+    statuses = {info.name: info.status for info in allocator.list()}
+    print(json.dumps({"pid": os.getpid(), "dropped": dropped, "seconds": seconds,
+                      "statuses": statuses}), flush=True)
+    allocator.close()
+    """
+)
+
+
+def test_a_template_being_built_is_judged_by_its_build_lock_not_by_a_pid_in_another_namespace(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    """Host A builds a template (held mid-build by a migration that waits); host B, same
+    ``host_id``, another pid namespace, cleans up: A's pid means nothing there, so only the build
+    lock decides. While A lives, B keeps it; once A is SIGKILLed, B drops it after two looks."""
+    assert shutil.which("unshare") and os.geteuid() == 0, "needs unshare as root"
+    migrations = tmp_path / "migrations"
+    shutil.copytree(FIXTURES / "migrations", migrations)
+    barrier = f"{base}_barrier"  # a role: pg_roles is seen from every database
+    (migrations / "0003_wait.sql").write_text(
+        "DO $$ BEGIN WHILE EXISTS (SELECT 1 FROM pg_roles WHERE rolname = "
+        f"'{barrier}') LOOP PERFORM pg_sleep(0.05); END LOOP; END $$;\n"
+    )
+    config_a = host_config(tmp_path / "a", pg_cluster, base, "ci-runner", migrations_dir=migrations)
+    config_b = host_config(tmp_path / "b", pg_cluster, base, "ci-runner", migrations_dir=migrations)
+    env = clean_environ({"PYTHONPATH": str(REPO_ROOT)})
+
+    def cleanup_b() -> dict[str, Any]:
+        out = subprocess.run(
+            [*UNSHARE, sys.executable, "-c", TIMED_CLEANUP, str(_source(config_b))],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+            timeout=120,
+            check=True,
+        )
+        report: dict[str, Any] = json.loads(out.stdout)
+        assert report["pid"] == 1  # really another pid namespace: A's pid is dead-looking there
+        return report
+
+    def building() -> list[str]:
+        return [
+            name
+            for name, marker in server_databases(pg_cluster, base + "_").items()
+            if marker is not None and marker["kind"] == "building"
+        ]
+
+    with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(barrier)))
+        a = subprocess.Popen(
+            [sys.executable, "-c", BUILDER, str(_source(config_a))],
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=REPO_ROOT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not building():
+                assert a.poll() is None and time.monotonic() < deadline, "A never started building"
+                time.sleep(0.05)
+            [half_built] = building()
+            assert server_databases(pg_cluster, half_built)[half_built]["host"] == "ci-runner"
+
+            report = cleanup_b()  # A builds: its build lock is held
+            assert report["dropped"] == []
+            assert report["statuses"][half_built] == "building"
+            assert building() == [half_built] and a.poll() is None
+
+            a.send_signal(signal.SIGKILL)
+            a.wait(timeout=10)
+            report = cleanup_b()  # A is gone: its build lock is free, twice across the grace
+            assert [name for name, _ in report["dropped"]] == [half_built]
+            assert "build lock" in report["dropped"][0][1]
+            assert report["seconds"] >= DEATH_GRACE  # the second look came after the grace
+            assert building() == []
+        finally:
+            if a.poll() is None:
+                a.kill()
+            a.communicate(timeout=10)
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(barrier)))
 
 
 # --- branches: templates by last use, per fingerprint ---------------------------------------------
