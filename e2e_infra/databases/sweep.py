@@ -132,25 +132,25 @@ class Sweeper:
     def cleanup(self, *, grace: float = DEATH_GRACE) -> builtins.list[tuple[str, str]]:
         """Drop what is proven dead (see the module); ``(name, why)`` of each database dropped.
 
-        Another owner's database on a shared server is judged twice: its lock found free, then
-        free again ``grace`` seconds later (longer than an owner's re-take after losing its
-        connection); a project database that any session is connected to is never dropped."""
+        Another owner's database on a shared server is judged twice: its lock found free and
+        taken, held for ``grace`` seconds (longer than an owner's re-take after losing its
+        connection) while nobody asked for it, and judged again; a project database that any
+        session is connected to is never dropped."""
         cat = self.catalog
         dropped: builtins.list[tuple[str, str]] = []
         with cat.connections.lend(reuse=False) as conn:  # it takes session advisory locks
             marked = cat.marked(conn)
             proof = DeathProof(conn)  # keys taken to prove another owner gone
-            doomed = self._judge(marked, proof.free_now)
+            doomed = self._judge(marked, proof.take)
             suspects = [item for item, why, needs_proof in doomed if needs_proof]
             if suspects:
-                cat.clock.sleep(grace)  # then judge again, from fresh facts
+                # Hold their keys through the grace: an owner re-taking its lock waits for it,
+                # is seen, and gets it at once. Then judge again, from fresh facts.
+                alive = proof.watch(grace, cat.clock)
                 marked = cat.marked(conn)
-                again = {item.name for item in suspects}
-                doomed = [
-                    entry
-                    for entry in self._judge(marked, proof.take)
-                    if not entry[2] or entry[0].name in again
-                ]
+                again = {item.name for item in suspects if proof_key(item) not in alive}
+                judged = self._judge(marked, lambda key: key not in alive and proof.take(key))
+                doomed = [entry for entry in judged if not entry[2] or entry[0].name in again]
             try:
                 for item, why, _ in doomed:
                     if item.kind.is_project_database:

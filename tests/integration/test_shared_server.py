@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -332,6 +333,52 @@ def test_a_hold_that_cannot_be_taken_again_in_time_fails_the_run_naming_why(
         allocator.check_holds()
     allocator.release_all()
     allocator.close()
+
+
+def end_holds_of(pg: PgCluster, name: str) -> None:
+    """A proxy cutting an idle connection: end the hold connection of ``name``, wait it out."""
+    pattern = f"e2e-infra hold {name} %"
+    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+            (pattern,),
+        )
+        deadline = time.monotonic() + 5
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", (pattern,)
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the hold connection outlived its termination"
+            time.sleep(0.02)
+
+
+def test_an_owner_that_takes_its_lock_again_during_the_grace_keeps_its_database_if_lost_again(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    """The hold is cut (B's cleanup finds the key free), re-taken within the grace, and cut
+    again before B judges a second time: free at both looks, yet the owner lives. B must see
+    the re-take (it holds the key through the grace; the owner's request waits in the queue)."""
+    allocator_a = _allocator(host_config(tmp_path, pg_cluster, base, "host-a"))
+    allocator_a.holds.interval = 3600.0  # the test plays the watcher's passes
+    got = allocator_a.allocate("alpha", Owner.current(host="host-a"))
+    allocator_b = _allocator(host_config(tmp_path, pg_cluster, base, "host-b"))
+    end_holds_of(pg_cluster, got.name)
+    result: dict[str, Any] = {}
+    cleaner = threading.Thread(
+        target=lambda: result.update(dropped=allocator_b.sweeper.cleanup(grace=3.0))
+    )
+    cleaner.start()
+    try:
+        time.sleep(1.0)  # B's first look found the key free
+        allocator_a.holds.watch_once()  # A's watcher takes it again, within the grace
+        assert allocator_a.holds.retakes == 1 and allocator_a.holds.lost == {}
+        end_holds_of(pg_cluster, got.name)  # and loses it again before B's second look
+    finally:
+        cleaner.join(30)
+    assert result["dropped"] == []
+    assert got.name in server_databases(pg_cluster, got.name)
+    allocator_a.release_all()
+    allocator_a.close()
+    allocator_b.close()
 
 
 def test_cleanup_never_drops_a_database_a_session_is_connected_to(
