@@ -211,8 +211,9 @@ class MarkedDatabase:
 class Action(enum.Enum):
     KEEP = "keep"
     DROP = "drop"
-    # Another host's database on a shared server, whose owner said it holds the name's advisory
-    # lock: drop it only if that lock can be taken (proof that no owner holds it any more).
+    # A database on a shared server whose owner holds an advisory lock while it lives (a project
+    # database's name lock; a half-built template's build lock): drop it only if that lock can be
+    # taken (proof that no owner holds it any more).
     DROP_IF_UNLOCKED = "drop if unlocked"
 
 
@@ -248,7 +249,8 @@ class Facts:
     has_lease: bool = False  # our registry holds the lease the marker names
     lease_keep_until: float | None = None  # that lease's keep
     lease_stale: str | None = None  # why that lease is stale, None while its owner may live
-    # Shared server: whether some session holds the name's advisory lock now (None: not looked).
+    # Shared server: whether some session holds the database's proof-of-life lock now (its name's;
+    # a half-built template's build lock) (None: not looked).
     locked: bool | None = None
 
 
@@ -301,6 +303,15 @@ def decide(marker: Marker, facts: Facts) -> Verdict:
             )
         return _keep(f"owner on host {marker.host} cannot be checked")
     if marker.kind is Kind.BUILDING:
+        if facts.shared:
+            # As for a project database: a pid proves nothing here (another pid namespace may
+            # share the host id); only the fingerprint's build lock, which the builder holds
+            # for the whole build, found free twice (see .sweep), proves the builder gone.
+            return Verdict(
+                Action.DROP_IF_UNLOCKED,
+                f"half-built template whose builder on host {marker.host} holds no build lock "
+                "on it any more (gone)",
+            )
         if gone:
             return _drop(f"half-built template whose builder is gone ({gone})")
         return _keep("being built")
@@ -316,6 +327,13 @@ def status(marker: Marker, facts: Facts) -> str:
     if marker.kind is Kind.TEMPLATE:
         return "ready"
     if marker.kind is Kind.BUILDING:
+        if facts.shared:
+            if facts.locked is False:
+                return (
+                    f"unlocked: its builder on host {marker.host} holds no build lock now "
+                    "(cleanup drops it if still so after a grace)"
+                )
+            return "building"
         gone = facts.owner_gone if marker.host == facts.host else None
         return f"abandoned: {gone}" if gone else "building"
     if marker.kind is Kind.SPARE:

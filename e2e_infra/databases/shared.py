@@ -15,9 +15,14 @@ idle for long); on a loss it re-takes the lock at once, on a new connection, wit
 the lock was lost) is *lost for good*: logged at once, reported to ``on_lost``, and raised by
 :meth:`Holds.check`, which the session calls after the suite.
 
-The other side, :class:`DeathProof`: a cleanup on any host judges "no lock" twice, across
-:data:`DEATH_GRACE` (longer than a re-take), before it drops another owner's database, and holds
-the key exclusively from the second judgement until the drop is done. A database that any session
+The other side, :class:`DeathProof`: a cleanup on any host that finds the key free takes it
+exclusively and keeps it for :data:`DEATH_GRACE` (longer than a re-take), looking all the while
+for a request for that key waiting in the server's queue: an owner re-taking its lock *waits*
+for it (it never polls), so an owner that tries at any moment of the grace is seen, gets its lock
+at once, and keeps its database. Only a key nobody asked for during the whole grace, and still
+free when judged again, lets the database go (a project database's; or a half-built template's,
+whose builder holds the fingerprint's build lock instead). The key stays taken until the drop is
+done. A database that any session
 is connected to is never dropped (see :mod:`.sweep`).
 
 :class:`CreationGate`: ``max_databases`` (per host) and ``server_max_databases`` are checked and
@@ -36,6 +41,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
+from psycopg import errors as sqlerrors
 
 from ..clock import Clock, SystemClock, wait_until
 from ..config import Config
@@ -49,6 +55,7 @@ from .names import name_key
 __all__ = [
     "DEATH_GRACE",
     "KEEPALIVES",
+    "LOOK_EVERY",
     "RETAKE_TIMEOUT",
     "WATCH_INTERVAL",
     "CreationGate",
@@ -57,6 +64,7 @@ __all__ = [
     "gate_key",
     "held_keys",
     "hold_connect",
+    "waiting_keys",
 ]
 
 log = logging.getLogger("e2e_infra")
@@ -65,9 +73,15 @@ log = logging.getLogger("e2e_infra")
 WATCH_INTERVAL = 1.0
 # How long a lost hold may take to be re-taken (a restart, a failover) before the run fails.
 RETAKE_TIMEOUT = 30.0
-# A cleanup's second look at a lock it found free: longer than a re-take after a loss seen by the
-# watcher (WATCH_INTERVAL, then a reconnect of a few ms to a server that is up).
+# How long a cleanup holds a key it found free, watching for its owner to ask for it, before it
+# judges again: longer than a re-take after a loss seen by the watcher (WATCH_INTERVAL, then a
+# reconnect of a few ms to a server that is up).
 DEATH_GRACE = 5.0
+# How often a cleanup looks for a waiting owner during the grace.
+LOOK_EVERY = 0.1
+# A re-take waits in the server's queue this long at most per attempt (then tries again, on a new
+# connection if that one broke): the request is what a cleanup watching the key sees.
+_RETAKE_WAIT = 2.0
 # libpq: probe an idle TCP connection after 5 s, every 2 s, give up after 3 misses; and fail a
 # write nobody acknowledges within 10 s. A dead path is seen within ~11 s instead of hours.
 KEEPALIVES = {
@@ -100,10 +114,21 @@ def held_keys(conn: psycopg.Connection[Any]) -> set[int]:
     """The bigint advisory keys some session holds now (granted, shared or exclusive) in the
     database of ``conn``: advisory locks are per database, and ``pg_locks`` shows every database's
     (a project role taking our key numbers in its own database holds nothing of ours)."""
+    return _keys(conn, granted=True)
+
+
+def waiting_keys(conn: psycopg.Connection[Any]) -> set[int]:
+    """The bigint advisory keys some session is waiting for now (a request in the queue), in the
+    database of ``conn``."""
+    return _keys(conn, granted=False)
+
+
+def _keys(conn: psycopg.Connection[Any], *, granted: bool) -> set[int]:
     rows = conn.execute(
         "SELECT DISTINCT (classid::bigint << 32) | objid::bigint FROM pg_locks "
-        "WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
-        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        "WHERE locktype = 'advisory' AND objsubid = 1 AND granted = %s "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (granted,),
     ).fetchall()
     out = set()
     for (value,) in rows:
@@ -272,6 +297,15 @@ class Holds:
         deadline = clock.monotonic() + self.retake_timeout
         state: dict[str, Any] = {}
 
+        def dropped(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = %s)", (name,)
+            ).fetchone()
+            if seen and not (row and row[0]):
+                state["why"] = "the database was dropped while its lock was lost"
+                return True
+            return False
+
         def attempt() -> bool:
             remaining = deadline - clock.monotonic()
             try:
@@ -282,16 +316,18 @@ class Holds:
                         purpose=f"hold {name}",
                         connect_timeout=max(1.0, min(CONNECT_TIMEOUT, remaining)),
                     )
-                if seen:
-                    row = conn.execute(
-                        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = %s)", (name,)
-                    ).fetchone()
-                    if not (row and row[0]):
-                        state["why"] = "the database was dropped while its lock was lost"
-                        return True
-                row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (name_key(name),))
-                got = row.fetchone()
-                return bool(got and got[0])
+                if dropped(conn):
+                    return True
+                # Wait in the server's queue, never poll: a cleanup holding the key while it
+                # judges sees this request and lets go (see DeathProof.watch).
+                wait_ms = f"{max(0.05, min(_RETAKE_WAIT, remaining)) * 1000:.0f}"
+                conn.execute("SELECT set_config('lock_timeout', %s, false)", (wait_ms,))
+                try:
+                    conn.execute("SELECT pg_advisory_lock_shared(%s)", (name_key(name),))
+                except sqlerrors.LockNotAvailable:
+                    return False  # still held by another: wait again
+                dropped(conn)  # the key was held to drop it: the database is gone now
+                return True
             except (psycopg.Error, E2EInfraError) as exc:  # the server is away: try again
                 state["error"] = " ".join(str(exc).split())[:200]
                 bad = state.pop("conn", None)
@@ -340,25 +376,16 @@ class Holds:
 
 
 class DeathProof:
-    """Called with a name, takes its key exclusively if nobody holds it: proof that no owner
-    holds the name any more. The keys taken stay held (so no owner appears meanwhile) until
-    :meth:`release`, after the drops. :meth:`free_now` only looks (takes and lets go at once):
-    the first of a cleanup's two judgements."""
+    """Takes advisory keys exclusively if nobody holds them: proof that no owner holds them now.
+    The keys taken stay held (so no owner appears unseen) until :meth:`release`, after the
+    drops; :meth:`watch` lets go of those an owner asks for meanwhile. Called with a database
+    name, it takes the name's key (:meth:`take`)."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
         self._keys: builtins.list[int] = []
 
-    def free_now(self, name: str) -> bool:
-        key = name_key(name)
-        row = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
-        if row and row[0]:
-            self.conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            return True
-        return False
-
-    def __call__(self, name: str) -> bool:
-        key = name_key(name)
+    def take(self, key: int) -> bool:
         if key in self._keys:
             return True
         row = self.conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
@@ -367,11 +394,33 @@ class DeathProof:
             return True
         return False
 
+    def __call__(self, name: str) -> bool:
+        return self.take(name_key(name))
+
+    def watch(self, seconds: float, clock: Clock, every: float = LOOK_EVERY) -> set[int]:
+        """Keep the keys taken for ``seconds``, looking every ``every`` for a request waiting
+        for one of them (an owner re-taking its lock: proof of life); let go of those at once,
+        so the owner gets its lock, and return them."""
+        alive: set[int] = set()
+        deadline = clock.monotonic() + seconds
+        while self._keys:
+            for key in waiting_keys(self.conn) & set(self._keys):
+                self._let_go(key)
+                alive.add(key)
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                break
+            clock.sleep(min(every, remaining))
+        return alive
+
     def release(self) -> None:
-        for key in self._keys:
-            with contextlib.suppress(psycopg.Error):
-                self.conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-        self._keys.clear()
+        for key in builtins.list(self._keys):
+            self._let_go(key)
+
+    def _let_go(self, key: int) -> None:
+        self._keys.remove(key)
+        with contextlib.suppress(psycopg.Error):
+            self.conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 class CreationGate:

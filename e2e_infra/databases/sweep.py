@@ -2,7 +2,8 @@
 :mod:`.markers` decide, drop what it proves dead.
 
 :meth:`Sweeper.cleanup` drops marked databases whose owner is proven gone (or whose keep expired),
-old templates beyond ``keep_templates``, half-built ones whose builder died, and what a process
+old templates beyond ``keep_templates``, half-built ones whose builder died (on a shared server:
+whose build lock was found free twice, as for any owner there), and what a process
 that died before marking it left: an unmarked database named exactly by a stale lease of ours (the
 lease is the proof it was ours). Never any other unmarked database.
 """
@@ -22,11 +23,11 @@ from psycopg import sql
 from ..resources.leases import Lease, Transaction, process_start_time
 from .catalog import Catalog
 from .markers import Action, Facts, Kind, MarkedDatabase, Marker, decide, stale_spares, status
-from .names import ident, name_key
+from .names import build_key, ident, name_key
 from .shared import DEATH_GRACE, DeathProof, held_keys
 from .templates import Templates
 
-__all__ = ["DatabaseInfo", "Sweeper", "facts", "owner_gone", "why_drop"]
+__all__ = ["DatabaseInfo", "Sweeper", "facts", "owner_gone", "proof_key", "why_drop"]
 
 log = logging.getLogger("e2e_infra")
 
@@ -88,6 +89,20 @@ def facts(
     )
 
 
+def proof_key(item: MarkedDatabase) -> int | None:
+    """The advisory key whose holder proves the owner of ``item`` alive on a shared server: a
+    half-built template's builder holds its fingerprint's build lock for the whole build; any
+    other owner holds the name's key. None: nothing can prove it (a marker without a usable
+    fingerprint), so it is never dropped on lock proof."""
+    if item.kind is Kind.BUILDING:
+        fp = item.marker.fingerprint or ""
+        try:
+            return build_key(fp) if len(fp) >= 16 else None
+        except ValueError:  # not hex: not written by this tool
+            return None
+    return name_key(item.name)
+
+
 def why_drop(
     txn: Transaction,
     item: MarkedDatabase,
@@ -117,25 +132,25 @@ class Sweeper:
     def cleanup(self, *, grace: float = DEATH_GRACE) -> builtins.list[tuple[str, str]]:
         """Drop what is proven dead (see the module); ``(name, why)`` of each database dropped.
 
-        Another owner's database on a shared server is judged twice: its lock found free, then
-        free again ``grace`` seconds later (longer than an owner's re-take after losing its
-        connection); a project database that any session is connected to is never dropped."""
+        Another owner's database on a shared server is judged twice: its lock found free and
+        taken, held for ``grace`` seconds (longer than an owner's re-take after losing its
+        connection) while nobody asked for it, and judged again; a project database that any
+        session is connected to is never dropped."""
         cat = self.catalog
         dropped: builtins.list[tuple[str, str]] = []
         with cat.connections.lend(reuse=False) as conn:  # it takes session advisory locks
             marked = cat.marked(conn)
             proof = DeathProof(conn)  # keys taken to prove another owner gone
-            doomed = self._judge(marked, proof.free_now)
+            doomed = self._judge(marked, proof.take)
             suspects = [item for item, why, needs_proof in doomed if needs_proof]
             if suspects:
-                cat.clock.sleep(grace)  # then judge again, from fresh facts
+                # Hold their keys through the grace: an owner re-taking its lock waits for it,
+                # is seen, and gets it at once. Then judge again, from fresh facts.
+                alive = proof.watch(grace, cat.clock)
                 marked = cat.marked(conn)
-                again = {item.name for item in suspects}
-                doomed = [
-                    entry
-                    for entry in self._judge(marked, proof)
-                    if not entry[2] or entry[0].name in again
-                ]
+                again = {item.name for item in suspects if proof_key(item) not in alive}
+                judged = self._judge(marked, lambda key: key not in alive and proof.take(key))
+                doomed = [entry for entry in judged if not entry[2] or entry[0].name in again]
             try:
                 for item, why, _ in doomed:
                     if item.kind.is_project_database:
@@ -160,9 +175,10 @@ class Sweeper:
         return dropped
 
     def _judge(
-        self, marked: builtins.list[MarkedDatabase], lock_free: Callable[[str], bool]
+        self, marked: builtins.list[MarkedDatabase], lock_free: Callable[[int], bool]
     ) -> builtins.list[tuple[MarkedDatabase, str, bool]]:
-        """``(item, why, needed the lock proof)`` of each database the policy lets go now."""
+        """``(item, why, needed the lock proof)`` of each database the policy lets go now;
+        ``lock_free(key)`` looks at (or takes) the item's :func:`proof_key`."""
         cat = self.catalog
         now = cat.clock.time()
         out: builtins.list[tuple[MarkedDatabase, str, bool]] = []
@@ -174,7 +190,8 @@ class Sweeper:
                     item.marker, facts(txn, item.marker, lease, now, shared=cat.shared)
                 )
                 if verdict.action is Action.DROP_IF_UNLOCKED:
-                    if lock_free(item.name):
+                    key = proof_key(item)
+                    if key is not None and lock_free(key):
                         out.append((item, verdict.reason, True))
                 elif verdict.drop:
                     out.append((item, verdict.reason, False))
@@ -210,7 +227,7 @@ class Sweeper:
                                 lease,
                                 now,
                                 shared=cat.shared,
-                                locked=None if locks is None else name_key(item.name) in locks,
+                                locked=None if locks is None else proof_key(item) in locks,
                             ),
                         ),
                         owner_pid=m.pid,

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from support import REPO_ROOT
 from support.cli import clean_environ
 from support.clusters import PgCluster
@@ -31,6 +33,7 @@ from support.databases import DB_FIXTURES, drop_databases, marked_databases
 from e2e_infra.config import Config
 from e2e_infra.databases import DatabaseAllocator, host_tag
 from e2e_infra.databases.names import name_key
+from e2e_infra.databases.shared import DEATH_GRACE
 from e2e_infra.errors import DatabaseError, DatabaseLimitError
 from e2e_infra.resources.leases import Owner
 from e2e_infra.run.workspace import make_registry
@@ -332,6 +335,52 @@ def test_a_hold_that_cannot_be_taken_again_in_time_fails_the_run_naming_why(
     allocator.close()
 
 
+def end_holds_of(pg: PgCluster, name: str) -> None:
+    """A proxy cutting an idle connection: end the hold connection of ``name``, wait it out."""
+    pattern = f"e2e-infra hold {name} %"
+    with psycopg.connect(pg.admin.conninfo(), autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+            (pattern,),
+        )
+        deadline = time.monotonic() + 5
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", (pattern,)
+        ).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the hold connection outlived its termination"
+            time.sleep(0.02)
+
+
+def test_an_owner_that_takes_its_lock_again_during_the_grace_keeps_its_database_if_lost_again(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    """The hold is cut (B's cleanup finds the key free), re-taken within the grace, and cut
+    again before B judges a second time: free at both looks, yet the owner lives. B must see
+    the re-take (it holds the key through the grace; the owner's request waits in the queue)."""
+    allocator_a = _allocator(host_config(tmp_path, pg_cluster, base, "host-a"))
+    allocator_a.holds.interval = 3600.0  # the test plays the watcher's passes
+    got = allocator_a.allocate("alpha", Owner.current(host="host-a"))
+    allocator_b = _allocator(host_config(tmp_path, pg_cluster, base, "host-b"))
+    end_holds_of(pg_cluster, got.name)
+    result: dict[str, Any] = {}
+    cleaner = threading.Thread(
+        target=lambda: result.update(dropped=allocator_b.sweeper.cleanup(grace=3.0))
+    )
+    cleaner.start()
+    try:
+        time.sleep(1.0)  # B's first look found the key free
+        allocator_a.holds.watch_once()  # A's watcher takes it again, within the grace
+        assert allocator_a.holds.retakes == 1 and allocator_a.holds.lost == {}
+        end_holds_of(pg_cluster, got.name)  # and loses it again before B's second look
+    finally:
+        cleaner.join(30)
+    assert result["dropped"] == []
+    assert got.name in server_databases(pg_cluster, got.name)
+    allocator_a.release_all()
+    allocator_a.close()
+    allocator_b.close()
+
+
 def test_cleanup_never_drops_a_database_a_session_is_connected_to(
     pg_cluster: PgCluster, base: str, tmp_path: Path
 ) -> None:
@@ -402,6 +451,111 @@ def test_another_pid_namespace_with_the_same_host_id_keeps_and_never_reuses_a_li
                 holder.kill()
     for result in (result_a, result_b):
         assert result["failed"] == 0 and result["lost"] == {}
+
+
+BUILDER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import e2e_infra
+    config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
+    allocator = e2e_infra.Workspace(config).databases
+    print(allocator.ensure_template("default"), flush=True)
+    allocator.close()
+    """
+)
+
+TIMED_CLEANUP = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from pathlib import Path
+    import e2e_infra
+    config = e2e_infra.load_config(Path(sys.argv[1]), environ=dict(os.environ))
+    allocator = e2e_infra.Workspace(config).databases
+    started = time.monotonic()
+    dropped = allocator.cleanup()
+    seconds = time.monotonic() - started
+    statuses = {info.name: info.status for info in allocator.list()}
+    print(json.dumps({"pid": os.getpid(), "dropped": dropped, "seconds": seconds,
+                      "statuses": statuses}), flush=True)
+    allocator.close()
+    """
+)
+
+
+def test_a_template_being_built_is_judged_by_its_build_lock_not_by_a_pid_in_another_namespace(
+    pg_cluster: PgCluster, base: str, tmp_path: Path
+) -> None:
+    """Host A builds a template (held mid-build by a migration that waits); host B, same
+    ``host_id``, another pid namespace, cleans up: A's pid means nothing there, so only the build
+    lock decides. While A lives, B keeps it; once A is SIGKILLed, B drops it after two looks."""
+    assert shutil.which("unshare") and os.geteuid() == 0, "needs unshare as root"
+    migrations = tmp_path / "migrations"
+    shutil.copytree(DB_FIXTURES / "migrations", migrations)
+    barrier = f"{base}_barrier"  # a role: pg_roles is seen from every database
+    (migrations / "0003_wait.sql").write_text(
+        "DO $$ BEGIN WHILE EXISTS (SELECT 1 FROM pg_roles WHERE rolname = "
+        f"'{barrier}') LOOP PERFORM pg_sleep(0.05); END LOOP; END $$;\n"
+    )
+    config_a = host_config(tmp_path / "a", pg_cluster, base, "ci-runner", migrations_dir=migrations)
+    config_b = host_config(tmp_path / "b", pg_cluster, base, "ci-runner", migrations_dir=migrations)
+    env = clean_environ({"PYTHONPATH": str(REPO_ROOT)})
+
+    def cleanup_b() -> dict[str, Any]:
+        out = subprocess.run(
+            [*UNSHARE, sys.executable, "-c", TIMED_CLEANUP, str(_source(config_b))],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+            timeout=120,
+            check=True,
+        )
+        report: dict[str, Any] = json.loads(out.stdout)
+        assert report["pid"] == 1  # really another pid namespace: A's pid is dead-looking there
+        return report
+
+    def building() -> list[str]:
+        return [
+            name
+            for name, marker in server_databases(pg_cluster, base + "_").items()
+            if marker is not None and marker["kind"] == "building"
+        ]
+
+    with psycopg.connect(pg_cluster.admin.conninfo(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(barrier)))
+        a = subprocess.Popen(
+            [sys.executable, "-c", BUILDER, str(_source(config_a))],
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=REPO_ROOT,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not building():
+                assert a.poll() is None and time.monotonic() < deadline, "A never started building"
+                time.sleep(0.05)
+            [half_built] = building()
+            assert server_databases(pg_cluster, half_built)[half_built]["host"] == "ci-runner"
+
+            report = cleanup_b()  # A builds: its build lock is held
+            assert report["dropped"] == []
+            assert report["statuses"][half_built] == "building"
+            assert building() == [half_built] and a.poll() is None
+
+            a.send_signal(signal.SIGKILL)
+            a.wait(timeout=10)
+            report = cleanup_b()  # A is gone: its build lock is free, twice across the grace
+            assert [name for name, _ in report["dropped"]] == [half_built]
+            assert "build lock" in report["dropped"][0][1]
+            assert report["seconds"] >= DEATH_GRACE  # the second look came after the grace
+            assert building() == []
+        finally:
+            if a.poll() is None:
+                a.kill()
+            a.communicate(timeout=10)
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(barrier)))
 
 
 # --- branches: templates by last use, per fingerprint ---------------------------------------------

@@ -235,6 +235,15 @@ def test_a_half_built_template_goes_only_when_its_builder_is_gone() -> None:
     assert verdict.drop and "builder is gone" in verdict.reason
 
 
+def test_on_a_shared_server_a_half_built_template_needs_the_lock_proof_never_a_pid() -> None:
+    shared = facts(shared=True, owner_gone="owner pid 4242 is gone")
+    for host in (HERE, THERE):  # the same host id may be another pid namespace
+        verdict = decide(db(Kind.BUILDING, host=host), shared)
+        assert verdict.action is Action.DROP_IF_UNLOCKED and "build lock" in verdict.reason
+    assert status(db(Kind.BUILDING), replace(shared, locked=True)) == "building"
+    assert status(db(Kind.BUILDING), replace(shared, locked=False)).startswith("unlocked: ")
+
+
 @given(
     st.sampled_from([Kind.DATABASE, Kind.KEPT]),
     st.booleans(),
