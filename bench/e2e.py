@@ -21,7 +21,7 @@ With ``--baseline DIR`` every run of this checkout is paired with the same run o
 DIR (each with its own state folder and cluster; the order alternates each round), so that load
 from other users falls on both alike; the ratios baseline/current are printed side by side.
 
-The tool's CPU per project: the run's total CPU (nox and everything it reaped, as the kernel
+The tool's CPU per project: the run's total CPU (nox and everything it started, as the kernel
 counts it; PostgreSQL not included) minus what the suites and servers used (each session reaps
 them and records their CPU in run.json ``resources.cpu_seconds``), divided by the number of
 projects. Every Python process of a run also records its own CPU at exit (a ``sitecustomize`` in
