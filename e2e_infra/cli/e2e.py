@@ -44,15 +44,18 @@ def _run_projects(
 
     ``--jobs auto``: from the cores and the memory against the projects' recorded peaks
     (:mod:`e2e_infra.parallel.jobs`), said in one line; ``dry_run`` prints it and the plan only.
-    The projects run on a pool of warm workers (:mod:`e2e_infra.parallel.pool`); each one's
+    They start longest first (by recorded duration; never timed ones first), on a pool of warm
+    workers (:mod:`e2e_infra.parallel.pool`); each one's
     output goes to ``<run>/<project>.output.log``. Without the live table (a pipe, CI) it is
     printed as one block when the project ends, as ``nox -j`` does; with it, only a failed
     project's last lines are, after the summary.
     """
     from ..parallel.pool import Outcome, ProjectPool
+    from ..results.durations import longest_first
 
     if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
         raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
+    projects = longest_first(config, projects)  # the tail of a run is its longest project's
     if jobs == "auto" or dry_run:
         jobs = _choose_jobs(config, projects, jobs, dry_run)
         if dry_run:
@@ -128,6 +131,11 @@ def _choose_jobs(config: e2e_infra.Config, projects: list[str], jobs: str, dry_r
 
     choice = jobs_for(config, projects)
     lines = choice.plan() if dry_run else [choice.reason]
+    if dry_run:
+        lines.append(
+            "start order, the longest recorded first (never timed ones before them): "
+            + ", ".join(projects)
+        )
     if jobs != "auto":
         lines[0] = f"jobs {jobs} (--jobs); auto would choose {lines[0]}"
     print(

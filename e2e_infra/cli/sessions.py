@@ -96,7 +96,12 @@ def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> li
     os.environ[NOX_RUN_ENV] = run
     if not _registered:
         atexit.register(_summary_at_exit)
-    return [_register(config, project) for project in config.projects]
+    # nox -j starts them in the order they are registered: the longest recorded first (the
+    # durations file only: a -j worker loads this file too, and reads no run record).
+    from e2e_infra.results.durations import longest_first
+
+    order = longest_first(config, list(config.projects), run_records=False)
+    return [_register(config, project) for project in order]
 
 
 def _register(config: e2e_infra.Config, project: str) -> str:

@@ -37,6 +37,7 @@ from .summary import (
     run_artifacts,
     tests_of,
 )
+from .wall import wall_time
 
 __all__ = ["latest_per_project", "nice_ticks", "render_html", "write_html_report"]
 _LOG_TAIL_LINES = 40
@@ -63,6 +64,8 @@ h1 { font-size: 1.35em; margin: 0 0 .2em; }
 .merged { margin: -.4em 0 .8em; } .merged a { font-weight: 600; }
 .meta b.red { color: #d32f2f; } .meta b.green { color: #2e7d32; } .meta b.amber { color: #b26a00; }
 .legend { color: #57606a; font-size: 12px; margin-bottom: .6em; }
+.wall { color: #24292f; font-size: 13px; margin-bottom: .8em; }
+.wall ul { margin: .2em 0; padding-left: 1.2em; color: #57606a; }
 .legend span { display: inline-block; margin-right: 1.1em; }
 .legend i { display: inline-block; width: .9em; height: .9em; margin-right: .3em;
   vertical-align: -.1em; border-radius: 2px; }
@@ -303,6 +306,16 @@ def _detail(row: _Row, base: Path, columns: int) -> str:
     )
 
 
+def _wall_block(runs: Sequence[RunRecord]) -> str:
+    """Where the wall time went (:mod:`.wall`), at the top of the page."""
+    spent = wall_time(runs)
+    if spent is None or len(runs) < 2:
+        return ""
+    lines = "".join(f"<li>{html.escape(line.strip())}</li>" for line in spent.lines()[1:])
+    head = html.escape(spent.lines()[0])
+    return f'<div class="wall"><b>{head}</b><ul>{lines}</ul></div>'
+
+
 def render_html(
     rows: Sequence[_Row],
     *,
@@ -389,6 +402,7 @@ def render_html(
         f'<div class="meta">started {when} &middot; wall time {wall:.1f} s &middot; '
         f"{len(runs)} project(s): {totals}{html.escape(test_text)}</div>"
         f"{_merged_link(playwright_report, base)}"
+        f"{_wall_block(runs)}"
         f'<div class="legend">{legend}</div>'
         '<table class="runs"><thead><tr><th>project</th><th>result</th><th>tests</th>'
         '<th>duration</th><th>peak mem</th><th>cpu</th><th class="timeline">timeline'

@@ -22,6 +22,7 @@ from ..files import RESULTS_SETTING, folder_error
 from ..results.layout import OTHER_RUNS
 from ..results.record import Result, RunRecord
 from .junit import JUnitSummary, read_junit
+from .wall import wall_time
 
 __all__ = [
     "RunSummary",
@@ -291,6 +292,9 @@ def print_summary(config: Config, runs: Sequence[RunRecord], *, file: Any = None
             cpu_text(run),
         )
     console.print(table)
+    spent = wall_time(runs)
+    if spent is not None and len(runs) > 1:
+        console.print("\n".join(escape(line) for line in spent.lines()), soft_wrap=True)
     for run in ordered:
         failures = tests_of(run).failures
         if run.result is Result.PASSED and not failures and not run.notes():

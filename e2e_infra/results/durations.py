@@ -36,6 +36,7 @@ __all__ = [
     "durations_for_plan",
     "last_durations",
     "locked",
+    "longest_first",
     "merge_durations",
     "merge_shard_results",
     "read_durations",
@@ -229,3 +230,19 @@ def durations_for_plan(config: Config, projects: Sequence[str]) -> dict[str, flo
     fallback = last_durations(config, missing) if missing else {}
     known = {**fallback, **recorded}
     return {p: known[p] for p in projects if p in known}
+
+
+def longest_first(
+    config: Config, projects: Sequence[str], *, run_records: bool = True
+) -> list[str]:
+    """``projects`` in the order to start them: the ones with no recorded duration first (a
+    project never timed may be the longest), then by decreasing recorded duration (the
+    durations file, else with ``run_records`` the newest ``run.json``); ties keep the given
+    order. Starting the longest first keeps lanes from sitting idle at the end of a run."""
+    wanted = list(dict.fromkeys(projects))
+    if run_records:
+        known = durations_for_plan(config, wanted)
+    else:
+        known = {p: s for p, s in read_durations(config).items() if p in set(wanted)}
+    place = {project: number for number, project in enumerate(wanted)}
+    return sorted(wanted, key=lambda p: (p in known, -known.get(p, 0.0), place[p]))

@@ -139,6 +139,7 @@ class RunRecord:
     server_exits: tuple[Mapping[str, Any], ...] = ()  # servers that died during the run
     server_stops: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     resources: Mapping[str, Any] | None = None  # peak_memory_bytes, cpu_seconds, ...
+    server_startups: Mapping[str, float] = field(default_factory=dict)  # spawn to healthy, s
     # Where it was read from (not part of the JSON): its folder holds its logs and JUnit file.
     path: Path | None = field(default=None, compare=False)
 
@@ -207,6 +208,7 @@ class RunRecord:
             "server_exits": [dict(x) for x in self.server_exits],
             "server_stops": {k: dict(v) for k, v in self.server_stops.items()},
             "resources": dict(self.resources) if self.resources is not None else None,
+            "server_startups": {k: round(v, 4) for k, v in self.server_startups.items()},
         }
 
     @classmethod
@@ -241,6 +243,9 @@ class RunRecord:
                     if isinstance(v, dict)
                 },
                 resources=dict(res) if isinstance(res := data.get("resources"), dict) else None,
+                server_startups={
+                    str(k): float(v) for k, v in _mapping(data.get("server_startups")).items()
+                },
                 path=path,
             )
         except (KeyError, TypeError, AttributeError) as exc:
@@ -313,6 +318,7 @@ class Draft:
     server_exits: list[dict[str, Any]] = field(default_factory=list)
     server_stops: dict[str, dict[str, Any]] = field(default_factory=dict)
     resources: dict[str, Any] | None = None
+    server_startups: dict[str, float] = field(default_factory=dict)
 
     def freeze(self, path: Path | None = None) -> RunRecord:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -323,6 +329,7 @@ class Draft:
         values["server_exits"] = tuple(dict(x) for x in self.server_exits)
         values["server_stops"] = {k: dict(v) for k, v in self.server_stops.items()}
         values["resources"] = dict(self.resources) if self.resources is not None else None
+        values["server_startups"] = dict(self.server_startups)
         return RunRecord(**values, path=path)
 
     def note_error(self, exc: BaseException, secrets: Sequence[str] = ()) -> None:

@@ -247,6 +247,7 @@ class ProjectSession:
             stop=self._forget_server,
             move_port=self._move_port,
             phase=self.phase,
+            healthy=self.result.server_startups.__setitem__,
         )
         for level in server_order(self.config, project.servers):
             for name in level:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ class StartHooks:
     move_port: Callable[[str], int]
     # a phase of the run ("health"), timed
     phase: Callable[[str], contextlib.AbstractContextManager[None]]
+    # (server, seconds from its spawn to healthy): what its start-up costs the run
+    healthy: Callable[[str, float], None] = lambda _name, _seconds: None
 
 
 class ServerStart:
@@ -60,6 +63,7 @@ class ServerStart:
         attempts = server.restarts + 1
         for attempt in range(1, attempts + 1):
             port = placeholders.ports.get(server.port) if server.port else None
+            began = time.monotonic()
             try:
                 with self._listener(port) as listener:
                     process = self.hooks.spawn(server, placeholders, listener)
@@ -71,6 +75,7 @@ class ServerStart:
             try:
                 with self.hooks.phase("health"):
                     process.wait_healthy()
+                self.hooks.healthy(server.name, time.monotonic() - began)
                 return placeholders
             except ServerExitedError:
                 taken = port is not None and (process.port_conflict() or not port_is_free(port))

@@ -277,3 +277,15 @@ def test_a_saved_plan_is_followed_only_for_the_same_projects_and_count(tmp_path:
     # Another shard count or project set plans anew (by the default duration).
     assert [shard_projects(config, i, 3) for i in (1, 2, 3)] == [("a", "d"), ("b",), ("c",)]
     assert [shard_projects(config, i, 2, ["b", "a"]) for i in (1, 2)] == [("a",), ("b",)]
+
+
+def test_longest_first_puts_never_timed_projects_first_then_the_longest(tmp_path: Path) -> None:
+    from e2e_infra.results.durations import longest_first
+
+    config = make_config(tmp_path, ["quick", "slow", "new", "medium", "other_new"])
+    record_durations(config, {"quick": 1.0, "slow": 9.0, "medium": 4.0})
+    order = longest_first(config, ["quick", "slow", "new", "medium", "other_new"])
+    assert order == ["new", "other_new", "slow", "medium", "quick"]
+    # Ties keep the given order.
+    record_durations(config, {"new": 4.0, "other_new": 4.0})
+    assert longest_first(config, ["other_new", "medium", "new"]) == ["other_new", "medium", "new"]
