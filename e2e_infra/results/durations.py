@@ -24,8 +24,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import filelock
-
 from .layout import DURATIONS
 
 if TYPE_CHECKING:  # a Config hands out its layout; this module needs nothing else of it
@@ -60,6 +58,8 @@ def _durations_path(config: Config) -> Path:
 def locked(path: Path) -> Iterator[None]:
     """Hold the lock of the JSON file ``path`` (a hidden file beside it) meanwhile."""
     # A hidden lock file next to the data: CI artifact uploads leave hidden files out.
+    import filelock  # here: reading the durations (every nox -j worker does) needs no lock
+
     lock = filelock.FileLock(str(path.with_name(f".{path.name}.lock")), timeout=_LOCK_TIMEOUT)
     with lock:
         yield
@@ -161,9 +161,11 @@ def record_durations(
     }
     if not extra:
         return False
+    from filelock import Timeout as LockTimeout
+
     try:
         _update(config, extra)
-    except (OSError, filelock.Timeout) as exc:
+    except (OSError, LockTimeout) as exc:
         path = _durations_path(config)
         log.warning("could not record the duration of %s in %s: %s", ", ".join(extra), path, exc)
         return False
