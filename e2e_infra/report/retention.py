@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..resources.leases import process_state
+from ..results.layout import Layout
 from .progress import read_status
 
 __all__ = ["live", "prune_runs"]
@@ -27,7 +28,7 @@ _DAY = 86400.0
 
 def live(folder: Path) -> bool:
     """Whether a project of the run in ``folder`` is still running (its process proven alive)."""
-    for status_file in folder.glob("*/status.json"):
+    for status_file in Layout.statuses_in(folder):
         status = read_status(status_file)
         if not status or status.get("done"):
             continue

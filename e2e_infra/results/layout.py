@@ -147,6 +147,12 @@ class Layout:
         yield from top.glob(f"*/{project}/{RECORD}")
         yield from top.glob(f"*/{project}/{OTHER_RUNS}/*/{RECORD}")
 
+    @staticmethod
+    def statuses_in(run_folder: Path) -> list[Path]:
+        """The ``status.json`` of each project in ``run_folder`` (another run's, as retention
+        reads them)."""
+        return sorted(run_folder.glob(f"*/{STATUS}"))
+
     def run_folders(self) -> list[Path]:
         """Every run's folder (not ``latest``, not hidden ones), oldest first by modification."""
         try:
