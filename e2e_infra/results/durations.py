@@ -88,7 +88,7 @@ def _load_entries(path: Path) -> Entries:
     """The entries of a durations file; a missing one is empty, a broken one warns and is empty."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # none yet (or no results folder at all)
         return {}
     except (OSError, ValueError) as exc:
         log.warning("durations file %s is unreadable (%s): planning without it", path, exc)
