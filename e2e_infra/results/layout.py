@@ -238,6 +238,11 @@ def _own(path: Path) -> None:
 def _make(path: Path) -> None:
     """``path`` as a folder of the tool's (made if missing); a link or an error is one line."""
     _own(path)
+    if path.exists() and not path.is_dir():
+        raise FolderError(
+            f"{path} exists and is not a folder; remove it or point {RESULTS_SETTING} elsewhere",
+            path=str(path),
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
