@@ -1,9 +1,12 @@
-"""Reading the end of a log: a server's, a command's, the local cluster's; secrets masked."""
+"""Log files: reading the end of one (a server's, a command's, the local cluster's; secrets
+masked), and :class:`Tee`, a child's console output shown and kept at once."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -11,20 +14,21 @@ from typing import IO
 from ..conninfo import mask_secrets
 from ..files import symlink_error
 
-__all__ = ["TAIL_LINES", "file_size", "log_tail", "open_log", "read_end"]
+__all__ = ["TAIL_LINES", "Tee", "file_size", "log_tail", "open_log", "read_end"]
 
 TAIL_LINES = 20
 _TAIL_BYTES = 64 * 1024  # the tail is read from at most this many bytes at the end of the log
 
 
-def open_log(path: Path, *, fresh: bool = False) -> IO[bytes]:
-    """``path`` opened for appending (``fresh``: emptied first), created 0600: a log may hold
-    what a process printed of its configuration, so it is the user's alone (its folder is 0700
-    too). A symbolic link there is refused, never followed: the tool writes only to files it
-    made (:class:`~e2e_infra.errors.FolderError` naming it)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if fresh else 0)
+def open_log(path: Path, *, fresh: bool = False, readable: bool = False) -> IO[bytes]:
+    """``path`` opened for appending (``fresh``: emptied first; ``readable``: also for reading
+    back), created 0600: a log may hold what a process printed of its configuration, so it is
+    the user's alone (its folder is 0700 too). A symbolic link there is refused, never followed:
+    the tool writes only to files it made (:class:`~e2e_infra.errors.FolderError` naming it)."""
+    flags = os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if fresh else 0)
+    flags |= os.O_RDWR if readable else os.O_WRONLY
     try:
-        return os.fdopen(os.open(path, flags, 0o600), "ab")
+        return os.fdopen(os.open(path, flags, 0o600), "a+b" if readable else "ab")
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise symlink_error(path) from None
@@ -66,3 +70,52 @@ def log_tail(
     text = read_end(Path(path), since)
     tail = text.splitlines()[-lines:] if lines > 0 else []
     return mask_secrets("\n".join(tail), tuple(secrets))
+
+
+class Tee:
+    """A child's console output, shown as it comes and kept: a pipe whose reader (a thread)
+    copies every chunk to the file descriptor ``show`` (default 1: our stdout, where the child's
+    output went before) and to the log at ``path``. Give :attr:`fd` as the child's stdout (and
+    stderr), call :meth:`started` once it is spawned, :meth:`join` once it ended. A write to
+    ``show`` that fails (a closed terminal) is dropped; the log keeps everything."""
+
+    def __init__(self, path: Path, show: int = 1) -> None:
+        self.path = path
+        self.show = show
+        self._log = open_log(path, fresh=True)
+        self._read, self.fd = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    def started(self) -> None:
+        """The child holds the pipe now: close our end of it and start copying."""
+        os.close(self.fd)
+        self._thread = threading.Thread(target=self._copy, name="e2e-infra tee", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            while chunk := os.read(self._read, 65536):
+                self._log.write(chunk)
+                self._log.flush()
+                with contextlib.suppress(OSError):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(self.show, view) :]
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self._read)
+            self._log.close()
+
+    def join(self, timeout: float = 5.0) -> None:
+        """Wait (at most ``timeout``) for the end of the output: every writer of the pipe gone.
+        A leftover that still holds it keeps the thread (a daemon) until it ends."""
+        if self._thread is None:  # never started: the child could not be spawned
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            with contextlib.suppress(OSError):
+                os.close(self._read)
+            self._log.close()
+            return
+        self._thread.join(timeout)

@@ -165,7 +165,7 @@ def _run(config: Config) -> RunSummary:
 def test_no_blob_means_no_merge_and_no_link(tmp_path: Path) -> None:
     config = _config(tmp_path)
     run = _run(config)
-    assert merge_playwright_reports(config, [run]) is None
+    assert merge_playwright_reports(config, [run]) == []
     page = write_html_report(config, [run]).read_text()
     assert 'class="merged"' not in page
 
@@ -189,8 +189,8 @@ def test_a_blob_without_node_modules_is_one_warning_not_an_error(
     run = _run(config)
     (run.folder / "blob-report").mkdir()
     (run.folder / "blob-report" / "report.zip").write_bytes(b"PK")
-    assert merge_playwright_reports(config, [run]) is None
+    assert merge_playwright_reports(config, [run]) == []
     assert [r.getMessage() for r in caplog.records] == [
-        "no merged Playwright report: no node_modules/playwright found; each project's own "
-        "report is in its results folder"
+        "no merged Playwright report for web: no node_modules/playwright found; each project's "
+        "own report is in its results folder"
     ]
