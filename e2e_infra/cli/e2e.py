@@ -60,6 +60,7 @@ def _run_projects(
     started = time.time()
     config = _for_run(config)
     config.layout.make_run_dir()  # a link planted there, a full disk: one line, nothing written
+    _prepare(config)  # the run's prepare steps, once, before any project
     live = e2e_infra.use_live_display(sys.stderr)
     printing = threading.Lock()
 
@@ -108,6 +109,23 @@ def _run_projects(
                 print_tail(outcome.project, outcome.output)
     missing = [p for p in projects if p not in {run.project for run in runs}]
     return sorted({*failed, *missing})
+
+
+def _prepare(config: e2e_infra.Config) -> None:
+    """Run the prepare steps (once per run; each session finds them done); one line per step.
+    A failure writes report.html (its step, its log) and raises: no project runs."""
+    from ..run.prepare import ensure_prepared, read_prepared
+
+    try:
+        ensure_prepared(config)
+    except e2e_infra.PrepareError:
+        e2e_infra.write_html_report(config, [])
+        raise
+    finally:
+        record = read_prepared(config)
+        for step in record.steps if record is not None else ():
+            took = f" in {step.seconds:.2f}s" if step.seconds else ""
+            print(f"prepare {step.name}: {step.reason}{took}", file=sys.stderr)
 
 
 def _summarize(

@@ -154,9 +154,13 @@ class ProjectSession:
 
     def __enter__(self) -> ProjectEnv:
         from .preflight import check_project
+        from .prepare import ensure_prepared
 
         try:  # before anything is acquired: a bad folder or cwd leaves nothing to release
             check_project(self.config, self.project)
+            # The run's prepare steps: once per run, whichever runner (a config with no run chosen:
+            # this session is the run).
+            ensure_prepared(self.config if self.config.run else self.config.for_run(self.run_id))
         except E2EInfraError as exc:
             self.failed = True
             self._note_error(exc)
