@@ -237,6 +237,7 @@ class ProjectSession:
                     self._secrets = (self._database.url.password,)
                 self.result.database = self._database.name
                 self.result.seed = self._database.seed
+                self.result.template = dict(self._database.provenance)
                 self._watch.sweep("database", "")  # what migrate/seed commands left
         placeholders = Placeholders(
             project=project.name,

@@ -177,9 +177,10 @@ def test_an_overrun_command_gets_sigterm_first_and_a_grace_period(tmp_path: Path
         "print('started', flush=True); time.sleep(60)"
     )
     runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, timeout=1.0, stop_grace=5.0)
-    with pytest.raises(MigrationError, match=r"did not finish within 1s.*started cleaned up"):
+    with pytest.raises(MigrationError, match=r"did not finish within 1s.*: cleaned up") as info:
         runner.apply(TARGET)
     assert (tmp_path / "term").exists()  # it was asked to stop before being killed
+    assert info.value.log_tail.splitlines() == ["started", "cleaned up"]  # lines, not squashed
 
 
 def test_a_command_that_ignores_sigterm_and_leaves_its_output_open_is_still_bounded(
