@@ -464,6 +464,14 @@ def e2e_init(c: Context, dry_run: bool = False, root: str = "") -> None:
         print(f"{prefix}{verb} {change.path.relative_to(where)}: {change.why}")
         if dry_run and change.writes:
             print("".join(f"    {line}\n" for line in change.text.strip("\n").splitlines()))
+        if change.advice:
+            print(
+                "".join(
+                    f"  note: {line}\n" if i == 0 else f"    {line}\n"
+                    for i, line in enumerate(change.advice.rstrip("\n").splitlines())
+                ),
+                end="",
+            )
     if dry_run:
         return
     scaffold.apply(changes)
