@@ -50,7 +50,7 @@ from ..conninfo import ConnInfo, mask_secrets
 from ..errors import ConfigError, E2EInfraError, MigrationError, SeedProfileNotFoundError
 from ..postgres.pgerrors import ErrorContext, Phase, map_errors
 from ..processes import KILL, child_environ, escalation, spawn
-from ..processes.logs import TAIL_LINES, open_log
+from ..processes.logs import TAIL_LINES, last_line, open_log
 
 __all__ = [
     "ADMIN_OPTIONS",
@@ -415,8 +415,8 @@ class CommandRunner:
 
 def _where(log_path: Path | None, tail: str) -> str:
     """``: <its last line>; its whole output: <log>`` for an error line."""
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    last = f": {lines[-1][:300]}" if lines else " (no output)"
+    line = last_line(tail)
+    last = f": {line}" if line else " (no output)"
     return f"{last}; its whole output: {log_path}" if log_path is not None else last
 
 

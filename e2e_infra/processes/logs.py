@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import IO
 from ..conninfo import mask_secrets
 from ..files import symlink_error
 
-__all__ = ["TAIL_LINES", "Tee", "file_size", "log_tail", "open_log", "read_end"]
+__all__ = ["TAIL_LINES", "Tee", "file_size", "last_line", "log_tail", "open_log", "read_end"]
 
 TAIL_LINES = 20
 _TAIL_BYTES = 64 * 1024  # the tail is read from at most this many bytes at the end of the log
@@ -33,6 +34,19 @@ def open_log(path: Path, *, fresh: bool = False, readable: bool = False) -> IO[b
         if exc.errno == errno.ELOOP:
             raise symlink_error(path) from None
         raise
+
+
+# What a package manager adds after the command it ran failed: its own summary, not the cause.
+_WRAPPER_LINES = re.compile(r"^\s*(npm error|npm ERR!|ERR_PNPM|ELIFECYCLE|error Command failed)")
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    """The line of a failed command's output that says why: its last non-blank one, skipping
+    the summary npm, pnpm or yarn print after a script failed (``npm error command sh -c ...``)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    own = [line for line in lines if not _WRAPPER_LINES.match(line)]
+    chosen = (own or lines or [""])[-1]
+    return chosen if len(chosen) <= limit else chosen[: limit - 1] + "…"
 
 
 def file_size(path: Path) -> int:

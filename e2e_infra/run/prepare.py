@@ -152,8 +152,10 @@ def _error(step: StepRecord) -> PrepareError:
         from ..processes.logs import log_tail
 
         tail = log_tail(Path(step.log), _TAIL_LINES)
-    last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
-    shown = f": {last[:300]}" if last else ""
+    from ..processes.logs import last_line
+
+    last = last_line(tail)
+    shown = f": {last}" if last else ""
     where = f"; its whole output: {step.log}" if step.log else ""
     return PrepareError(
         f"prepare step {step.name} (`{step.command}`) {step.reason}{shown}{where}; no project "
