@@ -261,7 +261,8 @@ def node_plan(root: Path, env: Mapping[str, str] | None = None) -> NodePlan | No
             continue
         servers = []
         for entry in found.web_servers:
-            cwd = os.path.relpath(Path(str(entry.get("cwd") or config.parent)), root)
+            where = (config.parent / str(entry.get("cwd") or ".")).resolve()  # as Playwright
+            cwd = os.path.relpath(where, root)
             key = (str(entry.get("command") or ""), cwd)
             if key not in known:
                 name = _server_name(entry, cwd, taken_servers)

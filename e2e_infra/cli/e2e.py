@@ -119,6 +119,7 @@ def _prepare(config: e2e_infra.Config) -> None:
     try:
         ensure_prepared(config)
     except e2e_infra.PrepareError:
+        config.layout.point_latest()  # no project claimed the run: latest is this run still
         e2e_infra.write_html_report(config, [])
         raise
     finally:
@@ -464,14 +465,10 @@ def e2e_init(c: Context, dry_run: bool = False, root: str = "") -> None:
         print(f"{prefix}{verb} {change.path.relative_to(where)}: {change.why}")
         if dry_run and change.writes:
             print("".join(f"    {line}\n" for line in change.text.strip("\n").splitlines()))
-        if change.advice:
-            print(
-                "".join(
-                    f"  note: {line}\n" if i == 0 else f"    {line}\n"
-                    for i, line in enumerate(change.advice.rstrip("\n").splitlines())
-                ),
-                end="",
-            )
+        for line in change.advice.splitlines():
+            print(f"  note: {line}")
+        if dry_run and change.suggested:
+            print("".join(f"    {line}\n" for line in change.suggested.strip("\n").splitlines()))
     if dry_run:
         return
     scaffold.apply(changes)
