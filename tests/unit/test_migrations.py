@@ -247,3 +247,26 @@ def test_a_migrate_command_gets_neither_the_admin_url_nor_the_tools_plumbing(
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["DATABASE_URL"] == TARGET.url and env["APP_SETTING"] == "kept"
     assert not {"E2E_ADMIN_DATABASE_URL", "PGPASSWORD", "E2E_NOX_RUN_ID"} & set(env)
+
+
+def test_the_line_that_says_why_skips_what_npm_adds_after_a_script_failed() -> None:
+    from e2e_infra.processes.logs import last_line
+
+    output = (
+        'seeding line 1\nError: relation "items" does not exist\n'
+        "npm error Lifecycle script `seed` failed with error:\nnpm error code 1\n"
+        "npm error command sh -c node seed.mjs\n"
+    )
+    assert last_line(output) == 'Error: relation "items" does not exist'
+    assert last_line("npm error code 1\n") == "npm error code 1"
+    assert last_line("") == ""
+
+
+def test_database_env_reaches_the_command_and_its_fingerprint(tmp_path: Path) -> None:
+    script = "import os, pathlib; pathlib.Path('seen').write_text(os.environ['SEED_LABEL'])"
+    plain = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path)
+    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, env={"SEED_LABEL": "x"})
+    runner.apply(TARGET)
+    assert (tmp_path / "seen").read_text() == "x"
+    assert plain.inputs()[0] == ("command", plain.command.encode())  # fingerprints as before
+    assert runner.inputs()[0] != plain.inputs()[0]
