@@ -90,13 +90,18 @@ class Tee:
     """A child's console output, shown as it comes and kept: a pipe whose reader (a thread)
     copies every chunk to the file descriptor ``show`` (default 1: our stdout, where the child's
     output went before) and to the log at ``path``. Give :attr:`fd` as the child's stdout (and
-    stderr), call :meth:`started` once it is spawned, :meth:`join` once it ended. A write to
-    ``show`` that fails (a closed terminal) is dropped; the log keeps everything."""
+    stderr), call :meth:`started` once it is spawned, :meth:`join` once it ended. A write that
+    fails is dropped, never raised: a closed terminal stops the showing, a full disk the keeping
+    (the run's record says what the disk refused), and the child's output keeps flowing."""
 
     def __init__(self, path: Path, show: int = 1) -> None:
         self.path = path
         self.show = show
-        self._log = open_log(path, fresh=True)
+        self._log: IO[bytes] | None
+        try:
+            self._log = open_log(path, fresh=True)
+        except OSError:  # a full disk: shown, not kept (a link there is refused, as FolderError)
+            self._log = None
         self._read, self.fd = os.pipe()
         self._thread: threading.Thread | None = None
 
@@ -106,11 +111,25 @@ class Tee:
         self._thread = threading.Thread(target=self._copy, name="e2e-infra tee", daemon=True)
         self._thread.start()
 
+    def _keep(self, chunk: bytes) -> None:
+        if self._log is None:
+            return
+        try:
+            self._log.write(chunk)
+            self._log.flush()
+        except OSError:
+            self._close_log()
+
+    def _close_log(self) -> None:
+        log, self._log = self._log, None
+        if log is not None:
+            with contextlib.suppress(OSError):
+                log.close()
+
     def _copy(self) -> None:
         try:
             while chunk := os.read(self._read, 65536):
-                self._log.write(chunk)
-                self._log.flush()
+                self._keep(chunk)
                 with contextlib.suppress(OSError):
                     view = memoryview(chunk)
                     while view:
@@ -120,7 +139,7 @@ class Tee:
         finally:
             with contextlib.suppress(OSError):
                 os.close(self._read)
-            self._log.close()
+            self._close_log()
 
     def join(self, timeout: float = 5.0) -> None:
         """Wait (at most ``timeout``) for the end of the output: every writer of the pipe gone.
@@ -130,6 +149,6 @@ class Tee:
                 os.close(self.fd)
             with contextlib.suppress(OSError):
                 os.close(self._read)
-            self._log.close()
+            self._close_log()
             return
         self._thread.join(timeout)
