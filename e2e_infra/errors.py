@@ -21,7 +21,7 @@ what to do next, so the command-line adapters can print ``str(exc)`` on one line
     |   +-- ClusterError                the embedded cluster failed to init / start / stop
     |   +-- ServerUnreachableError      cannot connect; names the masked URL and the fix
     +-- DatabaseError
-    |   +-- MigrationError              a migration or seed failed; names the file
+    |   +-- MigrationError              a migration or seed failed; names the file (and its log)
     |   +-- SeedProfileNotFoundError
     |   +-- DatabaseLimitError          the cap on live databases is reached
     |   +-- DatabaseNotFoundError       exit 2: no live database for that project
@@ -29,6 +29,7 @@ what to do next, so the command-line adapters can print ``str(exc)`` on one line
     +-- ServerError
     |   +-- ServerExitedError           the server process died before it was healthy
     |   +-- ServerStartTimeoutError     the server never became healthy in time
+    +-- PrepareError                    a run's prepare step failed; names the step and its log
     +-- SuiteFailedError                the project's test suite failed
     +-- Interrupted                     SIGINT / SIGTERM arrived; everything was released
 """
@@ -56,6 +57,7 @@ __all__ = [
     "PortRangeError",
     "PortsExhaustedError",
     "PostgresError",
+    "PrepareError",
     "RegistryError",
     "SeedProfileNotFoundError",
     "ServerError",
@@ -177,9 +179,19 @@ class DatabaseError(E2EInfraError):
 
 
 class MigrationError(DatabaseError):
-    def __init__(self, message: str, *, file: str, dbname: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str,
+        dbname: str | None = None,
+        log_path: str | None = None,
+        log_tail: str = "",
+    ) -> None:
         super().__init__(message, dbname=dbname)
         self.file = file
+        self.log_path = log_path  # a command's whole output, kept in the run's folder
+        self.log_tail = log_tail  # its last lines
 
 
 class SeedProfileNotFoundError(DatabaseError):
@@ -233,6 +245,18 @@ class ServerStartTimeoutError(ServerError):
     def __init__(self, message: str, *, server: str, timeout: float, log_tail: str = "") -> None:
         super().__init__(message, server=server, log_tail=log_tail)
         self.timeout = timeout
+
+
+class PrepareError(E2EInfraError):
+    """A run-level prepare step (``[tool.e2e_infra.prepare.<name>]``) failed: no project runs."""
+
+    def __init__(
+        self, message: str, *, step: str, log_path: str | None = None, log_tail: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.log_path = log_path
+        self.log_tail = log_tail
 
 
 class SuiteFailedError(E2EInfraError):

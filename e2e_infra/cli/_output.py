@@ -48,6 +48,7 @@ def cli(fn: F) -> F:
         try:
             return fn(c, *args, **kwargs)
         except e2e_infra.E2EInfraError as exc:
+            print_error_log(exc)
             raise Exit(f"error: {exc.one_line()}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("interrupted: everything this command held was released", code=130) from None
@@ -62,6 +63,17 @@ def cli(fn: F) -> F:
             ) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_error_log(exc: BaseException) -> None:
+    """The last lines of what failed (a migrate or seed command, a prepare step), as lines, and
+    where its whole output is: printed before the one error line."""
+    tail = str(getattr(exc, "log_tail", "") or "").rstrip()
+    where = getattr(exc, "log_path", None)
+    if not tail or not where:
+        return
+    lines = [f"last lines of its output ({where}):", *(f"  {line}" for line in tail.splitlines())]
+    print("\n".join(lines), file=sys.stderr)
 
 
 def exit_code(returncode: int | None) -> int:
@@ -146,7 +158,7 @@ def print_run_report(config: e2e_infra.Config, runs: list[e2e_infra.RunRecord]) 
     report and ``report.html``, on stderr (stdout stays for JSON); then the run folders beyond
     the retention (``keep_runs``, ``keep_run_days``) are removed."""
     e2e_infra.print_summary(config, runs)
-    if merged := e2e_infra.merge_playwright_reports(config, runs):
+    for merged in e2e_infra.merge_playwright_reports(config, runs):
         print(f"Playwright report: {merged}", file=sys.stderr)
     print(f"report: {e2e_infra.write_html_report(config, runs)}", file=sys.stderr)
     from e2e_infra.report.retention import prune_runs

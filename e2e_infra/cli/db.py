@@ -26,6 +26,17 @@ from ._output import (
 )
 
 
+def _nothing_to_read(ws: e2e_infra.Workspace) -> str | None:
+    """Why a command that only reads finds nothing: the local cluster does not run (it never
+    starts or creates one to answer; None when there is something to read)."""
+    if ws.external or ws.cluster_running():
+        return None
+    return (
+        f"no local PostgreSQL cluster runs in {ws.cluster.cluster_dir} (so no e2e database "
+        "exists); `invoke pg.start` or any run starts it"
+    )
+
+
 def _seed_arg(config: e2e_infra.Config, profile: str) -> str:
     """The seed profile, checked (name and existence) before anything starts a cluster."""
     e2e_infra.seed_runner(config, profile)
@@ -39,22 +50,32 @@ def _seed_arg(config: e2e_infra.Config, profile: str) -> str:
         "seed": "seed profile (default: the project's, else database.default_seed)",
         "json": "print one JSON document on stdout, with the real database_url",
         "owner-pid": OWNER_HELP.replace("the ports", "the database"),
+        "ttl": "seconds the database lives whatever becomes of the calling shell (CI steps: each "
+        "a new shell); it goes with db.release, or with db.cleanup once they have passed",
     },
 )
 @cli
 def db_allocate(
-    c: Context, project: str = "", seed: str = "", json_: bool = False, owner_pid: int = 0
+    c: Context,
+    project: str = "",
+    seed: str = "",
+    json_: bool = False,
+    owner_pid: int = 0,
+    ttl: float = 0.0,
 ) -> None:
     """Clone the template into a database of the project's own (built first if missing)."""
     project_arg(project)
+    if ttl < 0:
+        raise e2e_infra.UsageError(f"--ttl must be a number of seconds > 0, got {ttl:g}")
     config = load()
     owner = cli_owner(config, owner_pid)
     if seed:
         _seed_arg(config, seed)
     with workspace(config) as ws:
-        got = ws.databases.allocate(project, owner, seed=seed or None)
+        got = ws.databases.allocate(project, owner, seed=seed or None, ttl=ttl or None)
         # On a shared server this owner cannot hold a lock: allocating again renews its others.
         ws.databases.renew(owner=owner)
+    expires = got.lease.data.get("expires")
     if json_:
         emit_json(
             {
@@ -64,11 +85,16 @@ def db_allocate(
                 "template": got.template,
                 "seed": got.seed,
                 "run_id": owner.run_id,
+                "lease": got.lease.id,
+                "expires": expires,
             }
         )
         return
     print(f"database {got.name} for {project} (seed {got.seed}, template {got.template})")
     print(f"  url: {got.url.masked}  (real URL: invoke db.url --project {project})")
+    if expires is not None:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(expires)))
+        print(f"  lease {got.lease.id} lives until {until}, or until `invoke db.release`")
 
 
 @task(
@@ -77,18 +103,29 @@ def db_allocate(
         "project": "drop this project's databases",
         "all": "drop every database leased in this state folder",
         "keep": "keep them for debugging for database.keep_hours, then db.cleanup drops them",
+        "lease": "drop only the database of this lease (db.allocate --json names it)",
     },
 )
 @cli
-def db_release(c: Context, project: str = "", all_: bool = False, keep: bool = False) -> None:
+def db_release(
+    c: Context, project: str = "", all_: bool = False, keep: bool = False, lease: str = ""
+) -> None:
     """Drop a project's databases (--project NAME) or all (--all), or --keep them; idempotent."""
     if bool(project) == all_:
         raise e2e_infra.UsageError("pass either --project NAME or --all")
     if project:
         project_arg(project)  # before the allocator, which may start the local cluster
     with workspace() as ws:
+        leases = ws.registry.snapshot()
+        if _nothing_to_read(ws) is not None and not any(x.kind == "database" for x in leases):
+            print("no databases to release (no local cluster runs, no lease is held)")
+            return
         allocator = ws.databases
-        names = allocator.release_all(keep=keep) if all_ else allocator.release(project, keep=keep)
+        names = (
+            allocator.release_all(keep=keep)
+            if all_
+            else allocator.release(project, keep=keep, lease_id=lease or None)
+        )
     if not names:
         print(f"no databases to release{f' for project {project}' if project else ''}")
     for name in names:
@@ -120,7 +157,14 @@ def db_renew(c: Context, project: str = "") -> None:
 def db_list(c: Context, json_: bool = False) -> None:
     """Show e2e databases and templates: kind, project, size, lease status, owner, run, expiry."""
     with workspace() as ws:
-        infos = ws.databases.list()
+        why = _nothing_to_read(ws)
+        infos = ws.databases.list() if why is None else []
+    if why is not None:
+        if json_:
+            emit_json({"databases": [], "cluster": "not running", "note": why})
+        else:
+            print(why)
+        return
     if json_:
         emit_json({"databases": [dataclasses.asdict(info) for info in infos]})
         return
@@ -153,7 +197,11 @@ def db_list(c: Context, json_: bool = False) -> None:
 def db_cleanup(c: Context, json_: bool = False) -> None:
     """Drop marked databases whose owner is gone or whose keep expired, and old templates."""
     with workspace() as ws:
-        dropped = ws.databases.cleanup()
+        why = _nothing_to_read(ws)
+        dropped = ws.databases.cleanup() if why is None else []
+    if why is not None and not json_:
+        print(f"nothing to drop: {why}")
+        return
     if json_:
         emit_json({"dropped": [{"database": name, "reason": why} for name, why in dropped]})
     elif not dropped:
@@ -206,13 +254,25 @@ def db_template(c: Context, rebuild: bool = False, seed: str = "") -> None:
     print(name)
 
 
-@task(name="url", help={"project": "the project whose database URL to print"})
+@task(
+    name="url",
+    help={
+        "project": "the project whose database URL to print",
+        "lease": "the database of this lease (db.allocate --json names it)",
+        "run-id": "the database allocated in this run (E2E_RUN_ID when it was allocated)",
+    },
+)
 @cli
-def db_url(c: Context, project: str = "") -> None:
+def db_url(c: Context, project: str = "", lease: str = "", run_id: str = "") -> None:
     """Print the real URL (with password) of a project's live database, and nothing else."""
     project_arg(project)  # before the allocator, which may start the local cluster
     with workspace() as ws:
-        got = ws.databases.find(project)
+        why = _nothing_to_read(ws)
+        if why is not None:
+            raise e2e_infra.DatabaseNotFoundError(
+                f"project {project!r} has no live database: {why}", project=project
+            )
+        got = ws.databases.find(project, lease_id=lease or None, run_id=run_id or None)
     print(got.url.url)
 
 

@@ -63,6 +63,7 @@ def _run_projects(
     started = time.time()
     config = _for_run(config)
     config.layout.make_run_dir()  # a link planted there, a full disk: one line, nothing written
+    _prepare(config)  # the run's prepare steps, once, before any project
     live = e2e_infra.use_live_display(sys.stderr)
     printing = threading.Lock()
 
@@ -105,12 +106,31 @@ def _run_projects(
         raise failures[0]
     runs = _summarize(config, started, projects)
     failed = [run.project for run in runs if not run.passed]
-    if live:
+    if live:  # the summary showed a failed suite's console tail; the rest ended before one
+        shown = {run.project for run in runs if run.suite_log}
         for outcome in outcomes:
-            if not outcome.passed and outcome.output is not None:
+            if not outcome.passed and outcome.output is not None and outcome.project not in shown:
                 print_tail(outcome.project, outcome.output)
     missing = [p for p in projects if p not in {run.project for run in runs}]
     return sorted({*failed, *missing})
+
+
+def _prepare(config: e2e_infra.Config) -> None:
+    """Run the prepare steps (once per run; each session finds them done); one line per step.
+    A failure writes report.html (its step, its log) and raises: no project runs."""
+    from ..run.prepare import ensure_prepared, read_prepared
+
+    try:
+        ensure_prepared(config)
+    except e2e_infra.PrepareError:
+        config.layout.point_latest()  # no project claimed the run: latest is this run still
+        e2e_infra.write_html_report(config, [])
+        raise
+    finally:
+        record = read_prepared(config)
+        for step in record.steps if record is not None else ():
+            took = f" in {step.seconds:.2f}s" if step.seconds else ""
+            print(f"prepare {step.name}: {step.reason}{took}", file=sys.stderr)
 
 
 def _summarize(
@@ -454,6 +474,10 @@ def e2e_init(c: Context, dry_run: bool = False, root: str = "") -> None:
         print(f"{prefix}{verb} {change.path.relative_to(where)}: {change.why}")
         if dry_run and change.writes:
             print("".join(f"    {line}\n" for line in change.text.strip("\n").splitlines()))
+        for line in change.advice.splitlines():
+            print(f"  note: {line}")
+        if dry_run and change.suggested:
+            print("".join(f"    {line}\n" for line in change.suggested.strip("\n").splitlines()))
     if dry_run:
         return
     scaffold.apply(changes)

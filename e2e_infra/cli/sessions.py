@@ -13,6 +13,7 @@ library, so a session is a few lines.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import time
@@ -81,6 +82,7 @@ def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> li
             return []
         config = loaded
     nox.options.default_venv_backend = "none"
+    _quiet_uv_probe()
     # One run id for this nox call: its results go to <results_dir>/<run id>/.
     run = (
         config.run
@@ -102,6 +104,23 @@ def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> li
 
     order = longest_first(config, list(config.projects), run_records=False)
     return [_register(config, project) for project in order]
+
+
+class _UvProbe(logging.Filter):
+    """Drops nox's "uv binary not found." line: nox probes for uv before every session, even one
+    that needs no virtual environment (``venv_backend="none"``, all of ours), and says so at
+    INFO when a machine has none, on every session. Only that exact line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "uv binary not found."
+
+
+def _quiet_uv_probe() -> None:
+    """Install :class:`_UvProbe` on nox's logger (the standard ``logging`` one named "nox"),
+    once."""
+    logger = logging.getLogger("nox")
+    if not any(isinstance(f, _UvProbe) for f in logger.filters):
+        logger.addFilter(_UvProbe())
 
 
 def _register(config: e2e_infra.Config, project: str) -> str:

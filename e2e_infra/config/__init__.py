@@ -39,6 +39,7 @@ from ._parse import (
     allowed_placeholders,
     check_placeholders,
 )
+from ._prepare import PrepareConfig, read_prepare
 from ._sources import find_config_file, read_env_files, read_toml
 from .hostid import default_host_id
 
@@ -48,6 +49,7 @@ __all__ = [
     "DatabaseConfig",
     "PortRange",
     "PostgresConfig",
+    "PrepareConfig",
     "ProjectConfig",
     "ServerConfig",
     "find_config_file",
@@ -144,6 +146,8 @@ class DatabaseConfig:
     migrate_inputs: tuple[str, ...] = ()  # globs hashed into the fingerprint with a command
     seeds_dir: Path | None = None  # one sub-folder of .sql files per profile
     seed_commands: Mapping[str, str] = field(default_factory=dict)  # profile -> command
+    seed_inputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # profile -> globs
+    env: Mapping[str, str] = field(default_factory=dict)  # of migrate and seed commands
     default_seed: str = "default"
     keep_templates: int = 2  # per seed: the most recently used templates always kept
     template_keep_hours: float = 72.0  # and any template used within this many hours
@@ -210,6 +214,7 @@ class Config:
     postgres: PostgresConfig = PostgresConfig()
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     projects: Mapping[str, ProjectConfig] = field(default_factory=dict)
+    prepare: Mapping[str, PrepareConfig] = field(default_factory=dict)  # once per run, in order
     run: str | None = None  # the run whose results this config reads and writes (for_run)
 
     def for_run(self, run: str) -> Config:
@@ -262,6 +267,8 @@ _DB_ENV = {
     "migrate_inputs": "E2E_MIGRATE_INPUTS",
     "seeds_dir": "E2E_SEEDS_DIR",
     "seed_commands": None,
+    "seed_inputs": None,
+    "env": None,
     "default_seed": "E2E_DEFAULT_SEED",
     "keep_templates": "E2E_KEEP_TEMPLATES",
     "max_databases": "E2E_MAX_DATABASES",
@@ -344,7 +351,9 @@ def load_config(
     section = read_toml(source)
     env, env_source = read_env_files(root, environ, ENVIRONMENT_VARIABLES)
 
-    _check_keys(section, {*_TOP_ENV, "database", "postgres", "servers", "projects"}, "", spath)
+    _check_keys(
+        section, {*_TOP_ENV, "database", "postgres", "servers", "projects", "prepare"}, "", spath
+    )
     top = _Reader(section, "", spath, env, _TOP_ENV, env_source)
 
     def table(name: str) -> dict[str, Any]:
@@ -390,6 +399,7 @@ def load_config(
         if NAME_PATTERN.fullmatch(profile) is None:
             raise db.error("seed_commands", f"invalid seed profile name {profile!r}")
 
+    seed_inputs = _read_seed_inputs(db, db_table.get("seed_inputs", {}), seed_commands_raw)
     strategy = db.get("clone_strategy", "auto", _as_str).strip().lower()
     if strategy not in {"auto", "file_copy", "wal_log"}:
         raise db.error("clone_strategy", f"expected auto, file_copy or wal_log, got {strategy!r}")
@@ -412,6 +422,8 @@ def load_config(
         migrate_inputs=db.get("migrate_inputs", (), _as_list),
         seeds_dir=opt_path(db, "seeds_dir"),
         seed_commands=dict(seed_commands_raw),
+        seed_inputs=seed_inputs,
+        env=db.get("env", {}, _as_env_table),
         default_seed=default_seed,
         keep_templates=db.get("keep_templates", 2, _as_number(1, integer=True)),
         max_databases=db.get("max_databases", 64, _as_number(1, integer=True)),
@@ -472,7 +484,29 @@ def load_config(
         postgres=postgres,
         servers=servers,
         projects=projects,
+        prepare=read_prepare(table("prepare"), root, spath),
     )
+
+
+def _read_seed_inputs(
+    db: _Reader, raw: object, commands: Mapping[str, str]
+) -> dict[str, tuple[str, ...]]:
+    """``seed_inputs = { profile = ["globs"] }``: hashed into that profile's fingerprint only."""
+    if not isinstance(raw, dict):
+        raise db.error("seed_inputs", 'expected a table of profile = ["glob", ...]')
+    out: dict[str, tuple[str, ...]] = {}
+    for profile, globs in raw.items():
+        if profile not in commands:
+            raise db.error(
+                "seed_inputs",
+                f"profile {profile!r} has no seed command (seed_commands.{profile}); a seeds_dir "
+                "profile's .sql files are its inputs already",
+            )
+        try:
+            out[profile] = _as_list(globs, False)
+        except TypeError as exc:
+            raise db.error("seed_inputs", f"{profile}: {exc}") from None
+    return out
 
 
 def _check_command(reader: _Reader, key: str, command: str) -> str:

@@ -74,6 +74,17 @@ class AllocatedDatabase:
     template: str
     url: ConnInfo  # the project's own role and database (see .roles): what DATABASE_URL gets
     lease: Lease
+    built: bool = False  # this allocation built the template (it was missing or changed)
+    build_seconds: float | None = None  # how long that build (and any wait for it) took
+    spare: bool = False  # a warm spare was renamed into it, no clone made
+
+    @property
+    def provenance(self) -> dict[str, object]:
+        """The template it came from, for the run record (``run.json``'s ``template``)."""
+        out: dict[str, object] = {"name": self.template, "built": self.built, "spare": self.spare}
+        if self.build_seconds is not None:
+            out["build_seconds"] = round(self.build_seconds, 3)
+        return out
 
 
 class DatabaseAllocator:
@@ -124,8 +135,13 @@ class DatabaseAllocator:
         self.gate = CreationGate.of(config, self.registry.host, timeout=self.build_timeout)
 
     @_server_errors("allocate a database")
-    def allocate(self, project: str, owner: Owner, *, seed: str | None = None) -> AllocatedDatabase:
-        """Clone the template of ``seed`` (default: the project's) into a database of its own."""
+    def allocate(
+        self, project: str, owner: Owner, *, seed: str | None = None, ttl: float | None = None
+    ) -> AllocatedDatabase:
+        """Clone the template of ``seed`` (default: the project's) into a database of its own.
+
+        ``ttl``: the database lives that many seconds (or until released), whatever becomes of
+        ``owner``: for CI steps, each a shell gone before the next one asks for its URL."""
         validate_name(project, "project")
         seed = seed or self._project_seed(project)
         migrations = migration_runner(self.config)
@@ -153,10 +169,14 @@ class DatabaseAllocator:
             fsync, ready, template_oid, marked, spare_rows = row
             run = owner.run_id
 
+            built: list[float] = []  # how long each build of this call took (and its wait)
+
             def build() -> None:
-                self.templates.ensure(
+                began = self.clock.monotonic()
+                if self.templates.ensure(
                     conn, template, fp, seed, migrations, seeds, rebuild=False, run=run
-                )
+                ):
+                    built.append(self.clock.monotonic() - began)
 
             if not ready:
                 build()
@@ -166,7 +186,8 @@ class DatabaseAllocator:
             gate = contextlib.ExitStack()
             with gate:
                 gate.enter_context(self.gate.held(conn, self.clock))
-                lease, dead = self._reserve(conn, project, owner, template, seed, spares)
+                expires = self.clock.time() + ttl if ttl is not None else None
+                lease, dead = self._reserve(conn, project, owner, template, seed, spares, expires)
                 gate = gate.pop_all()
             strategy = cat.strategy(str(fsync), major)
             try:
@@ -210,6 +231,9 @@ class DatabaseAllocator:
             template=template,
             url=cat.roles.url(lease),
             lease=lease,
+            built=bool(built),
+            build_seconds=sum(built) if built else None,
+            spare=claimed,
         )
 
     @_server_errors("build a template")
@@ -233,9 +257,10 @@ class DatabaseAllocator:
         name: str | None = None,
         run_id: str | None = None,
         keep: bool = False,
+        lease_id: str | None = None,
     ) -> builtins.list[str]:
         """Drop the selected leased databases (or keep them for ``keep_hours``); idempotent."""
-        if project is None and name is None and run_id is None:
+        if project is None and name is None and run_id is None and lease_id is None:
             raise UsageError(
                 "say which databases to release: a project, a database name or a run id "
                 "(or release them all)"
@@ -246,6 +271,7 @@ class DatabaseAllocator:
             validate_dbname(name)
         with self.registry.transaction() as txn:
             leases = txn.find(LEASE_KIND, project=project, resource=name, run_id=run_id)
+        leases = [lease for lease in leases if lease_id is None or lease.id == lease_id]
         return self._release(leases, keep=keep)
 
     @_server_errors("release a database")
@@ -261,15 +287,26 @@ class DatabaseAllocator:
             leases = txn.find(LEASE_KIND)
         return self._release(leases, keep=keep)
 
-    def find(self, project: str) -> AllocatedDatabase:
-        """The newest live (or kept) database of ``project``; DatabaseNotFoundError if none."""
+    def find(
+        self, project: str, *, lease_id: str | None = None, run_id: str | None = None
+    ) -> AllocatedDatabase:
+        """The newest live (or kept) database of ``project`` (that ``lease_id`` names, or of
+        the run ``run_id``); DatabaseNotFoundError if none."""
         validate_name(project, "project")
         with self.registry.transaction() as txn:
-            held = self.clones.held(txn, project)
+            held = [
+                lease
+                for lease in self.clones.held(txn, project)
+                if (lease_id is None or lease.id == lease_id)
+                and (run_id is None or lease.owner.run_id == run_id)
+            ]
         if not held:
+            which = f" with lease {lease_id}" if lease_id else ""
+            which += f" of run {run_id}" if run_id else ""
             raise DatabaseNotFoundError(
-                f"project {project!r} has no live database; allocate one with "
-                f"`invoke db.allocate --project {project}`",
+                f"project {project!r} has no live database{which}; allocate one with "
+                f"`invoke db.allocate --project {project}` (with --ttl SECONDS when the next "
+                "command runs in another shell, as CI steps do)",
                 project=project,
             )
         lease = max(held, key=lambda item: item.created_at)
@@ -378,6 +415,7 @@ class DatabaseAllocator:
         template: str,
         seed: str,
         spares: builtins.list[str],
+        expires: float | None = None,
     ) -> tuple[Lease, builtins.list[Lease]]:
         """Count (under the creation gate) and reserve; at a cap, sweep what is provably dead
         (other hosts' too) once before refusing."""
@@ -395,7 +433,7 @@ class DatabaseAllocator:
                         "`invoke db.cleanup`, or raise database.server_max_databases",
                         limit=db.server_max_databases,
                     )
-                return self.clones.reserve(project, owner, template, seed, mine - claimed)
+                return self.clones.reserve(project, owner, template, seed, mine - claimed, expires)
             except DatabaseLimitError:
                 if attempt == 2:
                     raise

@@ -66,6 +66,9 @@ class Cloner:
         # An owner on a shared server that cannot hold the lock: alive until then, unless renewed.
         ttl = cat.config.lease_ttl or max(cat.config.database.keep_hours, 1.0) * 3600
         expires = cat.clock.time() + ttl if cat.shared and not hold else None
+        leased_until = lease.data.get("expires")  # a lease with a time to live (--ttl)
+        if isinstance(leased_until, (int, float)) and not isinstance(leased_until, bool):
+            expires = float(leased_until)
         return Marker(
             kind=kind,
             base=self.catalog.base,
@@ -88,12 +91,19 @@ class Cloner:
         return host_tag(self.catalog.registry.host) if self.catalog.shared else ""
 
     def reserve(
-        self, project: str, owner: Owner, template: str, seed: str, marked: int
+        self,
+        project: str,
+        owner: Owner,
+        template: str,
+        seed: str,
+        marked: int,
+        expires: float | None = None,
     ) -> tuple[Lease, builtins.list[Lease]]:
         """Choose the name and record the lease; short, and the only part under the lock. Also
         returns the leases of dead owners that name the same database: they stay until ours is
         marked, the proof that an unmarked database of that name (a clone its owner died making)
-        is ours to drop. ``marked``: how many marked databases the server has."""
+        is ours to drop. ``marked``: how many marked databases the server has; ``expires``: the
+        end of a lease with a time to live (judged by it, never by its owner's pid)."""
         cat = self.catalog
         limit = cat.config.database.max_databases
         tag = self._host_part()
@@ -124,7 +134,12 @@ class Cloner:
                     resource=name,
                     project=project,
                     owner=owner,
-                    data={"template": template, "seed": seed, "keep_until": None},
+                    data={
+                        "template": template,
+                        "seed": seed,
+                        "keep_until": None,
+                        **({"expires": expires} if expires is not None else {}),
+                    },
                 )
             )
             return lease, dead

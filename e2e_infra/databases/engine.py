@@ -32,6 +32,12 @@ class Allocated(Protocol):
     @property
     def lease(self) -> Lease: ...
 
+    @property
+    def provenance(self) -> dict[str, object]:
+        """Where it came from, for the run record: the template's name, whether this call built
+        it (and in how many seconds), whether it was a warm spare."""
+        ...
+
 
 class DatabaseEngine(Protocol):
     """Hands out and takes back a project's database."""

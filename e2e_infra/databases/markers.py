@@ -282,10 +282,11 @@ def decide(marker: Marker, facts: Facts) -> Verdict:
             if facts.lease_stale:
                 return _drop(f"lease is stale: {facts.lease_stale}")
             return _keep("its lease is live")
-        if not facts.shared:
+        if not facts.shared and marker.expires is None:
             return _drop(f"no lease and {gone}") if gone else _keep("its owner may be alive")
-        # A shared server, an owner that cannot hold a lock (allocated by a command): its
-        # renewable expiry decides, never a pid (same host id, other pid namespace).
+        # An owner that is no process to check: a command on a shared server (it cannot hold a
+        # lock), or a lease with a time to live (--ttl, whose shell is gone by design): its
+        # expiry decides, never a pid.
         if marker.expires is not None:
             if marker.expires > facts.now:
                 return _keep(
@@ -355,6 +356,8 @@ def status(marker: Marker, facts: Facts) -> str:
             until = f", until {when(marker.expires)}" if marker.expires is not None else ""
             return f"live (host {marker.host} allocated by a command{until})"
         return "live (no lease here: another host or state folder)"
+    if marker.expires is not None and not facts.shared:
+        return f"live until {when(marker.expires)} (a lease with a time to live)"
     return "live"
 
 

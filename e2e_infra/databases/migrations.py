@@ -29,6 +29,7 @@ Seeds are named profiles: ``seeds_dir/<profile>/*.sql`` or ``seed_commands.<prof
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import os
@@ -36,7 +37,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -46,9 +47,10 @@ from psycopg import pq, sql
 from ..clock import Clock, wait_until
 from ..config import NAME_PATTERN, Config, validate_name
 from ..conninfo import ConnInfo, mask_secrets
-from ..errors import ConfigError, MigrationError, SeedProfileNotFoundError
+from ..errors import ConfigError, E2EInfraError, MigrationError, SeedProfileNotFoundError
 from ..postgres.pgerrors import ErrorContext, Phase, map_errors
 from ..processes import KILL, child_environ, escalation, spawn
+from ..processes.logs import TAIL_LINES, last_line, open_log
 
 __all__ = [
     "ADMIN_OPTIONS",
@@ -281,7 +283,14 @@ def _expand(command: str) -> list[str]:
 
 
 class CommandRunner:
-    """An external command run with ``DATABASE_URL`` pointing at the target."""
+    """An external command run with ``DATABASE_URL`` pointing at the target.
+
+    ``env`` (``database.env``) is added to its environment and hashed into its inputs (a value
+    that changes the data makes a new template); ``input_globs`` are ``migrate_inputs``, or a seed
+    profile's ``seed_inputs``. ``log``, given the database's name, is where its whole output goes
+    (the run's folder: :meth:`~e2e_infra.results.layout.Layout.database_log`); a failure's error
+    names that file and its last line, and carries its last lines (``log_tail``).
+    """
 
     def __init__(
         self,
@@ -292,6 +301,8 @@ class CommandRunner:
         timeout: float = 600.0,
         what: str = "migrate command",
         stop_grace: float = _STOP_GRACE,
+        env: Mapping[str, str] | None = None,
+        log: Callable[[str], Path] | None = None,
     ) -> None:
         self.command = command
         self.cwd = Path(cwd)
@@ -299,6 +310,8 @@ class CommandRunner:
         self.timeout = timeout
         self.stop_grace = stop_grace  # between SIGTERM and SIGKILL once the timeout has passed
         self.what = what
+        self.env = dict(env or {})
+        self.log = log
         self.description = f"{what} `{command}`"
 
     def _input_files(self) -> list[Path]:
@@ -321,22 +334,31 @@ class CommandRunner:
             return path.relative_to(self.cwd).as_posix()
         return path.as_posix()
 
+    def _command_input(self) -> bytes:
+        """The command, and its ``env`` when it has one (as before ``env`` existed otherwise, so
+        that existing templates keep their fingerprint)."""
+        if not self.env:
+            return self.command.encode("utf-8")
+        env = "\0".join(f"{key}={value}" for key, value in sorted(self.env.items()))
+        return f"{self.command}\0env\0{env}".encode()
+
     def stamp(self) -> tuple[object, ...]:
         """What identifies :meth:`inputs` without reading them (see :func:`_file_stamp`)."""
         files = self._input_files()
-        return (self.command, *(_file_stamp(self._input_name(p), p) for p in files))
+        return (self._command_input(), *(_file_stamp(self._input_name(p), p) for p in files))
 
     def inputs(self) -> list[tuple[str, bytes]]:
-        out = [("command", self.command.encode("utf-8"))]
+        out = [("command", self._command_input())]
         for path in self._input_files():
             out.append((self._input_name(path), path.read_bytes()))
         return out
 
     def apply(self, target: ConnInfo) -> None:
         secrets = (target.password,) if target.password else ()
-        env = {**child_environ(), "DATABASE_URL": target.url}
+        env = {**child_environ(), **self.env, "DATABASE_URL": target.url}
+        log_path = self.log(target.dbname) if self.log is not None else None
         # Output goes to a file, not a pipe: a grandchild that keeps the pipe open cannot stall us.
-        with tempfile.TemporaryFile() as output:
+        with self._output(log_path) as output:
             try:
                 child = spawn(
                     _expand(self.command),
@@ -360,9 +382,11 @@ class CommandRunner:
                 raise MigrationError(
                     f"the {self.what} `{self.command}` did not finish within {self.timeout:g}s on "
                     f"database {target.dbname!r} and was stopped (raise database.build_timeout / "
-                    f"E2E_BUILD_TIMEOUT if it needs longer); output: {' '.join(tail.split())}",
+                    f"E2E_BUILD_TIMEOUT if it needs longer){_where(log_path, tail)}",
                     file=self.command,
                     dbname=target.dbname,
+                    log_path=str(log_path) if log_path else None,
+                    log_tail=tail,
                 ) from None
             finally:
                 if child.popen.poll() is None:  # another exception (an interrupt): no orphan
@@ -371,16 +395,37 @@ class CommandRunner:
         if returncode != 0:
             raise MigrationError(
                 f"the {self.what} `{self.command}` failed with exit code {returncode} on "
-                f"database {target.dbname!r}: {' '.join(tail.split()) or '(no output)'}",
+                f"database {target.dbname!r}{_where(log_path, tail)}",
                 file=self.command,
                 dbname=target.dbname,
+                log_path=str(log_path) if log_path else None,
+                log_tail=tail,
             )
+
+    @staticmethod
+    def _output(log_path: Path | None) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """Where the command writes: its log in the run's folder (kept, 0600), else a temporary
+        file. A log that cannot be made is no reason to fail the build: a temporary file then."""
+        if log_path is not None:
+            with contextlib.suppress(OSError, E2EInfraError):
+                log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                return open_log(log_path, fresh=True, readable=True)
+        return tempfile.TemporaryFile()
+
+
+def _where(log_path: Path | None, tail: str) -> str:
+    """``: <its last line>; its whole output: <log>`` for an error line."""
+    line = last_line(tail)
+    last = f": {line}" if line else " (no output)"
+    return f"{last}; its whole output: {log_path}" if log_path is not None else last
 
 
 def _tail(output: IO[bytes]) -> str:
-    """The last characters a command wrote to ``output``."""
+    """The last lines a command wrote to ``output`` (at most :data:`_OUTPUT_TAIL` characters)."""
+    output.flush()
     output.seek(max(output.seek(0, os.SEEK_END) - 4 * _OUTPUT_TAIL, 0))
-    return output.read().decode("utf-8", "replace")[-_OUTPUT_TAIL:]
+    text = output.read().decode("utf-8", "replace")[-_OUTPUT_TAIL:]
+    return "\n".join(text.splitlines()[-TAIL_LINES:])
 
 
 def _file_stamp(name: str, path: Path) -> tuple[str, int, int, int, int]:
@@ -400,6 +445,8 @@ def migration_runner(config: Config) -> Runner:
             cwd=config.root,
             input_globs=db.migrate_inputs,
             timeout=db.build_timeout,
+            env=db.env,
+            log=functools.partial(config.layout.database_log, "migrate"),
         )
     if db.migrations_dir is not None:
         return SqlDirectoryRunner(db.migrations_dir, timeout=db.build_timeout)
@@ -445,8 +492,11 @@ def seed_runner(config: Config, profile: str) -> Runner:
         return CommandRunner(
             db.seed_commands[profile],
             cwd=config.root,
+            input_globs=db.seed_inputs.get(profile, ()),
             what="seed command",
             timeout=db.build_timeout,
+            env=db.env,
+            log=functools.partial(config.layout.database_log, f"seed-{profile}"),
         )
     if db.seeds_dir is not None and (db.seeds_dir / profile).is_dir():
         return SqlDirectoryRunner(

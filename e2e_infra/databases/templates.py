@@ -71,9 +71,10 @@ class Templates:
         *,
         rebuild: bool,
         run: str | None,
-    ) -> None:
+    ) -> bool:
         """Build ``template`` unless it is ready (always with ``rebuild``), under its build lock;
-        then prune the old ones."""
+        then prune the old ones. Whether this call built it (False: another process had, while
+        this one waited for the lock)."""
         cat = self.catalog
         key = build_key(fp)
         lock = connect(cat.admin, purpose=f"template lock {fp[:12]}", admin=True)
@@ -90,7 +91,7 @@ class Templates:
             # Someone else may have built it while we waited.
             state = self.ready(conn, template)
             if state is True and not rebuild:
-                return
+                return False
             # We hold the lock: any build of this fingerprint left on the server is a dead one's.
             marked = cat.marked(conn)
             for item in marked:
@@ -114,6 +115,7 @@ class Templates:
                 lock.execute("SELECT pg_advisory_unlock(%s)", (key,))
             lock.close()
         self.prune(conn, keep=template)
+        return True
 
     def _build(
         self,

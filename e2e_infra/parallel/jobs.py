@@ -9,10 +9,16 @@ Playwright driver is ~500 MiB, so 16 cores with 8 GiB cannot run 16 browser proj
   ``psutil.virtual_memory().available`` and what the cgroup still allows), keeping
   :data:`HEADROOM` of it free,
 
-and never more than the number of projects. Each project's peak is the newest ``run.json``
-``resources.peak_memory_bytes`` recorded for it (any run folder); a project never run yet counts
-with a conservative default: :data:`BROWSER_PEAK` when its command looks like it drives a browser
-(playwright, say), else :data:`DEFAULT_PEAK`.
+and never more than the number of projects. When every project's CPU use is recorded (``run.json``
+``resources.cpu_seconds`` over its duration: the cores its suite and servers kept busy) and the
+projects use less than a core each on average, the cores allow more of them at once: ``cores /
+their mean share``, at most :data:`CPU_OVERCOMMIT` times the cores (suites that mostly wait on
+servers and browsers, as end-to-end suites do, leave cores idle otherwise).
+
+Each project's peak is the newest ``run.json`` ``resources.peak_memory_bytes`` recorded for it
+(any run folder); a project never run yet counts with a conservative default:
+:data:`BROWSER_PEAK` when its command looks like it drives a browser (playwright, say), else
+:data:`DEFAULT_PEAK`.
 
 ``invoke e2e.all`` / ``e2e.affected`` (``--jobs auto``, the default) use it and log one line, e.g.
 ``jobs 2: 2 cores, 21.3 GiB available, largest recorded peak 0.8 GiB``. For nox directly::
@@ -25,20 +31,23 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import Config, ProjectConfig
 
 __all__ = [
     "BROWSER_PEAK",
+    "CPU_OVERCOMMIT",
     "DEFAULT_PEAK",
     "HEADROOM",
     "JobsChoice",
     "available_memory",
     "choose_jobs",
+    "cpu_slots",
     "jobs_for",
     "recorded_peaks",
+    "recorded_shares",
     "usable_cores",
 ]
 
@@ -47,6 +56,7 @@ GiB = 1024 * MiB
 DEFAULT_PEAK = 200 * MiB  # a project never run yet: servers + suite
 BROWSER_PEAK = 600 * MiB  # ... whose command runs Playwright: one browser + its driver on top
 HEADROOM = 0.1  # of the available memory kept free (PostgreSQL, page cache, the tool itself)
+CPU_OVERCOMMIT = 2  # projects per core at most, however little CPU they were recorded using
 
 
 def _gib(size: int) -> str:
@@ -62,6 +72,13 @@ class JobsChoice:
     available: int  # bytes
     peaks: Mapping[str, int]  # project -> bytes, recorded or default
     recorded: frozenset[str]  # the projects whose peak was recorded (others: a default)
+    shares: Mapping[str, float] = field(default_factory=dict)  # project -> cores it kept busy
+
+    @property
+    def by_cpu(self) -> int:
+        """How many projects the cores run at once: the cores, or more when every project is
+        recorded to use less than a core on average (see the module docstring)."""
+        return cpu_slots(self.cores, self.shares, self.peaks)
 
     @property
     def by_memory(self) -> int:
@@ -88,9 +105,14 @@ class JobsChoice:
             else:
                 peak = f"largest peak {size} ({largest}: never run, a default)"
         text = f"jobs {self.jobs}: {self.cores} cores, {_gib(self.available)} available, {peak}"
-        if self.by_memory < min(self.cores, len(self.peaks)):
+        if self.by_cpu > self.cores:
+            mean = sum(self.shares.values()) / len(self.shares)
+            text += (
+                f"; projects recorded using {mean:.2f} cores each, so the cores run {self.by_cpu}"
+            )
+        if self.by_memory < min(self.by_cpu, len(self.peaks)):
             text += f"; memory fits {max(1, self.by_memory)} at once"
-        elif len(self.peaks) < self.cores:
+        elif len(self.peaks) < self.by_cpu:
             text += f"; {len(self.peaks)} projects"
         return text
 
@@ -103,10 +125,27 @@ class JobsChoice:
         return lines
 
 
-def choose_jobs(peaks: Mapping[str, int], *, cores: int, available: int) -> int:
-    """The pure policy: min(cores, peaks that fit, projects), at least 1."""
-    choice = JobsChoice(1, cores, available, dict(peaks), frozenset())
-    return max(1, min(cores, choice.by_memory, len(peaks) or 1))
+def cpu_slots(cores: int, shares: Mapping[str, float], projects: Mapping[str, object]) -> int:
+    """The cores, or ``cores / mean share`` (at most :data:`CPU_OVERCOMMIT` x cores) when the
+    share of every project is known and below one core."""
+    if not projects or any(p not in shares for p in projects):
+        return cores
+    mean = sum(shares[p] for p in projects) / len(projects)
+    if mean <= 0:
+        return cores * CPU_OVERCOMMIT
+    return max(cores, min(cores * CPU_OVERCOMMIT, int(cores / mean)))
+
+
+def choose_jobs(
+    peaks: Mapping[str, int],
+    *,
+    cores: int,
+    available: int,
+    shares: Mapping[str, float] | None = None,
+) -> int:
+    """The pure policy: min(what the cores run, peaks that fit, projects), at least 1."""
+    choice = JobsChoice(1, cores, available, dict(peaks), frozenset(), dict(shares or {}))
+    return max(1, min(choice.by_cpu, choice.by_memory, len(peaks) or 1))
 
 
 # Words in a suite's command that mean a real browser (pytest-playwright's own options included).
@@ -129,6 +168,17 @@ def recorded_peaks(config: Config, projects: Sequence[str]) -> dict[str, int]:
         peak = run.peak_memory_bytes
         if peak is not None:
             found[run.project] = peak
+    return found
+
+
+def recorded_shares(config: Config, projects: Sequence[str]) -> dict[str, float]:
+    """The cores each project's newest recorded run kept busy: its suite's and servers' CPU
+    seconds over its duration."""
+    found: dict[str, float] = {}
+    for run in replace(config, run=None).layout.collect(projects):
+        cpu = run.cpu_seconds
+        if cpu is not None and run.duration > 0 and run.timed:
+            found[run.project] = cpu / run.duration
     return found
 
 
@@ -167,8 +217,9 @@ def jobs_for(
     peaks = {p: recorded.get(p, default_peak(config.project(p))) for p in projects}
     cores = usable_cores() if cores is None else cores
     available = available_memory() if available is None else available
-    jobs = choose_jobs(peaks, cores=cores, available=available)
-    return JobsChoice(jobs, cores, available, peaks, frozenset(recorded))
+    shares = recorded_shares(config, projects)
+    jobs = choose_jobs(peaks, cores=cores, available=available, shares=shares)
+    return JobsChoice(jobs, cores, available, peaks, frozenset(recorded), shares)
 
 
 def main() -> int:

@@ -44,6 +44,7 @@ __all__ = [
     "descendants",
     "marked_descendants",
     "marker_of",
+    "reap_orphans",
     "set_subreaper",
     "sweep_dead",
 ]
@@ -194,6 +195,46 @@ def _started_since(pids: Iterable[int], since: float) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def reap_orphans() -> int:
+    """Reap every child of ours that has ended and nobody waited for; how many.
+
+    As the run's subreaper we adopt what a server's or suite's own process leaves when it ends
+    first: ``npm run dev`` -> ``sh`` -> ``node``, where npm exits on SIGTERM without waiting for
+    its child. Those end as zombies of ours, and only a reaped child's CPU (and what it reaped)
+    reaches our ``children_user``/``children_system`` (:class:`~e2e_infra.run.watch.CpuMeter`):
+    unreaped, a server's grandchildren's CPU went uncounted. Only zombies are reaped, so a child
+    a ``Popen`` still waits for (the guardian, alive) is never taken from it; the session calls
+    this after its suite and servers were waited for."""
+    count = 0
+    for pid in _children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                state = handle.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != b"Z":
+            continue
+        with contextlib.suppress(ChildProcessError, OSError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                count += 1
+    return count
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(f"/proc/{pid}/task/{task}/children", "rb") as handle,
+        ):
+            out += [int(child) for child in handle.read().split()]
+    return out
 
 
 def _reap(pids: Iterable[int]) -> None:

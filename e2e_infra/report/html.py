@@ -28,6 +28,7 @@ from ..config import Config
 from ..conninfo import mask_secrets
 from ..files import RESULTS_SETTING, folder_error
 from ..results.record import Result, RunRecord
+from .details import DETAILS_CSS, console_html, fold_links, merged_reports_html, prepare_html
 from .junit import FailedTest
 from .summary import (
     artifact_kind,
@@ -194,16 +195,6 @@ def _link(label: str, target: str | Path | None, base: Path, *, title: str = "")
     return f'<a href="{_href(path, base)}"{tip}>{html.escape(label)}</a>'
 
 
-def _merged_link(path: Path | None, base: Path) -> str:
-    if path is None:
-        return ""
-    return (
-        '<div class="merged"><a class="playwright-report" href="'
-        f'{_href(path, base)}">Playwright HTML report of the whole run</a> (every Playwright '
-        "Test project's tests, traces and screenshots, merged)</div>"
-    )
-
-
 def _artifact_links(paths: Sequence[Path], base: Path, folder: Path | None) -> list[str]:
     seen: dict[str, int] = {}
     links = []
@@ -286,17 +277,27 @@ def _detail(row: _Row, base: Path, columns: int) -> str:
         items = []
         for failure in failures:
             kind = "" if failure.kind == "failure" else '<span class="kind">error</span>'
-            links = _artifact_links(_test_artifacts(failure, row.artifacts), base, run.folder)
+            files = [*_test_artifacts(failure, row.artifacts)]
+            files += [p for p in map(Path, failure.attachments) if p.is_file() and p not in files]
+            links = _artifact_links(files, base, run.folder)
+            where = (
+                f'<span class="location">{html.escape(failure.location)}</span>'
+                if failure.location
+                else ""
+            )
             items.append(
                 f'<li class="failure"><span class="test">{html.escape(failure.name)}</span>{kind}'
-                f'<span class="test-links">{"".join(links)}</span>'
+                f'{where}<span class="test-links">{fold_links(links)}</span>'
                 f'<pre class="message">{html.escape(mask_secrets(failure.message))}</pre></li>'
             )
         parts.append(f'<ul class="failures">{"".join(items)}</ul>')
+    if not run.result.ok:
+        parts.append(console_html(run))
     if run.log_tail:
         tail = "\n".join(mask_secrets(run.log_tail).rstrip().splitlines()[-_LOG_TAIL_LINES:])
+        what = "its output" if run.error_log else "the failed server's log"
         parts.append(
-            "<details open><summary>last lines of the failed server's log</summary>"
+            f"<details open><summary>last lines of {what}</summary>"
             f'<pre class="log">{html.escape(tail[-_LOG_TAIL_CHARS:])}</pre></details>'
         )
     status = _status(run.result)
@@ -321,10 +322,14 @@ def render_html(
     *,
     base: Path,
     title: str = "e2e run report",
-    playwright_report: Path | None = None,
+    playwright_report: Path | Sequence[Path] | None = None,
+    prepare: str = "",
 ) -> str:
     """The page for ``rows`` (shown in start order); links are relative to the folder ``base``;
-    ``playwright_report``: the run's merged Playwright HTML report, linked at the top."""
+    ``playwright_report``: the run's merged Playwright HTML reports, linked at the top;
+    ``prepare``: the run's prepare steps (an HTML fragment, :func:`.details.prepare_html`)."""
+    if isinstance(playwright_report, Path):
+        playwright_report = [playwright_report]
     rows = sorted(rows, key=lambda row: (row.summary.started_at, row.summary.project))
     runs = [row.summary for row in rows]
     t0 = min((r.started_at for r in runs), default=0.0)
@@ -353,6 +358,9 @@ def render_html(
         links = [_link(f"{name} log", path, base) for name, path in sorted(run.logs.items())]
         links.append(_link("JUnit", run.junit, base))
         links.append(_link("run.json", run.path, base))
+        links.append(_link("console", run.suite_log, base))
+        links.append(_link("its output", run.error_log, base))  # a migrate/seed command's, a step's
+        links.append(_link("own Playwright report", run.playwright_report, base))
         links += _artifact_links(row.artifacts, base, run.folder)
         extra = f'<div class="extra">+{row.extra_runs} other run(s)</div>' if row.extra_runs else ""
         body.append(
@@ -365,7 +373,7 @@ def render_html(
             f'<td class="resources">{html.escape(peak_memory_text(run))}</td>'
             f'<td class="resources">{html.escape(cpu_text(run))}</td>'
             f'<td class="timeline">{_timeline(run, t0, axis)}</td>'
-            f'<td class="files">{"".join(link for link in links if link)}</td>'
+            f'<td class="files">{fold_links(links)}</td>'
             "</tr>" + _detail(row, base, columns)
         )
     legend = "".join(
@@ -397,11 +405,11 @@ def render_html(
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}{grid}</style></head><body>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}{DETAILS_CSS}{grid}</style></head><body>"
         f"<h1>{html.escape(title)}</h1>"
         f'<div class="meta">started {when} &middot; wall time {wall:.1f} s &middot; '
         f"{len(runs)} project(s): {totals}{html.escape(test_text)}</div>"
-        f"{_merged_link(playwright_report, base)}"
+        f"{merged_reports_html(playwright_report or (), base)}{prepare}"
         f"{_wall_block(runs)}"
         f'<div class="legend">{legend}</div>'
         '<table class="runs"><thead><tr><th>project</th><th>result</th><th>tests</th>'
@@ -423,10 +431,10 @@ def write_html_report(
     if runs is None:
         runs = collect_runs(config, since=since)
     rows = [_Row(run, run_artifacts(config, run), extra) for run, extra in latest_per_project(runs)]
-    merged: Path | None = config.layout.merged_playwright / "index.html"
-    if merged is not None and not merged.is_file():
-        merged = None
-    page = render_html(rows, base=out.parent, playwright_report=merged)
+    merged = config.layout.merged_playwright_reports()
+    page = render_html(
+        rows, base=out.parent, playwright_report=merged, prepare=prepare_html(config, out.parent)
+    )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

@@ -10,8 +10,9 @@ Works with pytest's, Playwright Test's and most other runners' files: ``<testsui
 from __future__ import annotations
 
 import contextlib
+import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..conninfo import mask_secrets
@@ -29,6 +30,8 @@ MAX_JUNIT_BYTES = 50 * 1024 * 1024  # larger is a runaway log, not a test report
 _MESSAGE_LINES = 6
 _LINE_CHARS = 300
 _MAX_FAILURES = 50  # per project; the file itself has the rest
+# Playwright's JUnit reporter (and e2e-infra's, from a blob) name a test's files in its output.
+_ATTACHMENT = re.compile(r"\[\[ATTACHMENT\|([^\]\n]+)\]\]")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class FailedTest:
     name: str  # classname::name, or name alone
     kind: str  # "failure" | "error"
     message: str  # its first lines, secrets masked
+    location: str = ""  # file:line, when the file says
+    attachments: tuple[str, ...] = ()  # its files ([[ATTACHMENT|path]]), resolved when read
 
     @property
     def first_line(self) -> str:
@@ -93,13 +98,26 @@ def _message(element: ET.Element) -> str:
     text = (element.text or "").strip()
     if message and text and not text.startswith(message):
         return first_lines(f"{message}\n{text}")
-    return first_lines(message or text or element.get("type") or element.tag)
+    if text:  # it starts with the message: the message and what follows it
+        return first_lines(text)
+    return first_lines(message or element.get("type") or element.tag)
 
 
 def _name(case: ET.Element) -> str:
     name = case.get("name") or "?"
     classname = case.get("classname") or ""
     return f"{classname}::{name}" if classname else name
+
+
+def _location(case: ET.Element) -> str:
+    file = case.get("file") or ""
+    line = case.get("line") or ""
+    return f"{file}:{line}" if file and line and line != "0" else file
+
+
+def _attachments(case: ET.Element) -> tuple[str, ...]:
+    texts = [element.text or "" for element in case.iter("system-out")]
+    return tuple(dict.fromkeys(m.strip() for text in texts for m in _ATTACHMENT.findall(text)))
 
 
 def _from_attributes(root: ET.Element) -> JUnitSummary:
@@ -145,7 +163,11 @@ def parse_junit_text(text: str | bytes, *, secrets: tuple[str, ...] = ()) -> JUn
                 for kind, element in (("failure", failure), ("error", error)):
                     if element is not None:
                         message = mask_secrets(_message(element), secrets)
-                        failures.append(FailedTest(_name(case), kind, message))
+                        failures.append(
+                            FailedTest(
+                                _name(case), kind, message, _location(case), _attachments(case)
+                            )
+                        )
         elif case.find("skipped") is not None:
             skipped += 1
         else:
@@ -168,4 +190,12 @@ def read_junit(path: str | Path | None, *, secrets: tuple[str, ...] = ()) -> JUn
         return JUnitSummary(problem=f"unreadable JUnit ({exc.strerror or exc})")
     if not data.strip():
         return JUnitSummary(problem="unreadable JUnit (empty file)")
-    return parse_junit_text(data, secrets=secrets)
+    summary = parse_junit_text(data, secrets=secrets)
+    if not any(failure.attachments for failure in summary.failures):
+        return summary
+    base = file.parent  # attachments are named relative to the JUnit file's folder
+    failures = tuple(
+        replace(f, attachments=tuple(str(base / a) for a in f.attachments))
+        for f in summary.failures
+    )
+    return replace(summary, failures=failures)

@@ -21,6 +21,7 @@ from ..config import Config
 from ..files import RESULTS_SETTING, folder_error
 from ..results.layout import OTHER_RUNS
 from ..results.record import Result, RunRecord
+from .details import console_tail, prepare_lines
 from .junit import JUnitSummary, read_junit
 from .wall import wall_time
 
@@ -295,6 +296,8 @@ def print_summary(config: Config, runs: Sequence[RunRecord], *, file: Any = None
     spent = wall_time(runs)
     if spent is not None and len(runs) > 1:
         console.print("\n".join(escape(line) for line in spent.lines()), soft_wrap=True)
+    for line in prepare_lines(config):
+        console.print(escape(line), soft_wrap=True)
     for run in ordered:
         failures = tests_of(run).failures
         if run.result is Result.PASSED and not failures and not run.notes():
@@ -308,8 +311,12 @@ def print_summary(config: Config, runs: Sequence[RunRecord], *, file: Any = None
         if len(failures) > 10:
             lines.append(f"  ... and {len(failures) - 10} more (see the report)")
         if run.log_tail:
-            lines.append("  last lines of the server's log:")
+            what = f"its output ({run.error_log})" if run.error_log else "the server's log"
+            lines.append(f"  last lines of {escape(what)}:")
             lines += [f"    {escape(line)}" for line in _tail(run.log_tail, _TAIL_LINES)]
+        if not run.result.ok and (output := console_tail(run)):
+            lines.append(f"  last lines of its console output ({escape(str(run.suite_log))}):")
+            lines += [f"    {escape(line)}" for line in output]
         console.print("\n".join(lines), soft_wrap=True)  # a log keeps whole lines
     merged = merge_junit(runs, config.layout.merged_junit)
     if merged is not None:

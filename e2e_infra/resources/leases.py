@@ -290,7 +290,17 @@ class Transaction:
         return removed
 
     def stale_reason(self, lease: Lease) -> str | None:
-        """Why ``lease`` may be reclaimed, or None while its owner is (or may be) alive."""
+        """Why ``lease`` may be reclaimed, or None while its owner is (or may be) alive.
+
+        A lease with an expiry (``data["expires"]``: taken with ``--ttl`` for steps of a CI job,
+        each a shell that is gone before the next starts) is judged by that time alone, never by
+        its owner's pid: it lives until it expires or is released."""
+        expires = lease.data.get("expires")
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+            if self.now > expires:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires))
+                return f"its time to live ran out at {stamp}"
+            return None
         owner = lease.owner
         if owner.host == self.host:
             key = (owner.pid, owner.start_time)

@@ -7,8 +7,13 @@
       durations.json                     recorded durations (CI plans, longest first)
       <run id>/                          one nox call, one `invoke e2e.all`, one `e2e.run`
         report.html  junit.xml  nox.log  playwright-report/
+        playwright-report-<label>/       one merged report per test directory, when several
+        prepare.json  prepare/<step>.log the run's prepare steps: what ran, how long, their output
+        database/<kind>-<db>.log         a migrate or seed command's whole output
         <project>.output.log             a project's console output (`invoke e2e.all`)
         <project>/                       run.json, status.json, junit.xml, <server>.log, ...
+          suite.log                      the suite's console output
+          blob-report/  attachments/     Playwright Test's blob; a failing test's attachments
           runs/<session run id>/         another run of the project writing into this run
 
 Writers ask :class:`Layout` where to write; readers ask it what was written
@@ -37,6 +42,11 @@ REPORT = "report.html"
 NOX_LOG = "nox.log"
 DURATIONS = "durations.json"
 MERGED_PLAYWRIGHT = "playwright-report"
+PREPARE = "prepare"  # <run>/prepare.json and <run>/prepare/<step>.log
+DATABASE_LOGS = "database"  # <run>/database/<kind>-<database>.log
+SUITE_LOG = "suite.log"
+BLOB_DIR = "blob-report"
+ATTACHMENTS = "attachments"
 OTHER_RUNS = "runs"  # <project>/runs/<id>: a concurrent run of the project into the same run
 
 
@@ -69,6 +79,44 @@ class Layout:
     @property
     def merged_playwright(self) -> Path:
         return self.run_dir / MERGED_PLAYWRIGHT
+
+    def merged_playwright_group(self, label: str | None) -> Path:
+        """A merged Playwright report: ``playwright-report/`` (``label`` None: one test directory
+        in the run) or ``playwright-report-<label>/`` (one per test directory)."""
+        return (
+            self.merged_playwright
+            if label is None
+            else self.run_dir / f"{MERGED_PLAYWRIGHT}-{label}"
+        )
+
+    def merged_playwright_reports(self) -> list[Path]:
+        """The ``index.html`` of every merged Playwright report of the run, by folder name."""
+        try:
+            folders = sorted(
+                p
+                for p in self.run_dir.iterdir()
+                if p.name == MERGED_PLAYWRIGHT or p.name.startswith(MERGED_PLAYWRIGHT + "-")
+            )
+        except OSError:
+            return []
+        return [folder / "index.html" for folder in folders if (folder / "index.html").is_file()]
+
+    @property
+    def prepare_record(self) -> Path:
+        """``<run>/prepare.json``: the run's prepare steps, written once per run."""
+        return self.run_dir / f"{PREPARE}.json"
+
+    def prepare_log(self, step: str) -> Path:
+        return self.run_dir / PREPARE / f"{step}.log"
+
+    def database_log(self, kind: str, dbname: str) -> Path:
+        """A migrate or seed command's output (``kind``: ``migrate``, ``seed-<profile>``) on
+        database ``dbname``: in the run's folder; with no run chosen (``invoke db.template``), in
+        a hidden folder of the results folder that no run's retention touches."""
+        folder = (
+            self.run_dir / DATABASE_LOGS if self.run else self.results_dir / f".{DATABASE_LOGS}"
+        )
+        return folder / f"{kind}-{dbname}.log"
 
     @property
     def latest(self) -> Path:
@@ -106,6 +154,21 @@ class Layout:
     @staticmethod
     def server_log(folder: Path, server: str) -> Path:
         return folder / f"{server}.log"
+
+    @staticmethod
+    def suite_log(folder: Path) -> Path:
+        """The suite's console output (also shown where it ran)."""
+        return folder / SUITE_LOG
+
+    @staticmethod
+    def blob_dir(folder: Path) -> Path:
+        """Playwright Test's blob report of a project's run (``*.zip``)."""
+        return folder / BLOB_DIR
+
+    @staticmethod
+    def attachments_dir(folder: Path) -> Path:
+        """The attachments of a project's failing Playwright tests, taken out of its blob."""
+        return folder / ATTACHMENTS
 
     # --- reading ----------------------------------------------------------------------------------
 

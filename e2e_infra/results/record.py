@@ -8,7 +8,8 @@ its duration the suite's, how to colour it, how bad it is) is a property of :cla
 no module compares result strings (``tests/unit/test_layout.py`` keeps it so).
 
 ``run.json`` carries ``"version"``: 1 was the format before this module (no version field, the
-same keys); :meth:`RunRecord.from_json` reads both.
+same keys); 3 added ``suite_log``, ``playwright_report``, ``error_log`` and ``template``.
+:meth:`RunRecord.from_json` reads them all (a missing key is its default).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..files import RESULTS_SETTING, folder_error
 
 __all__ = ["RECORD_VERSION", "Draft", "Result", "RunRecord"]
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 class Result(Enum):
@@ -140,6 +141,11 @@ class RunRecord:
     server_stops: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     resources: Mapping[str, Any] | None = None  # peak_memory_bytes, cpu_seconds, ...
     server_startups: Mapping[str, float] = field(default_factory=dict)  # spawn to healthy, s
+    suite_log: str | None = None  # the suite's console output
+    playwright_report: str | None = None  # the suite's own HTML report, in the team's folder
+    error_log: str | None = None  # the whole output of what failed: a migrate/seed command, a step
+    # The template its database came from: name, built (by this run) or not, build_seconds, spare.
+    template: Mapping[str, Any] | None = None
     # Where it was read from (not part of the JSON): its folder holds its logs and JUnit file.
     path: Path | None = field(default=None, compare=False)
 
@@ -209,11 +215,15 @@ class RunRecord:
             "server_stops": {k: dict(v) for k, v in self.server_stops.items()},
             "resources": dict(self.resources) if self.resources is not None else None,
             "server_startups": {k: round(v, 4) for k, v in self.server_startups.items()},
+            "suite_log": self.suite_log,
+            "playwright_report": self.playwright_report,
+            "error_log": self.error_log,
+            "template": dict(self.template) if self.template is not None else None,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], path: Path | None = None) -> RunRecord:
-        """The record ``data`` describes (versions 1 and 2); ``ValueError`` when it is not one."""
+        """The record ``data`` describes (versions 1 to 3); ``ValueError`` when it is not one."""
         try:
             logs = data.get("logs") or {}
             return cls(
@@ -246,6 +256,10 @@ class RunRecord:
                 server_startups={
                     str(k): float(v) for k, v in _mapping(data.get("server_startups")).items()
                 },
+                suite_log=_str_or_none(data.get("suite_log")),
+                playwright_report=_str_or_none(data.get("playwright_report")),
+                error_log=_str_or_none(data.get("error_log")),
+                template=dict(tpl) if isinstance(tpl := data.get("template"), dict) else None,
                 path=path,
             )
         except (KeyError, TypeError, AttributeError) as exc:
@@ -319,6 +333,10 @@ class Draft:
     server_stops: dict[str, dict[str, Any]] = field(default_factory=dict)
     resources: dict[str, Any] | None = None
     server_startups: dict[str, float] = field(default_factory=dict)
+    suite_log: str | None = None
+    playwright_report: str | None = None
+    error_log: str | None = None
+    template: dict[str, Any] | None = None
 
     def freeze(self, path: Path | None = None) -> RunRecord:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -330,6 +348,7 @@ class Draft:
         values["server_stops"] = {k: dict(v) for k, v in self.server_stops.items()}
         values["resources"] = dict(self.resources) if self.resources is not None else None
         values["server_startups"] = dict(self.server_startups)
+        values["template"] = dict(self.template) if self.template is not None else None
         return RunRecord(**values, path=path)
 
     def note_error(self, exc: BaseException, secrets: Sequence[str] = ()) -> None:
@@ -350,6 +369,9 @@ class Draft:
             tail = getattr(exc, "log_tail", "")
             if tail:
                 self.log_tail = mask_secrets(str(tail), hidden)
+            where = getattr(exc, "log_path", None)  # a migrate/seed command's, a prepare step's
+            if where:
+                self.error_log = str(where)
 
     def add_error(self, message: str) -> None:
         """A problem after the run's own outcome (a release that failed): appended to the error;

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from ..errors import ConfigError, E2EInfraError, Interrupted, SuiteFailedError
 from ..files import ensure_private_dir
 from ..processes import wait_exit
 from ..processes.interrupts import Interrupts, signals_deferred
+from ..processes.logs import Tee
 from ..resources.leases import Lease, Owner, Registry, new_run_id, process_start_time
 from ..results.record import Draft, Result, RunRecord
 from . import playwright
@@ -121,6 +123,7 @@ class ProjectSession:
         self._guardian: Guardian | None = None
         self._secrets: tuple[str, ...] = ()
         self._placeholders: Placeholders | None = None
+        self._outputs: playwright.Outputs | None = None  # a Playwright config's own reports
         self._record: RunRecord | None = None
         self.record_error: E2EInfraError | None = None  # its run.json could not be written
         self._phase_start = 0.0
@@ -151,9 +154,13 @@ class ProjectSession:
 
     def __enter__(self) -> ProjectEnv:
         from .preflight import check_project
+        from .prepare import ensure_prepared
 
         try:  # before anything is acquired: a bad folder or cwd leaves nothing to release
             check_project(self.config, self.project)
+            # The run's prepare steps: once per run, whichever runner (a config with no run chosen:
+            # this session is the run).
+            ensure_prepared(self.config if self.config.run else self.config.for_run(self.run_id))
         except E2EInfraError as exc:
             self.failed = True
             self._note_error(exc)
@@ -230,6 +237,7 @@ class ProjectSession:
                     self._secrets = (self._database.url.password,)
                 self.result.database = self._database.name
                 self.result.seed = self._database.seed
+                self.result.template = dict(self._database.provenance)
                 self._watch.sweep("database", "")  # what migrate/seed commands left
         placeholders = Placeholders(
             project=project.name,
@@ -276,8 +284,12 @@ class ProjectSession:
 
         env = self._base_env(placeholders)
         values = placeholders.values()
-        env.update(playwright.suite_env(self.project, self.results_dir))
-        env.update({k: render(v, values) for k, v in self.project.env.items()})
+        own = {k: render(v, values) for k, v in self.project.env.items()}
+        if playwright.runs_playwright_test(self.project):
+            with self.phase("suite"):  # Playwright reads its config (cached after the first run)
+                self._outputs = playwright.outputs_of(self.config, self.project, {**env, **own})
+        env.update(playwright.suite_env(self.project, self.results_dir, keep=self._outputs))
+        env.update(own)
         return env
 
     def _spawn_server(
@@ -347,20 +359,32 @@ class ProjectSession:
             raise RuntimeError("run_suite() needs an entered ProjectSession")
         argv = render_command(self.project.command, self._placeholders.values())
         argv = [*playwright.suite_argv(self.project, argv, self.results_dir), *posargs]
-        junit = self.layout.junit(self.results_dir)
+        started = time.time()
         with self.phase("suite"):
             # Same process group as this process: nox's interrupt reaches the suite too.
             with self._interrupts.critical():
+                # Its console output shown as before and kept (suite.log): the report shows the
+                # end of it for a suite that failed, whatever reporters it has.
+                tee = Tee(self.layout.suite_log(self.results_dir))
+                self.result.suite_log = str(tee.path)
                 try:
                     env = {**self.env.env, MARKER: self._watch.tag("suite")}
-                    proc = subprocess.Popen(argv, cwd=self.project.cwd, env=env)
+                    proc = subprocess.Popen(
+                        argv,
+                        cwd=self.project.cwd,
+                        env=_colour(env),
+                        stdout=tee.fd,
+                        stderr=subprocess.STDOUT,
+                    )
                 except OSError as exc:
+                    tee.join()
                     raise SuiteFailedError(
                         f"cannot start the suite of {self.project.name} ({argv[0]}: "
                         f"{exc.strerror}); check projects.{self.project.name}.command and cwd",
                         project=self.project.name,
                         returncode=127,
                     ) from None
+                tee.started()
                 suite_lease = self._record_suite(proc)
             self._watch.suite_started(proc, [process for process, _lease in self._servers])
             try:
@@ -385,6 +409,7 @@ class ProjectSession:
             finally:
                 with signals_deferred():
                     self._watch.suite_ended()  # its leftovers (daemons too) are ended here
+                    tee.join()
                 if proc.returncode is not None:  # a suite that may still run keeps its lease
                     with signals_deferred(), self.registry.transaction() as txn:
                         txn.remove(suite_lease)
@@ -392,7 +417,11 @@ class ProjectSession:
             self.failed, self.result.result = True, Result.ERROR
             self._engine.check_holds()  # raises: its database's proof of life was lost
         self.result.returncode = returncode
-        self.result.junit = str(junit) if junit.exists() else None
+        files = playwright.after_suite(
+            self.project, self.results_dir, self._outputs, started=started, secrets=self._secrets
+        )
+        self.result.junit = files.junit
+        self.result.playwright_report = files.html_report
         if returncode == 0:
             self.result.result = Result.PASSED
         else:
@@ -536,6 +565,15 @@ class ProjectSession:
         if self._guardian is not None:
             self._guardian.stop()
             self._guardian = None
+
+
+def _colour(env: dict[str, str]) -> dict[str, str]:
+    """The suite writes to a pipe now (:class:`~e2e_infra.processes.logs.Tee`): keep its colours
+    where it was shown on a terminal (``FORCE_COLOR``, which Node, Playwright and pytest read),
+    unless the environment says otherwise."""
+    if sys.stdout.isatty() and "FORCE_COLOR" not in env and "NO_COLOR" not in env:
+        return {**env, "FORCE_COLOR": "1"}
+    return env
 
 
 def _terminate(proc: subprocess.Popen[Any], *, grace: float, own_group: bool = False) -> None:

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import psutil
 
 from ..conninfo import mask_secrets
-from ..processes.containment import MARKER, Containment
+from ..processes.containment import MARKER, Containment, reap_orphans
 from ..resources.leases import Owner, Registry
 from ..results.record import Draft, Result
 
@@ -341,6 +341,9 @@ class RunWatch:
             count = contain.close()
             if count:
                 self.result.leftovers["run"] = self.result.leftovers.get("run", 0) + count
+        # What the servers' and suite's own processes left to us when they ended first (npm ->
+        # sh -> node): reaped, so that their CPU is counted too (the whole tree).
+        reap_orphans()
         if self.cpu is not None and self.watcher is not None:
             self.result.resources = {
                 "peak_memory_bytes": self.watcher.peak_memory,

@@ -240,8 +240,12 @@ def test_a_missing_chromium_is_one_line_naming_the_fix(
     proc = nox(workspace, "-s", f"e2e-{project}", env={"CHROMIUM_PATH": "/nonexistent/chromium"})
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
-    lines = [line for line in output.splitlines() if "CHROMIUM_PATH=/nonexistent" in line]
+    # Once where the suite said it; the summary repeats the end of its console output, indented.
+    said, summary = output.split("e2e run summary", 1)
+    lines = [line for line in said.splitlines() if "CHROMIUM_PATH=/nonexistent" in line]
     assert len(lines) == 1, output
+    tail = summary.split("last lines of its console output", 1)[1].splitlines()[1]
+    assert tail == "    " + lines[0].strip(), output
     assert "Traceback" not in output and "    at " not in output
     assert run_record(config, project)["result"] == "failed"
     assert_nothing_left(config)

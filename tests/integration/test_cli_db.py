@@ -34,7 +34,11 @@ def test_allocate_json_carries_the_real_url_and_human_output_masks_it(
     done = db_invoke("db.allocate", "--project", "auth_tests", "--json")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
-    assert set(document) == {"project", "database", "database_url", "template", "seed", "run_id"}
+    assert set(document) == {
+        *("project", "database", "database_url", "template", "seed", "run_id"),
+        *("lease", "expires"),  # its lease's id, and no expiry without --ttl
+    }
+    assert document["expires"] is None
     # The project's own role and password: the admin's never reaches a project.
     role = ConnInfo.parse(document["database_url"])
     assert role.user == role.dbname == document["database"]

@@ -176,8 +176,11 @@ def test_on_a_terminal_the_status_is_a_live_table_and_project_output_goes_to_fil
     screen = b"".join(chunks).decode("utf-8", "replace")
     assert "e2e run: 3/3 done" in screen  # the live table's title, redrawn in place
     # The projects' output went to a file each; only a failed one's tail is shown, after the run.
-    during, _, after = screen.partition("last lines of gamma:")
-    assert "says hello" not in during and "gamma.output.log" in after
+    # Not while the table runs; after it, the summary's tail of gamma's console (its suite.log),
+    # once: not again from gamma.output.log.
+    during, _, after = screen.partition("e2e run summary")
+    assert "says hello" not in during
+    assert "gamma/suite.log" in after and "gamma.output.log" not in after, after
     run = run_folder(tmp_path / "results")
     assert "suite alpha says hello" in (run / "alpha.output.log").read_text()
     check_page(run_folder(tmp_path / "results") / "report.html")

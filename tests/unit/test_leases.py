@@ -293,3 +293,17 @@ def test_a_state_path_under_a_regular_file_is_one_folder_error(tmp_path: Path) -
         ensure_private_dir(tmp_path / "file" / "state")
     with pytest.raises(FolderError, match="is not a folder"):
         ensure_private_dir(tmp_path / "file")
+
+
+def test_a_lease_with_a_time_to_live_is_judged_by_its_expiry_never_its_owners_pid(
+    registry: Registry,
+) -> None:
+    # A CI step's shell: gone as soon as the step ends, its lease meant to outlive it.
+    dead = Owner(pid=gone_pid(), start_time=1.0, host="here", run_id="r")
+    with registry.transaction() as txn:
+        txn.now = 1_700_000_000.0
+        alive = lease(dead).with_data(expires=txn.now + 60)
+        assert txn.stale_reason(alive) is None
+        txn.now += 61
+        reason = txn.stale_reason(alive)
+    assert reason is not None and reason.startswith("its time to live ran out at ")

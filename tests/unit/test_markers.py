@@ -348,3 +348,13 @@ def test_a_spare_is_claimable_only_from_the_same_build_of_the_same_template() ->
     assert not spare_marker.is_spare_of("b", "t", None, "ff")
     assert not spare_marker.is_spare_of("other", "t", 7, "ff")
     assert not replace(spare_marker, kind=Kind.DATABASE).is_spare_of("b", "t", 7, "ff")
+
+
+def test_a_database_with_a_time_to_live_lives_until_it_expires_whatever_its_pid() -> None:
+    # db.allocate --ttl on the local cluster: the owner's pid is gone by design (a CI step).
+    leased = db(expires=NOW + 60)
+    for known in (facts(owner_gone="owner pid 4242 is gone"), facts(shared=True)):
+        assert decide(leased, known).action is Action.KEEP
+    expired = decide(leased, facts(now=NOW + 61, owner_gone="owner pid 4242 is gone"))
+    assert expired.drop and "expired" in expired.reason
+    assert status(leased, facts(has_lease=True)).startswith("live until ")

@@ -177,9 +177,10 @@ def test_an_overrun_command_gets_sigterm_first_and_a_grace_period(tmp_path: Path
         "print('started', flush=True); time.sleep(60)"
     )
     runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, timeout=1.0, stop_grace=5.0)
-    with pytest.raises(MigrationError, match=r"did not finish within 1s.*started cleaned up"):
+    with pytest.raises(MigrationError, match=r"did not finish within 1s.*: cleaned up") as info:
         runner.apply(TARGET)
     assert (tmp_path / "term").exists()  # it was asked to stop before being killed
+    assert info.value.log_tail.splitlines() == ["started", "cleaned up"]  # lines, not squashed
 
 
 def test_a_command_that_ignores_sigterm_and_leaves_its_output_open_is_still_bounded(
@@ -246,3 +247,26 @@ def test_a_migrate_command_gets_neither_the_admin_url_nor_the_tools_plumbing(
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["DATABASE_URL"] == TARGET.url and env["APP_SETTING"] == "kept"
     assert not {"E2E_ADMIN_DATABASE_URL", "PGPASSWORD", "E2E_NOX_RUN_ID"} & set(env)
+
+
+def test_the_line_that_says_why_skips_what_npm_adds_after_a_script_failed() -> None:
+    from e2e_infra.processes.logs import last_line
+
+    output = (
+        'seeding line 1\nError: relation "items" does not exist\n'
+        "npm error Lifecycle script `seed` failed with error:\nnpm error code 1\n"
+        "npm error command sh -c node seed.mjs\n"
+    )
+    assert last_line(output) == 'Error: relation "items" does not exist'
+    assert last_line("npm error code 1\n") == "npm error code 1"
+    assert last_line("") == ""
+
+
+def test_database_env_reaches_the_command_and_its_fingerprint(tmp_path: Path) -> None:
+    script = "import os, pathlib; pathlib.Path('seen').write_text(os.environ['SEED_LABEL'])"
+    plain = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path)
+    runner = CommandRunner(f'{{python}} -c "{script}"', cwd=tmp_path, env={"SEED_LABEL": "x"})
+    runner.apply(TARGET)
+    assert (tmp_path / "seen").read_text() == "x"
+    assert plain.inputs()[0] == ("command", plain.command.encode())  # fingerprints as before
+    assert runner.inputs()[0] != plain.inputs()[0]

@@ -112,3 +112,33 @@ def test_a_cgroup_limit_below_the_machine_memory_wins(tmp_path: Path) -> None:
     assert 0 < available_memory(tmp_path) <= int(1.5 * GiB)
     (tmp_path / "memory.max").write_text("max\n")
     assert available_memory(tmp_path) > 0
+
+
+def test_projects_recorded_to_leave_cores_idle_run_more_at_once_up_to_twice_the_cores(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path)
+    for project in config.projects:
+        _record(config, project, 300 * MiB, run="r1", started=100)
+    # Recorded as 1.5 cores each (_record): the cores decide, as before.
+    assert jobs_for(config, list(config.projects), cores=2, available=21 * GiB).jobs == 2
+    for project in config.projects:  # suites that wait on servers: 0.4 of a core each
+        folder = config.results_dir / "r2" / project
+        folder.mkdir(parents=True)
+        record = {"project": project, "run_id": "r2", "result": "passed", "duration": 10.0}
+        record |= {"started_at": 200, "resources": {"peak_memory_bytes": 1, "cpu_seconds": 4.0}}
+        (folder / "run.json").write_text(json.dumps(record))
+    choice = jobs_for(config, list(config.projects), cores=2, available=21 * GiB)
+    assert choice.jobs == 3  # int(2 / 0.4) = 5, at most 4 (2 x 2 cores), and 3 projects
+    assert "projects recorded using 0.40 cores each, so the cores run 4" in choice.reason
+    assert (
+        choose_jobs(
+            {f"p{i}": 1 for i in range(9)},
+            cores=2,
+            available=GiB,
+            shares=dict.fromkeys((f"p{i}" for i in range(9)), 0.1),
+        )
+        == 4
+    )
+    # One project never run: no share known for all, the cores decide.
+    assert choose_jobs({"a": 1, "b": 1, "c": 1}, cores=2, available=GiB, shares={"a": 0.1}) == 2

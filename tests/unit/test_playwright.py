@@ -165,7 +165,7 @@ def _run(config: Config) -> RunSummary:
 def test_no_blob_means_no_merge_and_no_link(tmp_path: Path) -> None:
     config = _config(tmp_path)
     run = _run(config)
-    assert merge_playwright_reports(config, [run]) is None
+    assert merge_playwright_reports(config, [run]) == []
     page = write_html_report(config, [run]).read_text()
     assert 'class="merged"' not in page
 
@@ -189,8 +189,61 @@ def test_a_blob_without_node_modules_is_one_warning_not_an_error(
     run = _run(config)
     (run.folder / "blob-report").mkdir()
     (run.folder / "blob-report" / "report.zip").write_bytes(b"PK")
-    assert merge_playwright_reports(config, [run]) is None
+    assert merge_playwright_reports(config, [run]) == []
     assert [r.getMessage() for r in caplog.records] == [
-        "no merged Playwright report: no node_modules/playwright found; each project's own "
-        "report is in its results folder"
+        "no merged Playwright report for web: no node_modules/playwright found; each project's "
+        "own report is in its results folder"
     ]
+
+
+def test_a_failed_merge_quotes_playwrights_own_message_not_its_last_stack_line() -> None:
+    from e2e_infra.run.playwright import playwright_message
+
+    stderr = (
+        "Error: Blob reports being merged were recorded with different test directories, and\n"
+        "merging cannot proceed. This may happen if you are merging reports from\n"
+        "\n"
+        'You can force merge by specifying a merge config file with "-c" option.\n'
+        "    at mergeConfigureEvents (/x/node_modules/playwright/lib/runner/index.js:8483:15)\n"
+    )
+    assert playwright_message(stderr) == (
+        "Error: Blob reports being merged were recorded with different test directories, and "
+        "merging cannot proceed. This may happen if you are merging reports from"
+    )
+    assert playwright_message("") == "no output"
+
+
+def test_a_config_used_by_one_project_keeps_its_reports_a_shared_one_does_not() -> None:
+    from e2e_infra.run.playwright import Outputs
+
+    kept = Outputs(html=Path("/repo/pkg/html-report"), junit=Path("/repo/pkg/junit.xml"))
+    env = suite_env(project("npx playwright test"), RESULTS, keep=kept)
+    assert "PLAYWRIGHT_HTML_OUTPUT_DIR" not in env and "PLAYWRIGHT_JUNIT_OUTPUT_FILE" not in env
+    assert env["PLAYWRIGHT_BLOB_OUTPUT_DIR"] == str(RESULTS / "blob-report")
+    assert env["PLAYWRIGHT_HTML_OPEN"] == "never"
+    assert suite_env(project("npx playwright test"), RESULTS, keep=Outputs()) == suite_env(
+        project("npx playwright test"), RESULTS
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "found"),
+    [
+        (["npx", "playwright", "test", "-c", "e2e/pw.config.ts"], "e2e/pw.config.ts"),
+        (["npx", "playwright", "test", "--config=e2e"], "e2e/playwright.config.ts"),
+        (
+            ["sh", "-c", "npm ci && npx playwright test --config e2e/pw.config.ts"],
+            "e2e/pw.config.ts",
+        ),
+        (["npx", "playwright", "test"], "playwright.config.ts"),
+    ],
+)
+def test_the_config_a_command_uses_is_found_without_running_node(
+    tmp_path: Path, argv: list[str], found: str
+) -> None:
+    from e2e_infra.run.playwright_config import config_file_of
+
+    (tmp_path / "e2e").mkdir()
+    for name in ("playwright.config.ts", "e2e/playwright.config.ts", "e2e/pw.config.ts"):
+        (tmp_path / name).write_text("export default {};\n")
+    assert config_file_of(argv, tmp_path) == (tmp_path / found).resolve()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from support import REPO_ROOT
 
 from e2e_infra import scaffold
 from e2e_infra.errors import UsageError
@@ -78,3 +80,33 @@ def test_the_plan_touches_nothing(tmp_path: Path) -> None:
 def test_a_missing_root_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="is not a folder"):
         scaffold.plan(tmp_path / "nope")
+
+
+def _readme_defaults() -> dict[str, str]:
+    """``E2E_*`` variable -> its default cell, from the README's configuration tables."""
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.finditer(r"^\| `[a-z_]+` \| `(E2E_[A-Z_]+)` \| (.*?) \|", text, re.M)
+    return {row.group(1): row.group(2) for row in rows}
+
+
+def test_the_env_example_documents_every_setting_the_readme_lists_with_its_default() -> None:
+    example = (REPO_ROOT / "e2e_infra" / "templates" / "env.example").read_text(encoding="utf-8")
+    values = {m.group(1): m.group(2) for m in re.finditer(r"^# (E2E_[A-Z_]+)=(.*)$", example, re.M)}
+    defaults = _readme_defaults()
+    assert sorted(set(defaults) - set(values)) == []
+    words = {"`false`": "0", "`true`": "1", "`0` (off)": "0"}
+    for name, default in defaults.items():
+        plain = re.fullmatch(r"`([^`]*)`", default)
+        if name == "E2E_PORT_NAMES":
+            assert values[name] == "backend,frontend"
+        elif default in words:
+            assert values[name] == words[default], name
+        elif plain is not None and not plain.group(1).startswith("["):
+            assert values[name] == plain.group(1), name
+    # The two the README describes in words: the comments say the same.
+    assert "machine id" in example and "pid namespace" in example
+    assert "/dev/shm/e2e-infra-pg-<hash> when tmpfs has room" in example
+    assert (
+        "<state_dir>/pg" in defaults["E2E_PG_DATA_DIR"]
+        and "/dev/shm" in defaults["E2E_PG_DATA_DIR"]
+    )
