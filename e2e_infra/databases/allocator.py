@@ -29,6 +29,7 @@ from .clones import Cloner
 from .markers import Kind, count_databases
 from .migrations import migration_runner, seed_runner
 from .names import FingerprintCache, spare_prefix, template_name, validate_dbname
+from .reset import ResetReport, reset_in_place
 from .shared import CreationGate, Holds
 from .spares import Spares
 from .sweep import DatabaseInfo, Sweeper
@@ -211,6 +212,52 @@ class DatabaseAllocator:
             url=cat.roles.url(lease),
             lease=lease,
         )
+
+    @_server_errors("reset a database")
+    def reset(self, lease: Lease, *, spares: int = 1) -> ResetReport:
+        """Give the database of ``lease`` (held by any live owner: an environment kept up) fresh
+        contents from the current template of its seed, under the same name, role and
+        password, ending the connections to it (see :mod:`.reset`); then top up the template's
+        warm spares to ``max(spares, database.spares)`` in the background (:meth:`close`
+        waits for it)."""
+        seed = str(lease.data.get("seed") or self._project_seed(lease.project))
+        migrations = migration_runner(self.config)
+        seeds = seed_runner(self.config, seed)
+        cat = self.catalog
+        with self.connections.lend() as conn:
+            major = cat.major(conn)
+            fp = self.fingerprints.get(migrations, seeds, seed, major)
+            template = template_name(self.base, seed, fp)
+            if self.templates.ready(conn, template) is not True:
+                self.templates.ensure(
+                    conn, template, fp, seed, migrations, seeds, rebuild=False, run=None
+                )
+            row = conn.execute(
+                "SELECT current_setting('fsync'), (SELECT oid FROM pg_database WHERE datname = %s),"
+                " (SELECT json_agg(json_build_array(d.datname, "
+                " shobj_description(d.oid, 'pg_database'))) "
+                " FROM pg_database d WHERE starts_with(d.datname, %s))",
+                (template, spare_prefix(self.base, fp)),
+            ).fetchone()
+            assert row is not None
+            fsync, template_oid, spare_rows = row
+            candidates = self.spares.claimable(spare_rows, template, template_oid, fp)
+            report = reset_in_place(
+                catalog=cat,
+                clones=self.clones,
+                spares=self.spares,
+                templates=self.templates,
+                conn=conn,
+                lease=lease,
+                template=template,
+                candidates=candidates,
+                strategy=cat.strategy(str(fsync), major),
+            )
+        if lease.data.get("template") != template:  # the migrations or seeds changed meanwhile
+            with self.registry.transaction() as txn, contextlib.suppress(RegistryError):
+                txn.update(lease.with_data(template=template))
+        self.spares.prepare_later([template], cap=max(spares, self.config.database.spares))
+        return report
 
     @_server_errors("build a template")
     def ensure_template(self, seed: str, *, rebuild: bool = False) -> str:

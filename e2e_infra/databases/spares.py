@@ -95,12 +95,13 @@ class Spares:
 
     # --- topping up --------------------------------------------------------------------------
 
-    def prepare(self, template: str) -> builtins.list[str]:
-        """Top up the warm spares of ``template`` to ``spares``; the names made. Only one process
-        tops up a template at a time (an advisory lock; the others skip), spares of an older
-        template of the same seed are dropped first, and ``max_databases`` is respected."""
+    def prepare(self, template: str, *, cap: int | None = None) -> builtins.list[str]:
+        """Top up the warm spares of ``template`` to ``spares`` (or ``cap``: an environment kept
+        up keeps one for its resets); the names made. Only one process tops up a template at a
+        time (an advisory lock; the others skip), spares of an older template of the same seed
+        are dropped first, and ``max_databases`` is respected."""
         cat = self.catalog
-        cap = cat.config.database.spares
+        cap = cat.config.database.spares if cap is None else cap
         made: builtins.list[str] = []
         if cap <= 0:
             return made
@@ -201,7 +202,7 @@ class Spares:
 
     # --- the background thread ---------------------------------------------------------------
 
-    def prepare_later(self, templates: builtins.list[str]) -> None:
+    def prepare_later(self, templates: builtins.list[str], *, cap: int | None = None) -> None:
         """Top up the spares of ``templates`` in a background thread, after any earlier one."""
         cat = self.catalog
 
@@ -211,7 +212,7 @@ class Spares:
             for template in templates:
                 try:
                     with cat.errors("prepare warm spares"):
-                        self.prepare(template)
+                        self.prepare(template, cap=cap)
                 except Exception as exc:  # a spare is an optimisation: never fail a run for it
                     log.warning("could not prepare a warm spare of %s: %s", template, exc)
 
