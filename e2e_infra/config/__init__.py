@@ -187,6 +187,7 @@ class ProjectConfig:
     paths: tuple[str, ...] = ()
     timeout: float = 1800.0
     playwright: bool | None = None  # outputs per run (playwright.py); None: if it runs one
+    retries: int = 0  # a project that did not pass runs again (on fresh resources) up to N times
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,7 @@ _PROJECT_KEYS = {
     "paths",
     "timeout",
     "playwright",
+    "retries",
 }
 # The run id of one nox call, set by the main nox process for its -j workers (cli/sessions.py).
 NOX_RUN_ENV = "E2E_NOX_RUN_ID"
@@ -646,6 +648,7 @@ def _read_projects(
             paths=r.get("paths", (), _as_list),
             timeout=r.get("timeout", 1800.0, _as_number(1)),
             playwright=r.get("playwright", None, _as_auto_bool),
+            retries=r.get("retries", 0, _as_number(0, integer=True)),
         )
         project = projects[name]
         templates = {"command": project.command}

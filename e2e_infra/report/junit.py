@@ -4,7 +4,10 @@ Read with :mod:`xml.etree` (Python's expat refuses entity expansion bombs) and n
 missing, unreadable or corrupt file gives a :class:`JUnitSummary` whose ``problem`` says so
 ("no JUnit", "unreadable JUnit: ..."), which the summary and the report show instead of counts.
 Works with pytest's, Playwright Test's and most other runners' files: ``<testsuites>`` or a bare
-``<testsuite>``, ``<failure>``/``<error>``/``<skipped>`` children of ``<testcase>``.
+``<testsuite>``, ``<failure>``/``<error>``/``<skipped>`` children of ``<testcase>``. A test case
+that passed with ``<flakyFailure>``/``<flakyError>`` children (Surefire's convention, which
+Playwright Test's JUnit reporter follows with ``PLAYWRIGHT_JUNIT_INCLUDE_RETRIES``) passed on a
+retry: it counts as passed and is named in ``flaky``.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from pathlib import Path
 from ..conninfo import mask_secrets
 
 __all__ = [
+    "FLAKY_TAGS",
     "MAX_JUNIT_BYTES",
     "FailedTest",
     "JUnitSummary",
+    "case_name",
     "first_lines",
     "parse_junit_text",
     "read_junit",
@@ -29,6 +34,9 @@ MAX_JUNIT_BYTES = 50 * 1024 * 1024  # larger is a runaway log, not a test report
 _MESSAGE_LINES = 6
 _LINE_CHARS = 300
 _MAX_FAILURES = 50  # per project; the file itself has the rest
+_MAX_NAMES = 5000  # passing and flaky tests named per file (for history); counts stay exact
+#: A passing test case's children that say it failed first and passed on a retry.
+FLAKY_TAGS = ("flakyFailure", "flakyError")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,8 @@ class JUnitSummary:
     skipped: int = 0
     failures: tuple[FailedTest, ...] = ()
     problem: str | None = None  # why there are no counts: "no JUnit", "unreadable JUnit: ..."
+    flaky: tuple[str, ...] = ()  # passed on a retry of the suite's own (counted in passed)
+    passed_tests: tuple[str, ...] = ()  # the names of the tests that passed (flaky ones too)
 
     @property
     def total(self) -> int:
@@ -61,6 +71,7 @@ class JUnitSummary:
         """The non-zero counts, as ``(label, n)``, in a fixed order."""
         pairs = [
             ("passed", self.passed),
+            ("flaky", len(self.flaky)),
             ("failed", self.failed),
             ("errors", self.errors),
             ("skipped", self.skipped),
@@ -102,6 +113,11 @@ def _name(case: ET.Element) -> str:
     return f"{classname}::{name}" if classname else name
 
 
+def case_name(case: ET.Element) -> str:
+    """A ``<testcase>``'s name as :class:`FailedTest` and ``flaky`` give it: ``classname::name``."""
+    return _name(case)
+
+
 def _from_attributes(root: ET.Element) -> JUnitSummary:
     """Counts from ``<testsuite tests= failures= ...>`` when a file lists no test cases."""
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
@@ -132,6 +148,8 @@ def parse_junit_text(text: str | bytes, *, secrets: tuple[str, ...] = ()) -> JUn
         return _from_attributes(root)
     passed = failed = errors = skipped = 0
     failures: list[FailedTest] = []
+    flaky: list[str] = []
+    passed_tests: list[str] = []
     for case in cases:
         failure = case.find("failure")
         error = case.find("error")
@@ -150,7 +168,19 @@ def parse_junit_text(text: str | bytes, *, secrets: tuple[str, ...] = ()) -> JUn
             skipped += 1
         else:
             passed += 1
-    return JUnitSummary(passed, failed, errors, skipped, tuple(failures))
+            if len(passed_tests) < _MAX_NAMES:
+                passed_tests.append(_name(case))
+            if len(flaky) < _MAX_NAMES and any(case.find(tag) is not None for tag in FLAKY_TAGS):
+                flaky.append(_name(case))
+    return JUnitSummary(
+        passed,
+        failed,
+        errors,
+        skipped,
+        tuple(failures),
+        flaky=tuple(flaky),
+        passed_tests=tuple(passed_tests),
+    )
 
 
 def read_junit(path: str | Path | None, *, secrets: tuple[str, ...] = ()) -> JUnitSummary:

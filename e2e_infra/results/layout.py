@@ -10,6 +10,7 @@
         <project>.output.log             a project's console output (`invoke e2e.all`)
         <project>/                       run.json, status.json, junit.xml, <server>.log, ...
           runs/<session run id>/         another run of the project writing into this run
+          attempts/<n>/                  what a failed attempt left when the project ran again
 
 Writers ask :class:`Layout` where to write; readers ask it what was written
 (:meth:`Layout.records`, :meth:`Layout.newest`): nothing else globs the results folder.
@@ -38,6 +39,7 @@ NOX_LOG = "nox.log"
 DURATIONS = "durations.json"
 MERGED_PLAYWRIGHT = "playwright-report"
 OTHER_RUNS = "runs"  # <project>/runs/<id>: a concurrent run of the project into the same run
+ATTEMPTS = "attempts"  # <project>/attempts/<n>: an earlier attempt of a project run again
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,11 @@ class Layout:
 
     def project_dir(self, project: str) -> Path:
         return self.run_dir / project
+
+    @staticmethod
+    def attempt_dir(folder: Path, attempt: int) -> Path:
+        """Where attempt ``attempt``'s files go (from a project's folder) when it runs again."""
+        return folder / ATTEMPTS / str(attempt)
 
     def other_run_dir(self, project: str, session_run: str) -> Path:
         """The folder of a second, concurrent run of ``project`` writing into this run."""
@@ -144,8 +151,9 @@ class Layout:
         top = self.results_dir
         yield from top.glob(f"{project}/{RECORD}")  # results written without a run folder
         yield from top.glob(f"{project}/{OTHER_RUNS}/*/{RECORD}")
-        yield from top.glob(f"*/{project}/{RECORD}")
-        yield from top.glob(f"*/{project}/{OTHER_RUNS}/*/{RECORD}")
+        for pattern in (f"*/{project}/{RECORD}", f"*/{project}/{OTHER_RUNS}/*/{RECORD}"):
+            # latest/ is a link to a run read already
+            yield from (p for p in top.glob(pattern) if p.relative_to(top).parts[0] != LATEST)
 
     def run_folders(self) -> list[Path]:
         """Every run's folder (not ``latest``, not hidden ones), oldest first by modification."""

@@ -8,7 +8,9 @@ its duration the suite's, how to colour it, how bad it is) is a property of :cla
 no module compares result strings (``tests/unit/test_layout.py`` keeps it so).
 
 ``run.json`` carries ``"version"``: 1 was the format before this module (no version field, the
-same keys); :meth:`RunRecord.from_json` reads both.
+same keys); 3 added ``attempts`` (the earlier attempts of a project run again, ``retries``)
+and ``flaky_tests``.
+:meth:`RunRecord.from_json` reads them all (a missing key is its default).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..files import RESULTS_SETTING, folder_error
 
 __all__ = ["RECORD_VERSION", "Draft", "Result", "RunRecord"]
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 
 
 class Result(Enum):
@@ -139,6 +141,10 @@ class RunRecord:
     server_exits: tuple[Mapping[str, Any], ...] = ()  # servers that died during the run
     server_stops: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     resources: Mapping[str, Any] | None = None  # peak_memory_bytes, cpu_seconds, ...
+    # The earlier attempts, when the project ran again (retries): attempt, result, duration,
+    # started_at, error, failed_tests, folder (where its files were moved).
+    attempts: tuple[Mapping[str, Any], ...] = ()
+    flaky_tests: tuple[str, ...] = ()  # failed, then passed (on a retry of ours or the suite's)
     # Where it was read from (not part of the JSON): its folder holds its logs and JUnit file.
     path: Path | None = field(default=None, compare=False)
 
@@ -181,7 +187,29 @@ class RunRecord:
         if self.leftovers:
             parts = ", ".join(f"{part} {count}" for part, count in self.leftovers.items())
             lines.append(f"leftover processes ended: {parts}")
+        total = len(self.attempts) + 1
+        for earlier in self.attempts:
+            result = Result.parse(earlier.get("result"))
+            failed = [str(name) for name in earlier.get("failed_tests") or ()]
+            why = earlier.get("error") or (
+                f"failing: {', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}"
+                if failed
+                else ""
+            )
+            lines.append(
+                f"attempt {earlier.get('attempt')} of {total} {result.label}"
+                f"{f': {why}' if why else ''}"
+            )
+        for name in self.flaky_tests[:10]:
+            lines.append(f"flaky test (failed, then passed on a retry): {name}")
+        if len(self.flaky_tests) > 10:
+            lines.append(f"... and {len(self.flaky_tests) - 10} more flaky tests")
         return lines
+
+    @property
+    def attempt_count(self) -> int:
+        """How many times the project ran in this run (1 without retries)."""
+        return len(self.attempts) + 1
 
     # --- JSON -------------------------------------------------------------------------------------
 
@@ -207,11 +235,13 @@ class RunRecord:
             "server_exits": [dict(x) for x in self.server_exits],
             "server_stops": {k: dict(v) for k, v in self.server_stops.items()},
             "resources": dict(self.resources) if self.resources is not None else None,
+            "attempts": [dict(x) for x in self.attempts],
+            "flaky_tests": list(self.flaky_tests),
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], path: Path | None = None) -> RunRecord:
-        """The record ``data`` describes (versions 1 and 2); ``ValueError`` when it is not one."""
+        """The record ``data`` describes (versions 1 to 3); ``ValueError`` when it is not one."""
         try:
             logs = data.get("logs") or {}
             return cls(
@@ -241,6 +271,8 @@ class RunRecord:
                     if isinstance(v, dict)
                 },
                 resources=dict(res) if isinstance(res := data.get("resources"), dict) else None,
+                attempts=tuple(x for x in data.get("attempts") or () if isinstance(x, dict)),
+                flaky_tests=tuple(str(x) for x in data.get("flaky_tests") or ()),
                 path=path,
             )
         except (KeyError, TypeError, AttributeError) as exc:
@@ -313,6 +345,8 @@ class Draft:
     server_exits: list[dict[str, Any]] = field(default_factory=list)
     server_stops: dict[str, dict[str, Any]] = field(default_factory=dict)
     resources: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    flaky_tests: list[str] = field(default_factory=list)
 
     def freeze(self, path: Path | None = None) -> RunRecord:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -323,6 +357,8 @@ class Draft:
         values["server_exits"] = tuple(dict(x) for x in self.server_exits)
         values["server_stops"] = {k: dict(v) for k, v in self.server_stops.items()}
         values["resources"] = dict(self.resources) if self.resources is not None else None
+        values["attempts"] = tuple(dict(x) for x in self.attempts)
+        values["flaky_tests"] = tuple(self.flaky_tests)
         return RunRecord(**values, path=path)
 
     def note_error(self, exc: BaseException, secrets: Sequence[str] = ()) -> None:

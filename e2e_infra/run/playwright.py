@@ -11,7 +11,8 @@ environment variables, everything that run writes into the project's results fol
 - ``--output=<results>/test-results``: ``outputDir`` (traces, screenshots, ``.last-run.json``);
 - ``PLAYWRIGHT_HTML_OUTPUT_DIR=<results>/playwright-report`` (an ``html`` reporter) and
   ``PLAYWRIGHT_HTML_OPEN=never`` (no report server waiting for Ctrl-C after a failure);
-- ``PLAYWRIGHT_JUNIT_OUTPUT_FILE=<results>/junit.xml`` (a ``junit`` reporter);
+- ``PLAYWRIGHT_JUNIT_OUTPUT_FILE=<results>/junit.xml`` (a ``junit`` reporter), with
+  ``PLAYWRIGHT_JUNIT_INCLUDE_RETRIES=1``: a test that passed on a retry is named flaky;
 - ``--add-reporter=blob`` (Playwright >= 1.63) with ``PLAYWRIGHT_BLOB_OUTPUT_DIR=<results>/
   blob-report``.
 
@@ -72,6 +73,9 @@ def suite_env(project: ProjectConfig, results_dir: Path) -> dict[str, str]:
         "PLAYWRIGHT_HTML_OUTPUT_DIR": str(results_dir / "playwright-report"),
         "PLAYWRIGHT_HTML_OPEN": "never",
         "PLAYWRIGHT_JUNIT_OUTPUT_FILE": str(results_dir / "junit.xml"),
+        # A test that passed on one of Playwright's own retries keeps its failures as
+        # <flakyFailure>: the run names it flaky (see e2e_infra.report.junit).
+        "PLAYWRIGHT_JUNIT_INCLUDE_RETRIES": "1",
         "PLAYWRIGHT_BLOB_OUTPUT_DIR": str(results_dir / BLOB_DIR),
     }
 

@@ -558,8 +558,27 @@ def run_project(
 
     A failing suite, or an error of the tool's own (PostgreSQL gone, a server that never became
     healthy), is recorded in the result (``result``, ``error``, ``log_tail``) rather than raised,
-    so adapters print one clear line instead of a traceback. An interrupt still propagates.
+    so adapters print one clear line instead of a traceback. An interrupt still propagates. A
+    project with ``retries`` runs again on fresh resources until it passes (then it is
+    ``flaky``): see :mod:`.retries`.
     """
+    from .retries import run_with_retries
+
+    def attempt(last: bool) -> RunRecord:
+        keep = keep_on_failure if last else False  # keep only what the last attempt left
+        return _run_once(config, project, posargs, on_phase, keep, record_duration)
+
+    return run_with_retries(project, config.project(project).retries, attempt)
+
+
+def _run_once(
+    config: Config,
+    project: str,
+    posargs: Sequence[str],
+    on_phase: PhaseCallback | None,
+    keep_on_failure: bool | None,
+    record_duration: bool,
+) -> RunRecord:
     session = ProjectSession(
         config,
         project,
