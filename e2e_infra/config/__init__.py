@@ -24,7 +24,7 @@ from typing import Any
 
 from ..conninfo import ConnInfo
 from ..errors import ConfigError, InvalidNameError
-from ..results.layout import Layout
+from ..results.layout import UP, Layout
 from ._parse import (
     NAME_PATTERN,
     _as_auto_bool,
@@ -218,6 +218,8 @@ class Config:
         ``nox`` call, an ``e2e.all``), so two runs in one checkout never mix."""
         if _RUN_ID_PATTERN.fullmatch(run) is None:
             raise ConfigError(f"run id {run[:70]!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if run == UP:
+            raise ConfigError(f"run id {run!r} is the folder of `invoke e2e.up`; choose another")
         return replace(self, run=run)
 
     @property

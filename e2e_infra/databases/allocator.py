@@ -355,6 +355,13 @@ class DatabaseAllocator:
         """
         return self.spares.prepare(template)
 
+    @_server_errors("drop warm spares")
+    def drop_spares(self, template: str) -> builtins.list[str]:
+        """Drop every warm spare of ``template`` (an environment kept up made one for its resets
+        with ``spares`` = 0: it leaves none behind)."""
+        self.spares.join(self.config.database.clone_timeout)
+        return self.spares.drop_all(template)
+
     def close(self, timeout: float | None = None) -> None:
         """Wait (at most ``timeout``, default ``clone_timeout``) for the spare being prepared and
         let go of the locks held for live databases (only call it once they are released: on a

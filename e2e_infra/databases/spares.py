@@ -200,6 +200,18 @@ class Spares:
         log.info("prepared warm spare %s of %s", name, template)
         return name
 
+    def drop_all(self, template: str) -> builtins.list[str]:
+        """Drop every warm spare of ``template``; the names dropped. A spare being claimed
+        meanwhile is either renamed first (not dropped) or gone for its claimer (who clones)."""
+        cat = self.catalog
+        dropped: builtins.list[str] = []
+        with cat.connections.lend() as conn:
+            for item in cat.marked(conn):
+                ours = item.kind is Kind.SPARE and item.marker.template == template
+                if ours and cat.drop(conn, item.name):
+                    dropped.append(item.name)
+        return dropped
+
     # --- the background thread ---------------------------------------------------------------
 
     def prepare_later(self, templates: builtins.list[str], *, cap: int | None = None) -> None:

@@ -8,8 +8,8 @@ its duration the suite's, how to colour it, how bad it is) is a property of :cla
 no module compares result strings (``tests/unit/test_layout.py`` keeps it so).
 
 ``run.json`` carries ``"version"``: 1 was the format before this module (no version field, the
-same keys); 3 added ``attempts`` (the earlier attempts of a project run again, ``retries``)
-and ``flaky_tests``.
+same keys); 3 added ``attempts`` (the earlier attempts of a project run again, ``retries``),
+``flaky_tests`` and ``attached`` (a suite run against an environment kept up by ``e2e.up``).
 :meth:`RunRecord.from_json` reads them all (a missing key is its default).
 """
 
@@ -145,6 +145,7 @@ class RunRecord:
     # started_at, error, failed_tests, folder (where its files were moved).
     attempts: tuple[Mapping[str, Any], ...] = ()
     flaky_tests: tuple[str, ...] = ()  # failed, then passed (on a retry of ours or the suite's)
+    attached: bool = False  # ran against an environment kept up by `e2e.up`
     # Where it was read from (not part of the JSON): its folder holds its logs and JUnit file.
     path: Path | None = field(default=None, compare=False)
 
@@ -237,6 +238,7 @@ class RunRecord:
             "resources": dict(self.resources) if self.resources is not None else None,
             "attempts": [dict(x) for x in self.attempts],
             "flaky_tests": list(self.flaky_tests),
+            "attached": self.attached,
         }
 
     @classmethod
@@ -273,6 +275,7 @@ class RunRecord:
                 resources=dict(res) if isinstance(res := data.get("resources"), dict) else None,
                 attempts=tuple(x for x in data.get("attempts") or () if isinstance(x, dict)),
                 flaky_tests=tuple(str(x) for x in data.get("flaky_tests") or ()),
+                attached=bool(data.get("attached", False)),
                 path=path,
             )
         except (KeyError, TypeError, AttributeError) as exc:
@@ -347,6 +350,7 @@ class Draft:
     resources: dict[str, Any] | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
     flaky_tests: list[str] = field(default_factory=list)
+    attached: bool = False
 
     def freeze(self, path: Path | None = None) -> RunRecord:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

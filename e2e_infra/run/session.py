@@ -22,7 +22,7 @@ import subprocess
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,7 @@ class ProjectSession:
         guardian: bool = True,
         teardown_grace: float | None = None,
         record_duration: bool = True,
+        write_record: bool = True,
     ) -> None:
         self.config = config
         self.project: ProjectConfig = config.project(project)
@@ -108,6 +109,7 @@ class ProjectSession:
         self.on_phase = on_phase
         self.use_guardian = guardian
         self.record_duration = record_duration  # False: the caller records it (a batch, at once)
+        self.write_record = write_record  # False: no run of the suite to record (`e2e.up`)
         self.teardown_grace = teardown_grace
         self.owner = Owner.current(host=config.host_id, run_id=self.run_id)
         self.ports = self.workspace.ports
@@ -129,6 +131,16 @@ class ProjectSession:
         self._interrupts = Interrupts()
         critical = {n for n in self.project.servers if config.servers[n].on_exit == "stop"}
         self._watch = RunWatch(project, self.result, critical)  # containment + server watch
+
+    @property
+    def database(self) -> Allocated | None:
+        """The database handed to this session, once acquired."""
+        return self._database
+
+    @property
+    def servers(self) -> list[ServerProcess]:
+        """The servers running for this session, in start order."""
+        return [process for process, _lease in self._servers]
 
     @property
     def record(self) -> RunRecord:
@@ -241,13 +253,7 @@ class ProjectSession:
         )
         from .servers import server_order
 
-        hooks = StartHooks(
-            project=project.name,
-            spawn=self._spawn_server,
-            stop=self._forget_server,
-            move_port=self._move_port,
-            phase=self.phase,
-        )
+        hooks = self._start_hooks()
         for level in server_order(self.config, project.servers):
             for name in level:
                 placeholders = ServerStart(self.config.servers[name], hooks).run(placeholders)
@@ -260,6 +266,32 @@ class ProjectSession:
             database=self.result.database,
             env=self._suite_env(placeholders),
         )
+
+    def _start_hooks(self) -> StartHooks:
+        return StartHooks(
+            project=self.project.name,
+            spawn=self._spawn_server,
+            stop=self._forget_server,
+            move_port=self._move_port,
+            phase=self.phase,
+        )
+
+    def restart_server(self, name: str) -> ServerProcess:
+        """Start server ``name`` again as it was started (it died; ``e2e.up --restart``), healthy
+        before this returns; the session's environment follows a port it had to move."""
+        if self.env is None or self._placeholders is None:
+            raise RuntimeError("restart_server() needs an entered ProjectSession")
+        for entry in [entry for entry in self._servers if entry[0].name == name]:
+            self._stop_server(*entry)  # reaped, its lease forgotten
+            self._servers.remove(entry)
+        placeholders = ServerStart(self.config.servers[name], self._start_hooks()).run(
+            self._placeholders
+        )
+        self._placeholders = placeholders
+        self.env = replace(
+            self.env, ports=dict(placeholders.ports), env=self._suite_env(placeholders)
+        )
+        return next(process for process, _lease in self._servers if process.name == name)
 
     def _base_env(self, placeholders: Placeholders) -> dict[str, str]:
         return process_env(
@@ -496,6 +528,8 @@ class ProjectSession:
             )
 
     def _write_record(self) -> RunRecord:
+        if not self.write_record:
+            return self.result.freeze()
         try:
             record = self.result.freeze().write(self.layout.record(self.results_dir))
         except E2EInfraError as exc:  # a full results folder: the run fails, naming it
