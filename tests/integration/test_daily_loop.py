@@ -314,15 +314,20 @@ def test_up_env_reset_attach_and_down_on_the_demo(
     assert "Traceback" not in again.stderr
 
 
-def test_reset_under_a_node_server_with_a_pg_pool(
+def test_reset_under_a_node_server_with_a_pg_pool_beside_another_project_up(
     workspace: Path, config: e2e_infra.Config, ups: list[Up]
 ) -> None:
-    up = Up(workspace, "nodepool")
-    ups.append(up)
-    state = up.ready()
+    up, other = Up(workspace, "nodepool"), Up(workspace, "auth_tests")
+    ups += [up, other]
+    state, beside = up.ready(), other.ready()
+    assert not set(state.ports.values()) & set(beside.ports.values())
+    assert state.database != beside.database
+    listed = json.loads(invoke(workspace, "e2e.list", "--json").stdout)["projects"]
+    assert sorted(p["project"] for p in listed if p["up"]) == ["auth_tests", "nodepool"]
     base = state.env["FRONTEND_URL"]
     url = state.env["DATABASE_URL"]
     query(url, "CREATE TABLE scratch (x int)")
+    query(beside.env["DATABASE_URL"], "CREATE TABLE kept (x int)")
     # Four requests at once: the pool opens several connections and keeps them idle.
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: request(base), range(4)))
@@ -338,8 +343,12 @@ def test_reset_under_a_node_server_with_a_pg_pool(
     assert alive(int(state.servers["nodepool"]["pid"]))
     log = Path(str(state.servers["nodepool"]["log"])).read_text()
     assert "pool: an idle client was ended" in log and "request failed" not in log
+    # The other project's database is untouched.
+    assert query(beside.env["DATABASE_URL"], "SELECT to_regclass('public.kept')") == "kept"
     invoke(workspace, "e2e.down", "nodepool")
-    assert up.proc.wait(timeout=30) == 0 and gone(config, state) and spares(config) == []
+    invoke(workspace, "e2e.down", "auth_tests")
+    assert up.proc.wait(timeout=30) == 0 and other.proc.wait(timeout=30) == 0
+    assert gone(config, state) and gone(config, beside) and spares(config) == []
 
 
 def test_an_up_process_killed_with_sigkill_is_reclaimed_by_its_guardian(
