@@ -42,6 +42,7 @@ import json
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import sys
@@ -108,7 +109,12 @@ def conflict(message: str) -> ApiError:
 
 
 class ConnectionPool:
-    """A tiny thread-safe pool: idle connections are reused, broken ones dropped."""
+    """A tiny thread-safe pool: idle connections are reused, broken ones dropped.
+
+    An idle connection the server ended meanwhile (a restart, ``pg_terminate_backend``: what
+    ``invoke e2e.reset`` does before it swaps the database) is dropped when it is taken, not
+    handed out: the next request gets a new connection instead of an error.
+    """
 
     def __init__(self, conninfo: str, max_idle: int = 4) -> None:
         self._conninfo = conninfo
@@ -126,10 +132,17 @@ class ConnectionPool:
             connect_timeout=3,
         )
 
+    def _take_idle(self) -> psycopg.Connection[dict[str, Any]] | None:
+        while True:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or _still_open(conn):
+                return conn
+            conn.close()
+
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
+        conn = self._take_idle()
         if conn is None:
             conn = self._connect()
         try:
@@ -152,6 +165,19 @@ class ConnectionPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _still_open(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection is still usable: the server has said nothing on it. One it
+    ended has something to read (the termination notice, then end of file); a zero-timeout
+    poll sees that without a round trip."""
+    if conn.closed or conn.broken:
+        return False
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
 
 
 def describe_database(url: str) -> str:

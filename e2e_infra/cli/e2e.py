@@ -29,6 +29,7 @@ from ._output import (
     print_tail,
     size,
 )
+from .loop import LOOP_TASKS
 
 
 def _for_run(config: e2e_infra.Config) -> e2e_infra.Config:
@@ -172,19 +173,47 @@ def _choose_jobs(config: e2e_infra.Config, projects: list[str], jobs: str, dry_r
         "project": "the project to run, e.g. auth_tests",
         "args": 'extra arguments for the suite, e.g. "-k login"',
         "keep": "keep the database if the suite fails (E2E_KEEP_ON_FAILURE=1); see db.url",
+        "attach": "run the suite against the environment `invoke e2e.up` keeps, its database "
+        "reset first",
+        "no-reset": "with --attach: keep the database as it is",
+        "retries": "run a project that did not pass again, on fresh resources, up to N times "
+        "(default: the project's retries setting)",
     },
 )
 @cli
-def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> None:
+def e2e_run(
+    c: Context,
+    project: str,
+    args: str = "",
+    keep: bool = False,
+    attach: bool = False,
+    no_reset: bool = False,
+    retries: int = -1,
+) -> None:
     """Run one E2E project: its own ports, database and servers, then its suite."""
+    from ..run.retries import with_retries
+
     config = _for_run(load())
     config.project(project)
+    if not attach and no_reset:
+        raise e2e_infra.UsageError("--no-reset goes with --attach")
+    if attach and (keep or retries >= 0):
+        raise e2e_infra.UsageError(
+            "--keep and --retries do not go with --attach: the environment kept up is not "
+            "fresh, and its database stays until `invoke e2e.down`"
+        )
     config.layout.make_run_dir()  # a link planted there, a full disk: one line, nothing written
     try:
         suite_args = shlex.split(args)
     except ValueError as exc:
         raise e2e_infra.UsageError(f"--args {args!r} cannot be split: {exc}") from None
-    result = e2e_infra.run_project(config, project, suite_args, keep_on_failure=keep or None)
+    if attach:
+        from ..run.attach import run_attached
+
+        result = run_attached(config, project, suite_args, reset=not no_reset)
+    else:
+        config = with_retries(config, retries if retries >= 0 else None)
+        result = e2e_infra.run_project(config, project, suite_args, keep_on_failure=keep or None)
     print_run_report(config, e2e_infra.collect_runs(config, since=result.started_at))
     if not result.passed:
         detail = f": {result.error}" if result.error else ""
@@ -200,6 +229,8 @@ def e2e_run(c: Context, project: str, args: str = "", keep: bool = False) -> Non
         "projects": "comma-separated projects to run instead of all (an empty list is an error)",
         "shard": "run only shard i of N (e.g. 2/3) of the plan e2e.matrix saved, or of a new one "
         "from the recorded durations; CI passes each shard's --projects instead",
+        "retries": "run a project that did not pass again, on fresh resources, up to N times "
+        "(default: each project's retries setting)",
     },
 )
 @cli
@@ -209,6 +240,7 @@ def e2e_all(
     projects: str | None = None,
     shard: str = "",
     dry_run: bool = False,
+    retries: int = -1,
 ) -> None:
     """Run every E2E project in parallel, with a live status; then a summary.
 
@@ -216,8 +248,9 @@ def e2e_all(
     interpreter per project).
     """
     from ..plan.matrix import parse_projects
+    from ..run.retries import with_retries
 
-    config = load()
+    config = with_retries(load(), retries if retries >= 0 else None)
     # None: --projects not given (all); "" given explicitly is refused, never taken for "all".
     selected = parse_projects(projects) if projects is not None else None
     for name in selected or ():
@@ -236,13 +269,20 @@ def e2e_all(
         raise Exit(f"error: {what}", code=1)
 
 
-@task(name="list", help={"json": JSON_HELP})
+@task(
+    name="list",
+    help={"json": JSON_HELP, "runs": "how many of each project's last runs to show (default 10)"},
+)
 @cli
-def e2e_list(c: Context, json_: bool = False) -> None:
-    """List the configured E2E projects: servers, database, seed, last result."""
+def e2e_list(c: Context, json_: bool = False, runs: int = 10) -> None:
+    """List the configured E2E projects: servers, database, last results, which are up."""
+    from ..report.history import history
+    from .loop import up_summary, up_text
+
     config = load()
     last = {run.project: run for run in e2e_infra.collect_runs(config)}
     rows: list[dict[str, Any]] = []
+    histories = {name: history(config, name, max(runs, 1)) for name in config.projects}
     for name, project in config.projects.items():
         run = last.get(name)
         rows.append(
@@ -254,20 +294,27 @@ def e2e_list(c: Context, json_: bool = False) -> None:
                 "nox_session": f"e2e-{name}",
                 "last_result": run.result.label if run else None,
                 "last_duration": round(run.duration, 3) if run else None,
+                "history": histories[name].to_json(),
+                "flips": histories[name].flips,
+                "up": up_summary(config, name),
             }
         )
     if json_:
         emit_json({"projects": rows})
         return
     print_table(
-        "E2E projects",
-        ["project", "servers", "database", "last result"],
+        f"E2E projects (history: the last {runs} runs, oldest first: ✓ passed, ~ flaky, "
+        "✗ failed, E error)",
+        ["project", "servers", "database", "last result", "history", "trend", "up"],
         [
             [
                 row["project"],
                 ", ".join(row["servers"]) or "-",
                 row["seed"] or "none",
                 f"{row['last_result']} ({row['last_duration']}s)" if row["last_result"] else "-",
+                histories[row["project"]].rich_strip() or "-",
+                histories[row["project"]].trend,
+                up_text(row["up"]),
             ]
             for row in rows
         ],
@@ -488,5 +535,14 @@ def e2e_init(c: Context, dry_run: bool = False, root: str = "") -> None:
 
 
 e2e = Collection(
-    "e2e", e2e_run, e2e_all, e2e_list, e2e_cleanup, e2e_affected, e2e_matrix, e2e_doctor, e2e_init
+    "e2e",
+    e2e_run,
+    e2e_all,
+    e2e_list,
+    e2e_cleanup,
+    e2e_affected,
+    e2e_matrix,
+    e2e_doctor,
+    e2e_init,
+    *LOOP_TASKS,  # up, down, env, reset, flaky: see cli/loop.py
 )

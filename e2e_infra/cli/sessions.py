@@ -2,7 +2,8 @@
 
 - ``e2e-<project>``: one per project of ``[tool.e2e_infra.projects]``, tagged ``e2e`` and allowed
   to run in parallel: ``nox -j auto -t e2e`` runs them all at once, ``nox -s e2e-auth_tests --
-  -k login`` runs one and passes ``-k login`` to its suite.
+  -k login`` runs one and passes ``-k login`` to its suite. Leading ``--attach`` (and
+  ``--no-reset``) are ours: the suite runs against the environment ``invoke e2e.up`` keeps.
 - After the run, the main nox process (not the parallel workers) prints one summary table and
   writes the merged JUnit file and ``report.html``.
 
@@ -58,7 +59,14 @@ def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Sessi
         except e2e_infra.E2EInfraError as exc:
             session.error(exc.one_line())
             return
-        outcome = run_one(config, project, session.posargs)
+        posargs, attach, reset = _attach_args(list(session.posargs))
+        if not attach and not reset:
+            session.error("--no-reset goes with --attach: nox -s e2e-<project> -- --attach ...")
+            return
+        if attach:
+            outcome = run_one(config, project, posargs, attach=True, reset=reset)
+        else:
+            outcome = run_one(config, project, posargs)
         for line in outcome.logs:
             session.log(line)
         if outcome.error:
@@ -67,6 +75,16 @@ def _session_func(config: e2e_infra.Config, project: str) -> Callable[[nox.Sessi
     session_func.__doc__ = f"Run the {project} E2E project with its own ports, database, servers."
     session_func.__name__ = f"e2e_{project}"
     return session_func
+
+
+def _attach_args(posargs: list[str]) -> tuple[list[str], bool, bool]:
+    """The suite's arguments, and whether they began with ``--attach`` (and ``--no-reset``)."""
+    attach, reset = False, True
+    while posargs and posargs[0] in ("--attach", "--no-reset"):
+        flag = posargs.pop(0)
+        attach = attach or flag == "--attach"
+        reset = reset and flag != "--no-reset"
+    return posargs, attach, reset
 
 
 def register_sessions(config: e2e_infra.Config | Path | str | None = None) -> list[str]:

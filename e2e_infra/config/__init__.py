@@ -24,7 +24,7 @@ from typing import Any
 
 from ..conninfo import ConnInfo
 from ..errors import ConfigError, InvalidNameError
-from ..results.layout import Layout
+from ..results.layout import UP, Layout
 from ._parse import (
     NAME_PATTERN,
     _as_auto_bool,
@@ -191,6 +191,7 @@ class ProjectConfig:
     paths: tuple[str, ...] = ()
     timeout: float = 1800.0
     playwright: bool | None = None  # outputs per run (playwright.py); None: if it runs one
+    retries: int = 0  # a project that did not pass runs again (on fresh resources) up to N times
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,8 @@ class Config:
         ``nox`` call, an ``e2e.all``), so two runs in one checkout never mix."""
         if _RUN_ID_PATTERN.fullmatch(run) is None:
             raise ConfigError(f"run id {run[:70]!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        if run == UP:
+            raise ConfigError(f"run id {run!r} is the folder of `invoke e2e.up`; choose another")
         return replace(self, run=run)
 
     @property
@@ -312,6 +315,7 @@ _PROJECT_KEYS = {
     "paths",
     "timeout",
     "playwright",
+    "retries",
 }
 # The run id of one nox call, set by the main nox process for its -j workers (cli/sessions.py).
 NOX_RUN_ENV = "E2E_NOX_RUN_ID"
@@ -680,6 +684,7 @@ def _read_projects(
             paths=r.get("paths", (), _as_list),
             timeout=r.get("timeout", 1800.0, _as_number(1)),
             playwright=r.get("playwright", None, _as_auto_bool),
+            retries=r.get("retries", 0, _as_number(0, integer=True)),
         )
         project = projects[name]
         templates = {"command": project.command}

@@ -22,6 +22,7 @@ from ..clock import Clock, SystemClock
 from ..config import Config, validate_name
 from ..conninfo import ConnInfo
 from ..errors import DatabaseLimitError, DatabaseNotFoundError, RegistryError, UsageError
+from ..processes.interrupts import signals_deferred
 from ..resources.leases import Lease, Owner, Registry
 from .admin import AdminConnections
 from .catalog import Catalog
@@ -29,6 +30,7 @@ from .clones import Cloner
 from .markers import Kind, count_databases
 from .migrations import migration_runner, seed_runner
 from .names import FingerprintCache, spare_prefix, template_name, validate_dbname
+from .reset import ResetReport, reset_in_place
 from .shared import CreationGate, Holds
 from .spares import Spares
 from .sweep import DatabaseInfo, Sweeper
@@ -214,8 +216,10 @@ class DatabaseAllocator:
                 if lease.id in clones.unsettled:
                     clones.unsettled.discard(lease.id)  # kept: the proof for cleanup
                 else:
-                    with self.registry.transaction() as txn:
-                        txn.remove(lease)
+                    # An interrupt may come after the clone was made and marked: drop what
+                    # was made (and its lease) now; if even that fails, the lease is the proof.
+                    with signals_deferred(), contextlib.suppress(Exception):
+                        self._release([lease], keep=False)
                 raise
             finally:
                 gate.close()
@@ -235,6 +239,52 @@ class DatabaseAllocator:
             build_seconds=sum(built) if built else None,
             spare=claimed,
         )
+
+    @_server_errors("reset a database")
+    def reset(self, lease: Lease, *, spares: int = 1) -> ResetReport:
+        """Give the database of ``lease`` (held by any live owner: an environment kept up) fresh
+        contents from the current template of its seed, under the same name, role and
+        password, ending the connections to it (see :mod:`.reset`); then top up the template's
+        warm spares to ``max(spares, database.spares)`` in the background (:meth:`close`
+        waits for it)."""
+        seed = str(lease.data.get("seed") or self._project_seed(lease.project))
+        migrations = migration_runner(self.config)
+        seeds = seed_runner(self.config, seed)
+        cat = self.catalog
+        with self.connections.lend() as conn:
+            major = cat.major(conn)
+            fp = self.fingerprints.get(migrations, seeds, seed, major)
+            template = template_name(self.base, seed, fp)
+            if self.templates.ready(conn, template) is not True:
+                self.templates.ensure(
+                    conn, template, fp, seed, migrations, seeds, rebuild=False, run=None
+                )
+            row = conn.execute(
+                "SELECT current_setting('fsync'), (SELECT oid FROM pg_database WHERE datname = %s),"
+                " (SELECT json_agg(json_build_array(d.datname, "
+                " shobj_description(d.oid, 'pg_database'))) "
+                " FROM pg_database d WHERE starts_with(d.datname, %s))",
+                (template, spare_prefix(self.base, fp)),
+            ).fetchone()
+            assert row is not None
+            fsync, template_oid, spare_rows = row
+            candidates = self.spares.claimable(spare_rows, template, template_oid, fp)
+            report = reset_in_place(
+                catalog=cat,
+                clones=self.clones,
+                spares=self.spares,
+                templates=self.templates,
+                conn=conn,
+                lease=lease,
+                template=template,
+                candidates=candidates,
+                strategy=cat.strategy(str(fsync), major),
+            )
+        if lease.data.get("template") != template:  # the migrations or seeds changed meanwhile
+            with self.registry.transaction() as txn, contextlib.suppress(RegistryError):
+                txn.update(lease.with_data(template=template))
+        self.spares.prepare_later([template], cap=max(spares, self.config.database.spares))
+        return report
 
     @_server_errors("build a template")
     def ensure_template(self, seed: str, *, rebuild: bool = False) -> str:
@@ -279,6 +329,19 @@ class DatabaseAllocator:
         """Drop (or keep) the database of ``lease``, as its holder knows it: it goes even when
         the registry lost the lease (a deleted state folder)."""
         return self._release([lease], keep=keep)
+
+    @_server_errors("release a database")
+    def release_owned(self, owner: Owner) -> builtins.list[str]:
+        """Drop every database of ``owner``'s run still leased here (see
+        :meth:`~.engine.DatabaseEngine.release_owned`)."""
+        with self.registry.transaction() as txn:
+            leases = [
+                lease
+                for lease in txn.find(LEASE_KIND, run_id=owner.run_id)
+                if lease.owner.same_process(owner)
+            ]
+        self.clones.unsettled.difference_update(lease.id for lease in leases)
+        return self._release(leases, keep=False)
 
     @_server_errors("release databases")
     def release_all(self, *, keep: bool = False) -> builtins.list[str]:
@@ -344,6 +407,13 @@ class DatabaseAllocator:
         older template of the same seed are dropped first, and ``max_databases`` is respected.
         """
         return self.spares.prepare(template)
+
+    @_server_errors("drop warm spares")
+    def drop_spares(self, template: str) -> builtins.list[str]:
+        """Drop every warm spare of ``template`` (an environment kept up made one for its resets
+        with ``spares`` = 0: it leaves none behind)."""
+        self.spares.join(self.config.database.clone_timeout)
+        return self.spares.drop_all(template)
 
     def close(self, timeout: float | None = None) -> None:
         """Wait (at most ``timeout``, default ``clone_timeout``) for the spare being prepared and

@@ -51,6 +51,11 @@ class DatabaseEngine(Protocol):
         """Drop the database of ``lease`` (``keep``: mark it kept instead); idempotent."""
         ...
 
+    def release_owned(self, owner: Owner) -> list[str]:
+        """Drop every database ``owner`` (its run) still leases: what an allocation that never
+        returned (interrupted) left; idempotent."""
+        ...
+
     def proof_lost(self) -> bool:
         """Whether the proof of life of a database of this process was lost for good."""
         ...

@@ -95,12 +95,13 @@ class Spares:
 
     # --- topping up --------------------------------------------------------------------------
 
-    def prepare(self, template: str) -> builtins.list[str]:
-        """Top up the warm spares of ``template`` to ``spares``; the names made. Only one process
-        tops up a template at a time (an advisory lock; the others skip), spares of an older
-        template of the same seed are dropped first, and ``max_databases`` is respected."""
+    def prepare(self, template: str, *, cap: int | None = None) -> builtins.list[str]:
+        """Top up the warm spares of ``template`` to ``spares`` (or ``cap``: an environment kept
+        up keeps one for its resets); the names made. Only one process tops up a template at a
+        time (an advisory lock; the others skip), spares of an older template of the same seed
+        are dropped first, and ``max_databases`` is respected."""
         cat = self.catalog
-        cap = cat.config.database.spares
+        cap = cat.config.database.spares if cap is None else cap
         made: builtins.list[str] = []
         if cap <= 0:
             return made
@@ -199,9 +200,21 @@ class Spares:
         log.info("prepared warm spare %s of %s", name, template)
         return name
 
+    def drop_all(self, template: str) -> builtins.list[str]:
+        """Drop every warm spare of ``template``; the names dropped. A spare being claimed
+        meanwhile is either renamed first (not dropped) or gone for its claimer (who clones)."""
+        cat = self.catalog
+        dropped: builtins.list[str] = []
+        with cat.connections.lend() as conn:
+            for item in cat.marked(conn):
+                ours = item.kind is Kind.SPARE and item.marker.template == template
+                if ours and cat.drop(conn, item.name):
+                    dropped.append(item.name)
+        return dropped
+
     # --- the background thread ---------------------------------------------------------------
 
-    def prepare_later(self, templates: builtins.list[str]) -> None:
+    def prepare_later(self, templates: builtins.list[str], *, cap: int | None = None) -> None:
         """Top up the spares of ``templates`` in a background thread, after any earlier one."""
         cat = self.catalog
 
@@ -211,7 +224,7 @@ class Spares:
             for template in templates:
                 try:
                     with cat.errors("prepare warm spares"):
-                        self.prepare(template)
+                        self.prepare(template, cap=cap)
                 except Exception as exc:  # a spare is an optimisation: never fail a run for it
                     log.warning("could not prepare a warm spare of %s: %s", template, exc)
 

@@ -94,10 +94,17 @@ class Outcome:
 
 
 def run_one(
-    config: Config, project: str, posargs: Sequence[str] = (), *, record_duration: bool = True
+    config: Config,
+    project: str,
+    posargs: Sequence[str] = (),
+    *,
+    record_duration: bool = True,
+    attach: bool = False,
+    reset: bool = True,
 ) -> Outcome:
     """Run one project to its end and say how it went (never raises but for an interrupt that
-    came before anything was acquired). ``record_duration=False``: the caller records it."""
+    came before anything was acquired). ``record_duration=False``: the caller records it.
+    ``attach``: against its environment kept up by ``e2e.up`` (``reset``: its database first)."""
     from ..conninfo import mask_secrets
     from ..errors import E2EInfraError
     from ..report.progress import StatusWriter
@@ -105,9 +112,14 @@ def run_one(
 
     status = StatusWriter(config)  # status.json at each phase: the live table reads it
     try:
-        record = run_project(
-            config, project, posargs, on_phase=status, record_duration=record_duration
-        )
+        if attach:
+            from ..run.attach import run_attached
+
+            record = run_attached(config, project, posargs, reset=reset)
+        else:
+            record = run_project(
+                config, project, posargs, on_phase=status, record_duration=record_duration
+            )
     except Interrupted as exc:  # released already; one line
         status.finish(project, Result.INTERRUPTED)
         return Outcome(project, None, f"{project}: {exc.one_line()}")
@@ -152,6 +164,9 @@ def _init_worker(stop: Event, pids: Any, log_level: int) -> None:
     """In each worker, once: its own process group (the terminal's Ctrl-C reaches the pool's
     owner, which passes it on once), a SIGINT between projects remembered, logging, its pid."""
     os.setpgid(0, 0)
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     worker = _Worker(stop)
     _worker.append(worker)
 

@@ -1,8 +1,10 @@
 """``<results>/report.html``: one self-contained page to read a run instead of its logs.
 
 A row per project, in the order they started: its result, its test counts (from its JUnit file),
-its duration, a timeline of its phases on a time axis shared by every project (so parallel runs
-show side by side; round tick labels; the suite's bar coloured by the result), and links to its
+its duration, its last results and durations (a pass/fail/flaky strip and a trend line, from
+the records earlier runs left: :mod:`.history`), a timeline of its phases on a time axis shared
+by every project (so parallel runs show side by side; round tick labels; the suite's bar coloured
+by the result), and links to its
 logs, JUnit file, ``run.json`` and any screenshot, trace or Playwright HTML report its suite
 wrote. Under a project that did not pass: the error, each failing test with the first lines of
 its message (and its screenshots), and the tail of a failed server's log.
@@ -29,6 +31,7 @@ from ..conninfo import mask_secrets
 from ..files import RESULTS_SETTING, folder_error
 from ..results.record import Result, RunRecord
 from .details import DETAILS_CSS, console_html, fold_links, merged_reports_html, prepare_html
+from .history import HTML_CSS, History, history, html_history
 from .junit import FailedTest
 from .summary import (
     artifact_kind,
@@ -86,7 +89,7 @@ td.result { font-weight: 600; white-space: nowrap; }
 td.tests { white-space: nowrap; font-size: 13px; }
 td.tests .passed { color: #2e7d32; } td.tests .failed, td.tests .errors { color: #c62828;
   font-weight: 600; } td.tests .skipped { color: #b26a00; }
-td.tests .none { color: #8c959f; font-style: italic; }
+td.tests .none { color: #8c959f; font-style: italic; } td.tests .flaky { color: #b26a00; }
 td.duration { white-space: nowrap; font-variant-numeric: tabular-nums; }
 th.timeline, td.timeline { width: 46%; min-width: 320px; }
 .axis { position: relative; height: 1.3em; margin-top: .2em; font-weight: 400;
@@ -128,6 +131,7 @@ class _Row:
     summary: RunRecord
     artifacts: Sequence[Path] = ()
     extra_runs: int = 0
+    history: History | None = None  # the project's last runs, this one included
 
 
 def latest_per_project(runs: Sequence[RunRecord]) -> list[tuple[RunRecord, int]]:
@@ -259,6 +263,10 @@ def _test_artifacts(failure: FailedTest, artifacts: Sequence[Path]) -> list[Path
     return [p for p in artifacts if slug in re.sub(r"[^a-z0-9]+", "-", p.parent.name.lower())]
 
 
+def _history(row: _Row) -> str:
+    return html_history(row.history, row.summary) if row.history is not None else ""
+
+
 def _detail(row: _Row, base: Path, columns: int) -> str:
     run = row.summary
     failures = tests_of(run).failures
@@ -350,7 +358,7 @@ def render_html(
     known = list(_PHASE_COLOURS)
     phases_seen.sort(key=lambda p: known.index(p) if p in known else len(known))
     when = dt.datetime.fromtimestamp(t0).strftime("%Y-%m-%d %H:%M:%S") if runs else "no runs"
-    columns = 8
+    columns = 9
     body = []
     for row in rows:
         run = row.summary
@@ -370,6 +378,7 @@ def render_html(
             f'<td class="result">{html.escape(run.result.label)}</td>'
             f'<td class="tests">{_counts(run)}</td>'
             f'<td class="duration">{run.duration:.2f} s</td>'
+            f'<td class="history">{_history(row)}</td>'
             f'<td class="resources">{html.escape(peak_memory_text(run))}</td>'
             f'<td class="resources">{html.escape(cpu_text(run))}</td>'
             f'<td class="timeline">{_timeline(run, t0, axis)}</td>'
@@ -405,7 +414,8 @@ def render_html(
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}{DETAILS_CSS}{grid}</style></head><body>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}{DETAILS_CSS}{HTML_CSS}{grid}</style>"
+        "</head><body>"
         f"<h1>{html.escape(title)}</h1>"
         f'<div class="meta">started {when} &middot; wall time {wall:.1f} s &middot; '
         f"{len(runs)} project(s): {totals}{html.escape(test_text)}</div>"
@@ -413,7 +423,8 @@ def render_html(
         f"{_wall_block(runs)}"
         f'<div class="legend">{legend}</div>'
         '<table class="runs"><thead><tr><th>project</th><th>result</th><th>tests</th>'
-        '<th>duration</th><th>peak mem</th><th>cpu</th><th class="timeline">timeline'
+        "<th>duration</th><th>history</th><th>peak mem</th><th>cpu</th>"
+        '<th class="timeline">timeline'
         f'<div class="axis">{"".join(labels)}</div></th><th>files</th></tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></body></html>\n"
     )
@@ -430,7 +441,10 @@ def write_html_report(
     out = out or config.layout.report
     if runs is None:
         runs = collect_runs(config, since=since)
-    rows = [_Row(run, run_artifacts(config, run), extra) for run, extra in latest_per_project(runs)]
+    rows = [
+        _Row(run, run_artifacts(config, run), extra, history(config, run.project))
+        for run, extra in latest_per_project(runs)
+    ]
     merged = config.layout.merged_playwright_reports()
     page = render_html(
         rows, base=out.parent, playwright_report=merged, prepare=prepare_html(config, out.parent)

@@ -4,7 +4,10 @@ Read with :mod:`xml.etree` (Python's expat refuses entity expansion bombs) and n
 missing, unreadable or corrupt file gives a :class:`JUnitSummary` whose ``problem`` says so
 ("no JUnit", "unreadable JUnit: ..."), which the summary and the report show instead of counts.
 Works with pytest's, Playwright Test's and most other runners' files: ``<testsuites>`` or a bare
-``<testsuite>``, ``<failure>``/``<error>``/``<skipped>`` children of ``<testcase>``.
+``<testsuite>``, ``<failure>``/``<error>``/``<skipped>`` children of ``<testcase>``. A test case
+that passed with ``<flakyFailure>``/``<flakyError>`` children (Surefire's convention, which
+Playwright Test's JUnit reporter follows with ``PLAYWRIGHT_JUNIT_INCLUDE_RETRIES``) passed on a
+retry: it counts as passed and is named in ``flaky``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 from ..conninfo import mask_secrets
 
 __all__ = [
+    "FLAKY_TAGS",
     "MAX_JUNIT_BYTES",
     "FailedTest",
     "JUnitSummary",
+    "case_name",
     "first_lines",
     "parse_junit_text",
     "read_junit",
@@ -32,6 +37,9 @@ _LINE_CHARS = 300
 _MAX_FAILURES = 50  # per project; the file itself has the rest
 # Playwright's JUnit reporter (and e2e-infra's, from a blob) name a test's files in its output.
 _ATTACHMENT = re.compile(r"\[\[ATTACHMENT\|([^\]\n]+)\]\]")
+_MAX_NAMES = 5000  # passing and flaky tests named per file (for history); counts stay exact
+#: A passing test case's children that say it failed first and passed on a retry.
+FLAKY_TAGS = ("flakyFailure", "flakyError")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class JUnitSummary:
     skipped: int = 0
     failures: tuple[FailedTest, ...] = ()
     problem: str | None = None  # why there are no counts: "no JUnit", "unreadable JUnit: ..."
+    flaky: tuple[str, ...] = ()  # passed on a retry of the suite's own (counted in passed)
+    passed_tests: tuple[str, ...] = ()  # the names of the tests that passed (flaky ones too)
 
     @property
     def total(self) -> int:
@@ -66,6 +76,7 @@ class JUnitSummary:
         """The non-zero counts, as ``(label, n)``, in a fixed order."""
         pairs = [
             ("passed", self.passed),
+            ("flaky", len(self.flaky)),
             ("failed", self.failed),
             ("errors", self.errors),
             ("skipped", self.skipped),
@@ -120,6 +131,11 @@ def _attachments(case: ET.Element) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m.strip() for text in texts for m in _ATTACHMENT.findall(text)))
 
 
+def case_name(case: ET.Element) -> str:
+    """A ``<testcase>``'s name as :class:`FailedTest` and ``flaky`` give it: ``classname::name``."""
+    return _name(case)
+
+
 def _from_attributes(root: ET.Element) -> JUnitSummary:
     """Counts from ``<testsuite tests= failures= ...>`` when a file lists no test cases."""
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
@@ -150,6 +166,8 @@ def parse_junit_text(text: str | bytes, *, secrets: tuple[str, ...] = ()) -> JUn
         return _from_attributes(root)
     passed = failed = errors = skipped = 0
     failures: list[FailedTest] = []
+    flaky: list[str] = []
+    passed_tests: list[str] = []
     for case in cases:
         failure = case.find("failure")
         error = case.find("error")
@@ -172,7 +190,19 @@ def parse_junit_text(text: str | bytes, *, secrets: tuple[str, ...] = ()) -> JUn
             skipped += 1
         else:
             passed += 1
-    return JUnitSummary(passed, failed, errors, skipped, tuple(failures))
+            if len(passed_tests) < _MAX_NAMES:
+                passed_tests.append(_name(case))
+            if len(flaky) < _MAX_NAMES and any(case.find(tag) is not None for tag in FLAKY_TAGS):
+                flaky.append(_name(case))
+    return JUnitSummary(
+        passed,
+        failed,
+        errors,
+        skipped,
+        tuple(failures),
+        flaky=tuple(flaky),
+        passed_tests=tuple(passed_tests),
+    )
 
 
 def read_junit(path: str | Path | None, *, secrets: tuple[str, ...] = ()) -> JUnitSummary:

@@ -22,7 +22,7 @@ from ..files import RESULTS_SETTING, folder_error
 from ..results.layout import OTHER_RUNS
 from ..results.record import Result, RunRecord
 from .details import console_tail, prepare_lines
-from .junit import JUnitSummary, read_junit
+from .junit import FLAKY_TAGS, JUnitSummary, case_name, read_junit
 from .wall import wall_time
 
 __all__ = [
@@ -238,6 +238,7 @@ def merge_junit(runs: Sequence[RunRecord], out: Path) -> Path | None:
             suite.set("name", f"{run.project}.{suite.get('name', 'suite')}")
             for key in totals:
                 totals[key] += int(suite.get(key, "0") or 0)
+            _mark_flaky(suite, run)
             root.append(suite)
     if not found:
         return None
@@ -251,6 +252,30 @@ def merge_junit(runs: Sequence[RunRecord], out: Path) -> Path | None:
     except OSError as exc:  # a full or read-only results folder: one line naming it
         raise folder_error(out, exc, setting=RESULTS_SETTING, what="write") from None
     return out
+
+
+def _mark_flaky(suite: ET.Element, run: RunRecord) -> None:
+    """A project that passed on a retry says so in the merged file: its result and attempts as
+    suite properties, and each flaky test with a ``<flakyFailure>`` (Surefire's convention, read
+    by Jenkins and GitLab) unless its own runner wrote one."""
+    if run.result is not Result.FLAKY and not run.flaky_tests:
+        return
+    properties = suite.find("properties")
+    if properties is None:
+        properties = ET.Element("properties")
+        suite.insert(0, properties)
+    for name, value in (
+        ("e2e_infra.result", run.result.label),
+        ("e2e_infra.attempts", str(run.attempt_count)),
+    ):
+        ET.SubElement(properties, "property", {"name": name, "value": value})
+    flaky = set(run.flaky_tests)
+    for case in suite.iter("testcase"):
+        if case_name(case) not in flaky or any(case.find(t) is not None for t in FLAKY_TAGS):
+            continue
+        if case.find("failure") is None and case.find("error") is None:
+            message = f"failed, then passed on attempt {run.attempt_count} (e2e-infra retries)"
+            ET.SubElement(case, "flakyFailure", {"message": message, "type": "flaky"})
 
 
 def _tail(text: str, lines: int) -> list[str]:
@@ -280,7 +305,13 @@ def print_summary(config: Config, runs: Sequence[RunRecord], *, file: Any = None
         if tests.problem:
             counts = f"[dim]{escape(tests.problem)}[/]"
         else:
-            colours = {"passed": "green", "failed": "red", "errors": "red", "skipped": "yellow"}
+            colours = {
+                "passed": "green",
+                "flaky": "yellow",
+                "failed": "red",
+                "errors": "red",
+                "skipped": "yellow",
+            }
             counts = ", ".join(f"[{colours[k]}]{n} {k}[/]" for k, n in tests.counts())
             counts = counts or "0 tests"
         table.add_row(

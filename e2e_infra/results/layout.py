@@ -15,6 +15,10 @@
           suite.log                      the suite's console output
           blob-report/  attachments/     Playwright Test's blob; a failing test's attachments
           runs/<session run id>/         another run of the project writing into this run
+          attempts/<n>/                  what a failed attempt left when the project ran again
+      up/                                environments kept up by `invoke e2e.up` (never pruned)
+        <project>.env  <project>.json    what the suite would get (0600), and who keeps it up
+        <project>/                       its servers' logs
 
 Writers ask :class:`Layout` where to write; readers ask it what was written
 (:meth:`Layout.records`, :meth:`Layout.newest`): nothing else globs the results folder.
@@ -32,7 +36,7 @@ from ..errors import FolderError
 from ..files import RESULTS_SETTING, folder_error, symlink_error
 from .record import RunRecord
 
-__all__ = ["LATEST", "Layout"]
+__all__ = ["LATEST", "UP", "Layout"]
 
 LATEST = "latest"
 RECORD = "run.json"
@@ -48,6 +52,8 @@ SUITE_LOG = "suite.log"
 BLOB_DIR = "blob-report"
 ATTACHMENTS = "attachments"
 OTHER_RUNS = "runs"  # <project>/runs/<id>: a concurrent run of the project into the same run
+ATTEMPTS = "attempts"  # <project>/attempts/<n>: an earlier attempt of a project run again
+UP = "up"  # <results>/up/: the environments kept up by `invoke e2e.up`; not a run's folder
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,30 @@ class Layout:
     def project_dir(self, project: str) -> Path:
         return self.run_dir / project
 
+    @staticmethod
+    def attempt_dir(folder: Path, attempt: int) -> Path:
+        """Where attempt ``attempt``'s files go (from a project's folder) when it runs again."""
+        return folder / ATTEMPTS / str(attempt)
+
+    # --- environments kept up (`invoke e2e.up`) ------------------------------------------------
+
+    @property
+    def up_dir(self) -> Path:
+        """``<results_dir>/up``: what ``e2e.up`` keeps, whichever run this layout is of."""
+        return self.results_dir / UP
+
+    def up_env(self, project: str) -> Path:
+        """The environment file of ``project`` kept up (``KEY=value`` lines, 0600)."""
+        return self.up_dir / f"{project}.env"
+
+    def up_state(self, project: str) -> Path:
+        """Who keeps ``project`` up, and what it holds (JSON, 0600)."""
+        return self.up_dir / f"{project}.json"
+
+    def for_up(self) -> Layout:
+        """The layout of the environments kept up: their servers' logs in ``up/<project>/``."""
+        return Layout(self.results_dir, UP)
+
     def other_run_dir(self, project: str, session_run: str) -> Path:
         """The folder of a second, concurrent run of ``project`` writing into this run."""
         return self.project_dir(project) / OTHER_RUNS / session_run
@@ -207,8 +237,11 @@ class Layout:
         top = self.results_dir
         yield from top.glob(f"{project}/{RECORD}")  # results written without a run folder
         yield from top.glob(f"{project}/{OTHER_RUNS}/*/{RECORD}")
-        yield from top.glob(f"*/{project}/{RECORD}")
-        yield from top.glob(f"*/{project}/{OTHER_RUNS}/*/{RECORD}")
+        for pattern in (f"*/{project}/{RECORD}", f"*/{project}/{OTHER_RUNS}/*/{RECORD}"):
+            # latest/ is a link to a run read already; up/<project>/ an environment kept up
+            yield from (
+                p for p in top.glob(pattern) if p.relative_to(top).parts[0] not in (LATEST, UP)
+            )
 
     @staticmethod
     def statuses_in(run_folder: Path) -> list[Path]:
@@ -225,7 +258,7 @@ class Layout:
                 if p.is_dir()
                 and not p.is_symlink()
                 and not p.name.startswith(".")
-                and p.name != LATEST
+                and p.name not in (LATEST, UP)  # up/: environments in use, never pruned
             ]
         except OSError:
             return []
@@ -281,7 +314,7 @@ class Layout:
 
     def point_latest(self) -> None:
         """Make ``latest`` point at this run's folder (atomically; best effort)."""
-        if self.run is None:
+        if self.run is None or self.run == UP:  # up/ holds environments, not a run
             return
         tmp = self.results_dir / f".{LATEST}.{os.getpid()}.tmp"
         with contextlib.suppress(OSError):

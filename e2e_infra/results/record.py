@@ -8,7 +8,10 @@ its duration the suite's, how to colour it, how bad it is) is a property of :cla
 no module compares result strings (``tests/unit/test_layout.py`` keeps it so).
 
 ``run.json`` carries ``"version"``: 1 was the format before this module (no version field, the
-same keys); 3 added ``suite_log``, ``playwright_report``, ``error_log`` and ``template``.
+same keys); 3 added ``suite_log``, ``playwright_report``, ``error_log`` and ``template``; 4 added
+``attempts`` (the earlier attempts of a project run again, ``retries``), ``flaky_tests``,
+``attached`` (a suite run against an environment kept up by ``e2e.up``) and
+``server_startups``.
 :meth:`RunRecord.from_json` reads them all (a missing key is its default).
 """
 
@@ -29,7 +32,7 @@ from ..files import RESULTS_SETTING, folder_error
 
 __all__ = ["RECORD_VERSION", "Draft", "Result", "RunRecord"]
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 
 
 class Result(Enum):
@@ -146,6 +149,11 @@ class RunRecord:
     error_log: str | None = None  # the whole output of what failed: a migrate/seed command, a step
     # The template its database came from: name, built (by this run) or not, build_seconds, spare.
     template: Mapping[str, Any] | None = None
+    # The earlier attempts, when the project ran again (retries): attempt, result, duration,
+    # started_at, error, failed_tests, folder (where its files were moved).
+    attempts: tuple[Mapping[str, Any], ...] = ()
+    flaky_tests: tuple[str, ...] = ()  # failed, then passed (on a retry of ours or the suite's)
+    attached: bool = False  # ran against an environment kept up by `e2e.up`
     # Where it was read from (not part of the JSON): its folder holds its logs and JUnit file.
     path: Path | None = field(default=None, compare=False)
 
@@ -188,7 +196,29 @@ class RunRecord:
         if self.leftovers:
             parts = ", ".join(f"{part} {count}" for part, count in self.leftovers.items())
             lines.append(f"leftover processes ended: {parts}")
+        total = len(self.attempts) + 1
+        for earlier in self.attempts:
+            result = Result.parse(earlier.get("result"))
+            failed = [str(name) for name in earlier.get("failed_tests") or ()]
+            why = earlier.get("error") or (
+                f"failing: {', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}"
+                if failed
+                else ""
+            )
+            lines.append(
+                f"attempt {earlier.get('attempt')} of {total} {result.label}"
+                f"{f': {why}' if why else ''}"
+            )
+        for name in self.flaky_tests[:10]:
+            lines.append(f"flaky test (failed, then passed on a retry): {name}")
+        if len(self.flaky_tests) > 10:
+            lines.append(f"... and {len(self.flaky_tests) - 10} more flaky tests")
         return lines
+
+    @property
+    def attempt_count(self) -> int:
+        """How many times the project ran in this run (1 without retries)."""
+        return len(self.attempts) + 1
 
     # --- JSON -------------------------------------------------------------------------------------
 
@@ -219,6 +249,9 @@ class RunRecord:
             "playwright_report": self.playwright_report,
             "error_log": self.error_log,
             "template": dict(self.template) if self.template is not None else None,
+            "attempts": [dict(x) for x in self.attempts],
+            "flaky_tests": list(self.flaky_tests),
+            "attached": self.attached,
         }
 
     @classmethod
@@ -260,6 +293,9 @@ class RunRecord:
                 playwright_report=_str_or_none(data.get("playwright_report")),
                 error_log=_str_or_none(data.get("error_log")),
                 template=dict(tpl) if isinstance(tpl := data.get("template"), dict) else None,
+                attempts=tuple(x for x in data.get("attempts") or () if isinstance(x, dict)),
+                flaky_tests=tuple(str(x) for x in data.get("flaky_tests") or ()),
+                attached=bool(data.get("attached", False)),
                 path=path,
             )
         except (KeyError, TypeError, AttributeError) as exc:
@@ -337,6 +373,9 @@ class Draft:
     playwright_report: str | None = None
     error_log: str | None = None
     template: dict[str, Any] | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    flaky_tests: list[str] = field(default_factory=list)
+    attached: bool = False
 
     def freeze(self, path: Path | None = None) -> RunRecord:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -349,6 +388,8 @@ class Draft:
         values["resources"] = dict(self.resources) if self.resources is not None else None
         values["server_startups"] = dict(self.server_startups)
         values["template"] = dict(self.template) if self.template is not None else None
+        values["attempts"] = tuple(dict(x) for x in self.attempts)
+        values["flaky_tests"] = tuple(self.flaky_tests)
         return RunRecord(**values, path=path)
 
     def note_error(self, exc: BaseException, secrets: Sequence[str] = ()) -> None:

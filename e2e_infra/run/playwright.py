@@ -13,6 +13,7 @@ environment variables, what that run would otherwise collide on:
   ``PLAYWRIGHT_JUNIT_OUTPUT_FILE=<results>/junit.xml`` (a ``junit`` reporter), unless the config
   is used by this e2e project alone and Playwright says where those reporters write
   (:mod:`.playwright_config`): then they stay where the team put them (:func:`outputs_of`);
+  with ``PLAYWRIGHT_JUNIT_INCLUDE_RETRIES=1`` (a test that passed on a retry is named flaky);
 - ``PLAYWRIGHT_HTML_OPEN=never`` (no report server waiting for Ctrl-C after a failure);
 - ``--add-reporter=blob`` (Playwright >= 1.63) with ``PLAYWRIGHT_BLOB_OUTPUT_DIR=<results>/
   blob-report``: every test's result, whatever reporters the config names.
@@ -128,7 +129,9 @@ def suite_env(
     if not runs_playwright_test(project):
         return {}
     keep = keep or Outputs()
-    env = {"PLAYWRIGHT_HTML_OPEN": "never"}
+    # A test that passed on one of Playwright's own retries keeps its failures as <flakyFailure>:
+    # the run names it flaky (see e2e_infra.report.junit).
+    env = {"PLAYWRIGHT_HTML_OPEN": "never", "PLAYWRIGHT_JUNIT_INCLUDE_RETRIES": "1"}
     if keep.html is None:
         env["PLAYWRIGHT_HTML_OUTPUT_DIR"] = str(results_dir / "playwright-report")
     if keep.junit is None:

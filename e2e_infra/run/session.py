@@ -19,28 +19,26 @@ import contextlib
 import logging
 import os
 import subprocess
-import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock, SystemClock
 from ..config import Config, ProjectConfig, ServerConfig
 from ..conninfo import mask_secrets
-from ..errors import ConfigError, E2EInfraError, Interrupted, SuiteFailedError
+from ..errors import ConfigError, E2EInfraError, Interrupted
 from ..files import ensure_private_dir
-from ..processes import wait_exit
 from ..processes.interrupts import Interrupts, signals_deferred
-from ..processes.logs import Tee
 from ..resources.leases import Lease, Owner, Registry, new_run_id, process_start_time
 from ..results.record import Draft, Result, RunRecord
 from . import playwright
 from .reclaim import SERVER_KIND, reclaim
 from .servers import Placeholders, process_env
 from .startup import ServerStart, StartHooks
+from .suite import Suite
 from .watch import MARKER, RunWatch
 from .workspace import Workspace
 
@@ -97,6 +95,7 @@ class ProjectSession:
         guardian: bool = True,
         teardown_grace: float | None = None,
         record_duration: bool = True,
+        write_record: bool = True,
     ) -> None:
         self.config = config
         self.project: ProjectConfig = config.project(project)
@@ -110,6 +109,7 @@ class ProjectSession:
         self.on_phase = on_phase
         self.use_guardian = guardian
         self.record_duration = record_duration  # False: the caller records it (a batch, at once)
+        self.write_record = write_record  # False: no run of the suite to record (`e2e.up`)
         self.teardown_grace = teardown_grace
         self.owner = Owner.current(host=config.host_id, run_id=self.run_id)
         self.ports = self.workspace.ports
@@ -132,6 +132,16 @@ class ProjectSession:
         self._interrupts = Interrupts()
         critical = {n for n in self.project.servers if config.servers[n].on_exit == "stop"}
         self._watch = RunWatch(project, self.result, critical)  # containment + server watch
+
+    @property
+    def database(self) -> Allocated | None:
+        """The database handed to this session, once acquired."""
+        return self._database
+
+    @property
+    def servers(self) -> list[ServerProcess]:
+        """The servers running for this session, in start order."""
+        return [process for process, _lease in self._servers]
 
     @property
     def record(self) -> RunRecord:
@@ -249,14 +259,7 @@ class ProjectSession:
         )
         from .servers import server_order
 
-        hooks = StartHooks(
-            project=project.name,
-            spawn=self._spawn_server,
-            stop=self._forget_server,
-            move_port=self._move_port,
-            phase=self.phase,
-            healthy=self.result.server_startups.__setitem__,
-        )
+        hooks = self._start_hooks()
         for level in server_order(self.config, project.servers):
             for name in level:
                 placeholders = ServerStart(self.config.servers[name], hooks).run(placeholders)
@@ -269,6 +272,33 @@ class ProjectSession:
             database=self.result.database,
             env=self._suite_env(placeholders),
         )
+
+    def _start_hooks(self) -> StartHooks:
+        return StartHooks(
+            project=self.project.name,
+            spawn=self._spawn_server,
+            stop=self._forget_server,
+            move_port=self._move_port,
+            phase=self.phase,
+            healthy=self.result.server_startups.__setitem__,
+        )
+
+    def restart_server(self, name: str) -> ServerProcess:
+        """Start server ``name`` again as it was started (it died; ``e2e.up --restart``), healthy
+        before this returns; the session's environment follows a port it had to move."""
+        if self.env is None or self._placeholders is None:
+            raise RuntimeError("restart_server() needs an entered ProjectSession")
+        for entry in [entry for entry in self._servers if entry[0].name == name]:
+            self._stop_server(*entry)  # reaped, its lease forgotten
+            self._servers.remove(entry)
+        placeholders = ServerStart(self.config.servers[name], self._start_hooks()).run(
+            self._placeholders
+        )
+        self._placeholders = placeholders
+        self.env = replace(
+            self.env, ports=dict(placeholders.ports), env=self._suite_env(placeholders)
+        )
+        return next(process for process, _lease in self._servers if process.name == name)
 
     def _base_env(self, placeholders: Placeholders) -> dict[str, str]:
         return process_env(
@@ -360,59 +390,23 @@ class ProjectSession:
         argv = render_command(self.project.command, self._placeholders.values())
         argv = [*playwright.suite_argv(self.project, argv, self.results_dir), *posargs]
         started = time.time()
+        self.result.suite_log = str(self.layout.suite_log(self.results_dir))
+        suite = Suite(
+            project=self.project.name,
+            argv=argv,
+            cwd=self.project.cwd,
+            env={**self.env.env, MARKER: self._watch.tag("suite")},
+            log=self.layout.suite_log(self.results_dir),
+            timeout=self.project.timeout,
+            interrupts=self._interrupts,
+            lease=self._record_suite,
+            forget=self._forget_lease,
+            started=lambda proc: self._watch.suite_started(proc, self.servers),
+            ended=self._watch.suite_ended,
+        )
         with self.phase("suite"):
             # Same process group as this process: nox's interrupt reaches the suite too.
-            with self._interrupts.critical():
-                # Its console output shown as before and kept (suite.log): the report shows the
-                # end of it for a suite that failed, whatever reporters it has.
-                tee = Tee(self.layout.suite_log(self.results_dir))
-                self.result.suite_log = str(tee.path)
-                try:
-                    env = {**self.env.env, MARKER: self._watch.tag("suite")}
-                    proc = subprocess.Popen(
-                        argv,
-                        cwd=self.project.cwd,
-                        env=_colour(env),
-                        stdout=tee.fd,
-                        stderr=subprocess.STDOUT,
-                    )
-                except OSError as exc:
-                    tee.join()
-                    raise SuiteFailedError(
-                        f"cannot start the suite of {self.project.name} ({argv[0]}: "
-                        f"{exc.strerror}); check projects.{self.project.name}.command and cwd",
-                        project=self.project.name,
-                        returncode=127,
-                    ) from None
-                tee.started()
-                suite_lease = self._record_suite(proc)
-            self._watch.suite_started(proc, [process for process, _lease in self._servers])
-            try:
-                returncode = wait_exit(proc, self.project.timeout)
-            except subprocess.TimeoutExpired:
-                with self._interrupts.critical():
-                    _terminate(proc, grace=5.0)
-                self.failed = True
-                self.result.result = Result.FAILED
-                self.result.returncode = proc.returncode
-                raise SuiteFailedError(
-                    f"the suite of {self.project.name} ran longer than its timeout "
-                    f"({self.project.timeout:g}s) and was stopped; raise "
-                    f"projects.{self.project.name}.timeout if it needs more",
-                    project=self.project.name,
-                    returncode=proc.returncode if proc.returncode is not None else -1,
-                ) from None
-            except BaseException:
-                with signals_deferred():
-                    _terminate(proc, grace=2.0)
-                raise
-            finally:
-                with signals_deferred():
-                    self._watch.suite_ended()  # its leftovers (daemons too) are ended here
-                    tee.join()
-                if proc.returncode is not None:  # a suite that may still run keeps its lease
-                    with signals_deferred(), self.registry.transaction() as txn:
-                        txn.remove(suite_lease)
+            returncode = suite.run()
         if self._engine is not None and self._engine.proof_lost():
             self.failed, self.result.result = True, Result.ERROR
             self._engine.check_holds()  # raises: its database's proof of life was lost
@@ -441,6 +435,10 @@ class ProjectSession:
             start_time=start if start is not None else 0.0,
             scope="tree",
         )
+
+    def _forget_lease(self, lease: Lease) -> None:
+        with self.registry.transaction() as txn:
+            txn.remove(lease)
 
     def _lease_process(self, name: str, pid: int, **data: Any) -> Lease:
         """Record a process of this run (``pgid``, ``start_time``...) for a later reclaim."""
@@ -500,6 +498,13 @@ class ProjectSession:
                         )
                 except Exception as exc:
                     errors.append(f"database {self._database.name}: {exc}")
+            elif self._engine is not None:
+                # The allocation did not hand a database back (an interrupt in the middle, say):
+                # whatever it leased for this session goes now, not when the process is gone.
+                try:
+                    self._engine.release_owned(self.owner)
+                except Exception as exc:
+                    errors.append(f"database of {self.project.name}: {exc}")
             try:
                 self.ports.release(self.project.name, run_id=self.run_id)
             except Exception as exc:
@@ -526,6 +531,8 @@ class ProjectSession:
             )
 
     def _write_record(self) -> RunRecord:
+        if not self.write_record:
+            return self.result.freeze()
         try:
             record = self.result.freeze().write(self.layout.record(self.results_dir))
         except E2EInfraError as exc:  # a full results folder: the run fails, naming it
@@ -567,23 +574,6 @@ class ProjectSession:
             self._guardian = None
 
 
-def _colour(env: dict[str, str]) -> dict[str, str]:
-    """The suite writes to a pipe now (:class:`~e2e_infra.processes.logs.Tee`): keep its colours
-    where it was shown on a terminal (``FORCE_COLOR``, which Node, Playwright and pytest read),
-    unless the environment says otherwise."""
-    if sys.stdout.isatty() and "FORCE_COLOR" not in env and "NO_COLOR" not in env:
-        return {**env, "FORCE_COLOR": "1"}
-    return env
-
-
-def _terminate(proc: subprocess.Popen[Any], *, grace: float, own_group: bool = False) -> None:
-    """SIGTERM, wait ``grace``, SIGKILL, reap: its whole group when it leads one (the guardian),
-    else only it and its descendants (the suite shares our group)."""
-    from ..processes import Child, escalation
-
-    Child(proc, own_group=own_group).stop(escalation(grace))
-
-
 def run_project(
     config: Config,
     project: str,
@@ -597,8 +587,27 @@ def run_project(
 
     A failing suite, or an error of the tool's own (PostgreSQL gone, a server that never became
     healthy), is recorded in the result (``result``, ``error``, ``log_tail``) rather than raised,
-    so adapters print one clear line instead of a traceback. An interrupt still propagates.
+    so adapters print one clear line instead of a traceback. An interrupt still propagates. A
+    project with ``retries`` runs again on fresh resources until it passes (then it is
+    ``flaky``): see :mod:`.retries`.
     """
+    from .retries import run_with_retries
+
+    def attempt(last: bool) -> RunRecord:
+        keep = keep_on_failure if last else False  # keep only what the last attempt left
+        return _run_once(config, project, posargs, on_phase, keep, record_duration)
+
+    return run_with_retries(project, config.project(project).retries, attempt)
+
+
+def _run_once(
+    config: Config,
+    project: str,
+    posargs: Sequence[str],
+    on_phase: PhaseCallback | None,
+    keep_on_failure: bool | None,
+    record_duration: bool,
+) -> RunRecord:
     session = ProjectSession(
         config,
         project,

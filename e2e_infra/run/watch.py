@@ -145,8 +145,10 @@ class Watcher(threading.Thread):
         members: Callable[[], Sequence[psutil.Process]] | None = None,
         interval: float = INTERVAL,
         sample_every: float = SAMPLE_EVERY,
+        log_exits: bool = True,
     ) -> None:
         super().__init__(name="e2e-infra watch", daemon=True)
+        self.log_exits = log_exits  # False: ``on_exit`` tells of it (an environment kept up)
         self.servers = list(servers)
         self.on_exit = on_exit
         self.members = members
@@ -221,7 +223,8 @@ class Watcher(threading.Thread):
                 continue
             self.servers.remove(server)
             self.exits.append(ended)
-            log.error("%s", ended.describe())
+            if self.log_exits:
+                log.error("%s", ended.describe())
             self.on_exit(ended)
 
     def sample(self) -> int:

@@ -414,3 +414,39 @@ def test_a_registry_deleted_mid_run_still_drops_the_runs_database(
     assert record["result"] == "passed" and record["database"]
     assert record["database"] not in e2e_databases(admin, config.database.name_base)
     assert project_leases(config) == []
+
+
+def test_an_interrupt_in_the_middle_of_the_clone_leaves_no_database_and_no_lease(
+    tmp_path: Path,
+    new_cluster: Callable[..., e2e_infra.LocalCluster],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGINT lands while the database is being cloned (the lease reserved, CREATE sent): the
+    allocation never hands a database back, and the session's release still drops what was
+    leased for it, at once, not when its process is gone."""
+    from e2e_infra.databases.clones import Cloner
+
+    cluster = new_cluster(make_config(tmp_path / "pg", port_range="18280-18289"))
+    path = write_pyproject(
+        tmp_path / "run",
+        port_range="18290-18299",
+        projects={"cut": {"command": "{python} -c pass", "servers": []}},
+    )
+    admin = cluster.tcp_conninfo()
+    config = e2e_infra.load_config(
+        path, environ=clean_environ({"E2E_ADMIN_DATABASE_URL": admin.url})
+    )
+    real_clone = Cloner.clone
+
+    def interrupted(self: Cloner, *args: object, **kwargs: object) -> object:
+        real_clone(self, *args, **kwargs)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGINT)  # the session's handler raises it here
+        time.sleep(1)
+        raise AssertionError("the interrupt never came")
+
+    monkeypatch.setattr(Cloner, "clone", interrupted)
+    with pytest.raises(e2e_infra.Interrupted):
+        e2e_infra.run_project(config, "cut")
+    assert project_leases(config) == []
+    left = e2e_databases(admin, config.database.name_base)
+    assert [name for name in left if "_tpl_" not in name] == [], left  # the template stays

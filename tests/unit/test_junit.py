@@ -120,3 +120,26 @@ def test_an_entity_bomb_is_refused_not_expanded() -> None:
 @given(st.binary(max_size=300))
 def test_no_input_makes_it_raise(data: bytes) -> None:
     assert isinstance(parse_junit_text(data), JUnitSummary)
+
+
+# Playwright Test's JUnit reporter with PLAYWRIGHT_JUNIT_INCLUDE_RETRIES=1 (the tool sets it): a
+# test that passed on a retry keeps its failure as <flakyFailure>; one that never passed has
+# <rerunFailure> entries beside its <failure>.
+PLAYWRIGHT_RETRIES = """<testsuites><testsuite name="login.spec.ts" tests="3" failures="1">
+<testcase name="logs in" classname="login.spec.ts" time="1.2">
+<flakyFailure message="expect(page).toHaveURL" type="FAILURE" time="0.8"><stackTrace>Error
+</stackTrace></flakyFailure></testcase>
+<testcase name="logs out" classname="login.spec.ts" time="0.4"></testcase>
+<testcase name="shows orders" classname="login.spec.ts" time="3.4">
+<rerunFailure message="again" type="FAILURE" time="1"/>
+<failure message="login.spec.ts:12:5 shows orders" type="FAILURE">Error: no</failure>
+</testcase></testsuite></testsuites>"""
+
+
+def test_a_test_that_passed_on_the_runners_own_retry_is_counted_and_named_flaky() -> None:
+    summary = parse_junit_text(PLAYWRIGHT_RETRIES)
+    assert (summary.passed, summary.failed) == (2, 1)
+    assert summary.flaky == ("login.spec.ts::logs in",)
+    assert summary.passed_tests == ("login.spec.ts::logs in", "login.spec.ts::logs out")
+    assert summary.text() == "2 passed, 1 flaky, 1 failed"
+    assert [f.name for f in summary.failures] == ["login.spec.ts::shows orders"]

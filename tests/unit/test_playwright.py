@@ -122,6 +122,7 @@ def test_the_reporter_variables_point_into_the_projects_results() -> None:
         "PLAYWRIGHT_HTML_OUTPUT_DIR": str(RESULTS / "playwright-report"),
         "PLAYWRIGHT_HTML_OPEN": "never",
         "PLAYWRIGHT_JUNIT_OUTPUT_FILE": str(RESULTS / "junit.xml"),
+        "PLAYWRIGHT_JUNIT_INCLUDE_RETRIES": "1",
         "PLAYWRIGHT_BLOB_OUTPUT_DIR": str(RESULTS / "blob-report"),
     }
 

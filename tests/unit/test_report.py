@@ -250,3 +250,43 @@ def test_following_a_run_reads_a_finished_projects_files_once(
         ("beta", "suite", False),
     ]
     assert "alpha: passed" in out.getvalue() and "beta: suite" in out.getvalue()
+
+
+def test_a_flaky_run_says_so_in_the_summary_the_page_and_the_merged_junit(
+    tmp_path: Path,
+) -> None:
+    import xml.etree.ElementTree as ET
+
+    config = make_config(tmp_path, ["alpha"])
+    junit = config.layout.project_dir("alpha") / "junit.xml"
+    junit.parent.mkdir(parents=True)
+    junit.write_text(
+        '<testsuite name="s"><testcase classname="t" name="a"/>'
+        '<testcase classname="t" name="b"/></testsuite>'
+    )
+    attempt = {"attempt": 1, "result": "failed", "error": None, "failed_tests": ["t::a"]}
+    run = write_run(
+        config,
+        "alpha",
+        10.0,
+        result="flaky",
+        junit=str(junit),
+        attempts=[attempt],
+        flaky_tests=["t::a"],
+    )
+    out = io.StringIO()
+    merged = print_summary(config, [run], file=out)
+    text = out.getvalue()
+    assert "flaky" in text and "attempt 1 of 2 failed: failing: t::a" in text
+    assert "flaky test (failed, then passed on a retry): t::a" in text
+    assert merged is not None
+    suite = ET.parse(merged).getroot().find("testsuite")
+    assert suite is not None
+    props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert props == {"e2e_infra.result": "flaky", "e2e_infra.attempts": "2"}
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert cases["a"].find("flakyFailure") is not None and cases["b"].find("flakyFailure") is None
+    page = write_html_report(config, [run]).read_text()
+    assert 'class="run status-amber" data-project="alpha"' in page
+    assert "flaky test (failed, then passed on a retry): t::a" in page
+    assert 'class="strip"' in page and 'data-result="flaky"' in page
