@@ -2,6 +2,7 @@
 
     python bench/vs_playwright.py                  # 4 projects of ~10 s, 2 rounds
     python bench/vs_playwright.py --projects 6 --seconds 10 --rounds 3
+    python bench/vs_playwright.py --uneven        # 0.5x-2x suites: longest first vs config order
 
 The repository is a copy of ``tests/fixtures/nodemono`` (its API on PostgreSQL, npm -> sh ->
 node), built once, with a generated Playwright config of N projects whose tests call the API for
@@ -26,6 +27,11 @@ what the rest is made of: the medians of the tool's phases per project (ports, d
 health, suite, teardown), and in the suite phase the time Playwright spends outside the tests
 (node's start, the config, the worker, the reporters): the project's test time is read from its
 blob report.
+
+With ``--uneven`` the projects' suites grow from half to twice ``--seconds`` in config order (the
+longest last: the worst order for two lanes), and each round also runs the tool with
+``--in-order`` (config order) beside its default (the longest recorded first): the two wall times,
+and the idle lane time at the end of each (the tail, from the summary), side by side.
 """
 
 from __future__ import annotations
@@ -93,15 +99,24 @@ def _spec(tests: int) -> str:
     )
 
 
-def make_repo(folder: Path, projects: int, seconds: float, workers: int) -> Path:
+def lengths(projects: int, seconds: float, uneven: bool) -> list[int]:
+    """Tests per project (~1 s each): all ``seconds``, or growing from 0.5x to 2x in order."""
+    if not uneven or projects < 2:
+        return [max(1, round(seconds))] * projects
+    return [max(1, round(seconds * (0.5 + 1.5 * i / (projects - 1)))) for i in range(projects)]
+
+
+def make_repo(
+    folder: Path, projects: int, seconds: float, workers: int, uneven: bool = False
+) -> Path:
     subprocess.run(["sh", "ensure-deps.sh"], cwd=FIXTURE, check=True, timeout=600)
     repo = folder / "repo"
     shutil.copytree(FIXTURE, repo, ignore=shutil.ignore_patterns("node_modules"))
     (repo / "node_modules").symlink_to(FIXTURE / "node_modules")
     (repo / "bench.config.ts").write_text(_config_ts(projects, workers))
-    for i in range(1, projects + 1):
+    for i, tests in enumerate(lengths(projects, seconds, uneven), 1):
         (repo / "bench" / f"p{i}").mkdir(parents=True)
-        (repo / "bench" / f"p{i}" / "stock.spec.ts").write_text(_spec(max(1, round(seconds))))
+        (repo / "bench" / f"p{i}" / "stock.spec.ts").write_text(_spec(tests))
     sys.path.insert(0, str(REPO))
     from e2e_infra.testing import copy_config
 
@@ -127,9 +142,10 @@ def invoke(config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "invoke", "-r", str(config.parent), *args]
 
 
-def run_tool(config: Path) -> tuple[Timed, Path]:
+def run_tool(config: Path, in_order: bool = False) -> tuple[Timed, Path]:
+    order = ["--in-order"] if in_order else []
     timed = run_timed(
-        invoke(config, "e2e.all", "--jobs", "auto"),
+        invoke(config, "e2e.all", "--jobs", "auto", *order),
         env=bench_env(config, CI="1"),
         cwd=config.parent,
     )
@@ -140,6 +156,12 @@ def run_alone(config: Path, url: str, workers: int) -> Timed:
     env = bench_env(config, BENCH_DATABASE_URL=url)
     argv = ["npx", "playwright", "test", "-c", "bench.config.ts", f"--workers={workers}"]
     return run_timed(argv, env=env, cwd=config.parent)
+
+
+def _tail(timed: Timed) -> float:
+    """The idle lane time at the end of a run, as its summary says (nan if it says nothing)."""
+    found = re.search(r"\(the tail\) ([0-9.]+)s", timed.output)
+    return float(found.group(1)) if found else float("nan")
 
 
 def test_seconds(folder: Path) -> float:
@@ -161,9 +183,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="Playwright's")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument(
+        "--uneven", action="store_true", help="suites of 0.5x to 2x; config order vs longest first"
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="e2e-infra-bench-pw-"))
-    config = make_repo(folder, args.projects, args.seconds, args.workers)
+    config = make_repo(folder, args.projects, args.seconds, args.workers, args.uneven)
     env = bench_env(config, CI="1")
     print(
         f"machine: {machine()}; {args.projects} projects of ~{args.seconds:g} s of tests; "
@@ -193,6 +218,7 @@ def main() -> int:
             f"Playwright alone {cold_alone.seconds:.1f} s"
         )
         tool: list[Timed] = []
+        in_order: list[Timed] = []
         alone: list[Timed] = []
         equal: list[Timed] = []
         jobs: list[int] = []
@@ -200,7 +226,12 @@ def main() -> int:
         outside: list[float] = []
         for n in range(args.rounds):
             order = ("tool", "alone", "equal") if n % 2 == 0 else ("equal", "alone", "tool")
+            if args.uneven:
+                order = ("in_order", *order) if n % 2 == 0 else (*order, "in_order")
             for side in order:
+                if side == "in_order":
+                    in_order.append(run_tool(config, in_order=True)[0])
+                    continue
                 if side == "alone":
                     alone.append(run_alone(config, url, args.workers))
                     continue
@@ -222,7 +253,7 @@ def main() -> int:
                 f"Playwright alone {alone[-1].seconds:.1f} s (load {alone[-1].load:.1f})",
                 flush=True,
             )
-        failed = [t for t in (*tool, *alone, *equal) if t.returncode != 0]
+        failed = [t for t in (*tool, *in_order, *alone, *equal) if t.returncode != 0]
         if failed:
             print(failed[0].output[-4000:])
             raise SystemExit("a run failed")
@@ -263,6 +294,16 @@ def main() -> int:
             )
         )
         print(f"\nratio e2e-infra / Playwright alone: {t / a:.2f}x (target <= 1.3x)")
+        if in_order:
+            o = median([x.seconds for x in in_order])
+            print(
+                f"e2e-infra in config order (--in-order): {o:.1f} s (rounds "
+                f"{', '.join(f'{x.seconds:.1f}' for x in in_order)}; tail "
+                f"{median([_tail(x) for x in in_order]):.1f} s), longest first: {t:.1f} s (tail "
+                f"{median([_tail(x) for x in tool]):.1f} s): longest first takes "
+                f"{t / o:.2f}x the wall time; ratio to Playwright alone in config order "
+                f"{o / a:.2f}x"
+            )
         if equal:
             same = median([x.seconds for x in equal])
             print(f"ratio at equal concurrency: {t / same:.2f}x")

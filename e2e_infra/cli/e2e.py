@@ -38,7 +38,11 @@ def _for_run(config: e2e_infra.Config) -> e2e_infra.Config:
 
 
 def _run_projects(
-    config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool = False
+    config: e2e_infra.Config,
+    projects: list[str],
+    jobs: str,
+    dry_run: bool = False,
+    in_order: bool = False,
 ) -> list[str]:
     """Run ``projects`` in parallel with a live status; summary, JUnit, report.html. Returns the
     projects that did not pass.
@@ -56,9 +60,10 @@ def _run_projects(
 
     if jobs != "auto" and not (jobs.isdigit() and int(jobs) > 0):
         raise e2e_infra.UsageError(f"--jobs must be a positive number or auto, got {jobs!r}")
-    projects = longest_first(config, projects)  # the tail of a run is its longest project's
+    if not in_order:  # the tail of a run is its longest project's
+        projects = longest_first(config, projects)
     if jobs == "auto" or dry_run:
-        jobs = _choose_jobs(config, projects, jobs, dry_run)
+        jobs = _choose_jobs(config, projects, jobs, dry_run, in_order)
         if dry_run:
             return []
     started = time.time()
@@ -147,16 +152,20 @@ def _summarize(
     return runs
 
 
-def _choose_jobs(config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool) -> str:
+def _choose_jobs(
+    config: e2e_infra.Config, projects: list[str], jobs: str, dry_run: bool, in_order: bool
+) -> str:
     from ..parallel.jobs import jobs_for
 
     choice = jobs_for(config, projects)
     lines = choice.plan() if dry_run else [choice.reason]
     if dry_run:
-        lines.append(
-            "start order, the longest recorded first (never timed ones before them): "
-            + ", ".join(projects)
+        how = (
+            "as given (--in-order)"
+            if in_order
+            else "the longest recorded first (never timed ones before them)"
         )
+        lines.append(f"start order, {how}: " + ", ".join(projects))
     if jobs != "auto":
         lines[0] = f"jobs {jobs} (--jobs); auto would choose {lines[0]}"
     print(
@@ -231,6 +240,8 @@ def e2e_run(
         "from the recorded durations; CI passes each shard's --projects instead",
         "retries": "run a project that did not pass again, on fresh resources, up to N times "
         "(default: each project's retries setting)",
+        "in-order": "start the projects in the order given (or configured) instead of the "
+        "longest recorded first",
     },
 )
 @cli
@@ -241,6 +252,7 @@ def e2e_all(
     shard: str = "",
     dry_run: bool = False,
     retries: int = -1,
+    in_order: bool = False,
 ) -> None:
     """Run every E2E project in parallel, with a live status; then a summary.
 
@@ -263,7 +275,7 @@ def e2e_all(
     if not chosen:
         print("no projects to run", file=sys.stderr)
         return
-    failed = _run_projects(config, chosen, jobs, dry_run)
+    failed = _run_projects(config, chosen, jobs, dry_run, in_order=in_order)
     if failed:
         what = f"{len(failed)} of {len(chosen)} projects did not pass: {', '.join(failed)}"
         raise Exit(f"error: {what}", code=1)

@@ -221,8 +221,9 @@ class ProjectSession:
                     f"database = true for the project or drop {name} from its servers",
                     key=f"projects.{project.name}.servers",
                 )
-        self._start_guardian()
-        self._watch.open(self.registry, self.owner)  # before the first spawn
+        with self._interrupts.critical():  # each started and recorded, or neither: no leak
+            self._start_guardian()
+            self._watch.open(self.registry, self.owner)  # before the first spawn
         with self.phase("ports"):
             # What runs SIGKILLed with their guardian left (orphan servers and suites, ports): the
             # next run ends it on proof of death. A dead run's database goes when its name is
