@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from support.cli import Cli
 
 import e2e_infra
-from e2e_infra.config import NAME_PATTERN
+from e2e_infra.config import NAME_PATTERN, RESERVED_PROJECT_NAMES
 from e2e_infra.resources.leases import Registry
 
 # Text that looks like an attack or an accident: SQL, quotes, shell, unicode, control characters.
@@ -213,7 +213,11 @@ def test_any_project_or_seed_name_in_the_config_loads_only_if_valid(
     del tables["projects.demo"]
     tables[f"projects.{json.dumps(project)}"] = {"command": "{python} -c pass", "seed": seed}
     config = load(write_config(folder, tables))
-    valid = NAME_PATTERN.fullmatch(project) and NAME_PATTERN.fullmatch(seed)
+    valid = (
+        NAME_PATTERN.fullmatch(project)
+        and project not in RESERVED_PROJECT_NAMES  # "postgres": the cluster's own port lease
+        and NAME_PATTERN.fullmatch(seed)
+    )
     assert (config is not None) == bool(valid)
 
 

@@ -86,9 +86,13 @@ async function initLogin() {
   });
 }
 
+let latestLoad = 0; // the newest list asked for is the one shown, whichever answer comes last
+
 async function loadWorkOrders(status) {
+  const ticket = ++latestLoad;
   const query = status ? "?limit=100&status=" + encodeURIComponent(status) : "?limit=100";
   const page = await api("/api/work-orders" + query);
+  if (ticket !== latestLoad) return; // a newer load (a filter applied meanwhile) shows its own
   document.getElementById("total").textContent = page.total + " work orders";
   const tbody = document.querySelector("#work-orders tbody");
   tbody.replaceChildren();
