@@ -473,14 +473,11 @@ def _watch(
     restarts = _Restarts()
     watcher: Watcher | None = None
     try:
-        while True:
+        while (remaining := deadline - clock.monotonic()) > 0:
             if watcher is None:
                 live = [p for p in session.servers if p.returncode is None]
                 watcher = Watcher(live, on_exit=events.put, log_exits=False)
                 watcher.start()
-            remaining = deadline - clock.monotonic()
-            if remaining <= 0:
-                return state
             try:  # a signal interrupts this wait: Interrupted is raised here
                 ended = events.get(timeout=min(remaining, _WAKE))
             except queue.Empty:
@@ -508,6 +505,7 @@ def _watch(
                 )
             state = _state_of(session, until=state.until, restart=restart, began=state.started_at)
             _publish(config, state)
+        return state
     finally:
         if watcher is not None:
             watcher.stop()
