@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -96,10 +97,11 @@ def workspace(config: e2e_infra.Config | None = None) -> e2e_infra.Workspace:
     return e2e_infra.Workspace(config or load())
 
 
-def cli_owner(config: e2e_infra.Config, owner_pid: int) -> e2e_infra.Owner:
+def cli_owner(config: e2e_infra.Config, owner_pid: str) -> e2e_infra.Owner:
     """The owner of a CLI lease: whoever asked (the command exits as soon as it has printed)."""
     # Without E2E_RUN_ID the run id is fixed per owner, so asking again returns the same ports.
-    pid = owner_pid or config.owner_pid or os.getppid()
+    given = int_arg("owner-pid", owner_pid, minimum=1) if owner_pid else 0
+    pid = given or config.owner_pid or os.getppid()
     run_id = config.run_id or f"cli-{pid}"
     try:
         return e2e_infra.Owner.of_pid(pid, host=config.host_id, run_id=run_id)
@@ -115,6 +117,39 @@ def project_arg(project: str) -> str:
     if not project:
         raise e2e_infra.UsageError("pass --project NAME, e.g. --project auth_tests")
     return e2e_infra.validate_project_name(project)
+
+
+def int_arg(option: str, value: str, *, minimum: int = 0) -> int:
+    """A whole-number option, checked here: invoke's own ``int()`` would print a traceback."""
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise e2e_infra.UsageError(f"--{option} must be a whole number, got {value!r}") from None
+    if number < minimum:
+        raise e2e_infra.UsageError(f"--{option} must be {minimum} or more, got {number}")
+    return number
+
+
+_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def seconds_arg(option: str, value: str, *, unit: str = "s") -> float:
+    """A duration option > 0 in seconds: a number of ``unit`` or one with its own (90s, 10m, 2h)."""
+    text = value.strip().lower()
+    scale = _SECONDS[unit]
+    if text[-1:] in _SECONDS:
+        text, scale = text[:-1], _SECONDS[text[-1]]
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        bare = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]
+        raise e2e_infra.UsageError(
+            f"--{option} must be a duration > 0 such as 90s, 10m or 2h (a bare number counts "
+            f"{bare}), got {value!r}"
+        )
+    return number * scale
 
 
 def age(seconds: float) -> str:

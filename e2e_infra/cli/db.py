@@ -21,6 +21,7 @@ from ._output import (
     load,
     print_table,
     project_arg,
+    seconds_arg,
     size,
     workspace,
 )
@@ -50,8 +51,9 @@ def _seed_arg(config: e2e_infra.Config, profile: str) -> str:
         "seed": "seed profile (default: the project's, else database.default_seed)",
         "json": "print one JSON document on stdout, with the real database_url",
         "owner-pid": OWNER_HELP.replace("the ports", "the database"),
-        "ttl": "seconds the database lives whatever becomes of the calling shell (CI steps: each "
-        "a new shell); it goes with db.release, or with db.cleanup once they have passed",
+        "ttl": "how long the database lives whatever becomes of the calling shell (CI steps: "
+        "each a new shell): seconds, or 90s, 10m, 2h; it goes with db.release, or with "
+        "db.cleanup once they have passed",
     },
 )
 @cli
@@ -60,19 +62,18 @@ def db_allocate(
     project: str = "",
     seed: str = "",
     json_: bool = False,
-    owner_pid: int = 0,
-    ttl: float = 0.0,
+    owner_pid: str = "",
+    ttl: str = "",
 ) -> None:
     """Clone the template into a database of the project's own (built first if missing)."""
     project_arg(project)
-    if ttl < 0:
-        raise e2e_infra.UsageError(f"--ttl must be a number of seconds > 0, got {ttl:g}")
+    ttl_s = seconds_arg("ttl", ttl) if ttl else None
     config = load()
     owner = cli_owner(config, owner_pid)
     if seed:
         _seed_arg(config, seed)
     with workspace(config) as ws:
-        got = ws.databases.allocate(project, owner, seed=seed or None, ttl=ttl or None)
+        got = ws.databases.allocate(project, owner, seed=seed or None, ttl=ttl_s)
         # On a shared server this owner cannot hold a lock: allocating again renews its others.
         ws.databases.renew(owner=owner)
     expires = got.lease.data.get("expires")

@@ -23,6 +23,7 @@ from ._output import (
     console,
     emit_json,
     exit_code,
+    int_arg,
     load,
     print_run_report,
     print_table,
@@ -197,16 +198,17 @@ def e2e_run(
     keep: bool = False,
     attach: bool = False,
     no_reset: bool = False,
-    retries: int = -1,
+    retries: str = "",
 ) -> None:
     """Run one E2E project: its own ports, database and servers, then its suite."""
     from ..run.retries import with_retries
 
+    tries = int_arg("retries", retries) if retries else None
     config = _for_run(load())
     config.project(project)
     if not attach and no_reset:
         raise e2e_infra.UsageError("--no-reset goes with --attach")
-    if attach and (keep or retries >= 0):
+    if attach and (keep or tries is not None):
         raise e2e_infra.UsageError(
             "--keep and --retries do not go with --attach: the environment kept up is not "
             "fresh, and its database stays until `invoke e2e.down`"
@@ -221,7 +223,7 @@ def e2e_run(
 
         result = run_attached(config, project, suite_args, reset=not no_reset)
     else:
-        config = with_retries(config, retries if retries >= 0 else None)
+        config = with_retries(config, tries)
         result = e2e_infra.run_project(config, project, suite_args, keep_on_failure=keep or None)
     print_run_report(config, e2e_infra.collect_runs(config, since=result.started_at))
     if not result.passed:
@@ -251,7 +253,7 @@ def e2e_all(
     projects: str | None = None,
     shard: str = "",
     dry_run: bool = False,
-    retries: int = -1,
+    retries: str = "",
     in_order: bool = False,
 ) -> None:
     """Run every E2E project in parallel, with a live status; then a summary.
@@ -262,7 +264,7 @@ def e2e_all(
     from ..plan.matrix import parse_projects
     from ..run.retries import with_retries
 
-    config = with_retries(load(), retries if retries >= 0 else None)
+    config = with_retries(load(), int_arg("retries", retries) if retries else None)
     # None: --projects not given (all); "" given explicitly is refused, never taken for "all".
     selected = parse_projects(projects) if projects is not None else None
     for name in selected or ():
@@ -286,15 +288,16 @@ def e2e_all(
     help={"json": JSON_HELP, "runs": "how many of each project's last runs to show (default 10)"},
 )
 @cli
-def e2e_list(c: Context, json_: bool = False, runs: int = 10) -> None:
+def e2e_list(c: Context, json_: bool = False, runs: str = "10") -> None:
     """List the configured E2E projects: servers, database, last results, which are up."""
     from ..report.history import history
     from .loop import up_summary, up_text
 
+    count = int_arg("runs", runs, minimum=1)
     config = load()
     last = {run.project: run for run in e2e_infra.collect_runs(config)}
     rows: list[dict[str, Any]] = []
-    histories = {name: history(config, name, max(runs, 1)) for name in config.projects}
+    histories = {name: history(config, name, count) for name in config.projects}
     for name, project in config.projects.items():
         run = last.get(name)
         rows.append(
@@ -315,7 +318,7 @@ def e2e_list(c: Context, json_: bool = False, runs: int = 10) -> None:
         emit_json({"projects": rows})
         return
     print_table(
-        f"E2E projects (history: the last {runs} runs, oldest first: ✓ passed, ~ flaky, "
+        f"E2E projects (history: the last {count} runs, oldest first: ✓ passed, ~ flaky, "
         "✗ failed, E error)",
         ["project", "servers", "database", "last result", "history", "trend", "up"],
         [
@@ -451,15 +454,16 @@ def e2e_affected(
     },
 )
 @cli
-def e2e_matrix(c: Context, shards: int = 2, json_: bool = False) -> None:
+def e2e_matrix(c: Context, shards: str = "2", json_: bool = False) -> None:
     """Spread the projects over N CI shards by their recorded durations (longest first)."""
     from ..plan.matrix import save_plan
     from ..results.durations import durations_for_plan
 
+    count = int_arg("shards", shards, minimum=1)
     config = load()
     names = list(config.projects)
     durations = durations_for_plan(config, names)
-    plan = e2e_infra.plan_shards(names, durations, shards)
+    plan = e2e_infra.plan_shards(names, durations, count)
     save_plan(config, plan)  # what `e2e.all --shard i/N` follows here from now on
     if json_:
         # Each entry's "projects" is what its job passes to `e2e.all --projects`; a job with an
@@ -468,8 +472,8 @@ def e2e_matrix(c: Context, shards: int = 2, json_: bool = False) -> None:
         return
     unknown = [name for name in names if name not in durations]
     print_table(
-        f"{len(names)} project(s) over {shards} shard(s) "
-        f"(run each with: invoke e2e.all --projects <its projects>, or --shard i/{shards})",
+        f"{len(names)} project(s) over {count} shard(s) "
+        f"(run each with: invoke e2e.all --projects <its projects>, or --shard i/{count})",
         ["shard", "projects", "estimate"],
         [[s.label, ", ".join(s.projects) or "-", f"{s.estimate:.1f}s"] for s in plan],
     )

@@ -15,7 +15,7 @@ from invoke.tasks import task
 
 import e2e_infra
 
-from ._output import JSON_HELP, cli, emit_json, load, print_table
+from ._output import JSON_HELP, cli, emit_json, int_arg, load, print_table, seconds_arg
 
 __all__ = ["LOOP_TASKS", "up_summary"]
 
@@ -31,7 +31,7 @@ __all__ = ["LOOP_TASKS", "up_summary"]
 )
 @cli
 def e2e_up(
-    c: Context, project: str, seed: str = "", restart: bool = False, hours: float = 12.0
+    c: Context, project: str, seed: str = "", restart: bool = False, hours: str = "12"
 ) -> None:
     """Keep a project's ports, database and servers up for reruns, until Ctrl-C or e2e.down.
 
@@ -40,7 +40,8 @@ def e2e_up(
     """
     from ..run.up import keep_up
 
-    keep_up(load(), project, seed=seed or None, restart=restart, hours=hours)
+    limit = seconds_arg("hours", hours, unit="h") / 3600
+    keep_up(load(), project, seed=seed or None, restart=restart, hours=limit)
 
 
 @task(name="down", help={"project": "the project kept up by `invoke e2e.up`"})
@@ -105,22 +106,21 @@ def e2e_reset(c: Context, project: str, json_: bool = False) -> None:
     },
 )
 @cli
-def e2e_flaky(c: Context, runs: int = 10, json_: bool = False) -> None:
+def e2e_flaky(c: Context, runs: str = "10", json_: bool = False) -> None:
     """List the projects and tests that flipped (failed and passed) in their last N runs."""
     from ..report.history import flaky_report
 
-    if runs < 1:
-        raise e2e_infra.UsageError(f"--runs must be 1 or more, got {runs}")
-    report = flaky_report(load(), runs=runs)
+    count = int_arg("runs", runs, minimum=1)
+    report = flaky_report(load(), runs=count)
     if json_:
         emit_json(report.to_json())
         return
     if not report.projects and not report.tests:
-        print(f"nothing flipped in the last {runs} run(s) of any project")
+        print(f"nothing flipped in the last {count} run(s) of any project")
         return
     if report.projects:
         print_table(
-            f"projects that flipped in their last {runs} run(s) (oldest first: ✓ passed, "
+            f"projects that flipped in their last {count} run(s) (oldest first: ✓ passed, "
             "~ flaky, ✗ failed, E error)",
             ["project", "history", "flips", "flaky runs"],
             [

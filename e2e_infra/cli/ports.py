@@ -65,7 +65,7 @@ def _lease_row(lease: e2e_infra.Lease) -> list[str]:
 )
 @cli
 def allocate(
-    c: Context, project: str = "", names: str = "", json_: bool = False, owner_pid: int = 0
+    c: Context, project: str = "", names: str = "", json_: bool = False, owner_pid: str = ""
 ) -> None:
     """Lease a free port per port name for a project; asking again returns the same ports."""
     project_arg(project)

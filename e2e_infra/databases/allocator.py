@@ -368,7 +368,7 @@ class DatabaseAllocator:
             which += f" of run {run_id}" if run_id else ""
             raise DatabaseNotFoundError(
                 f"project {project!r} has no live database{which}; allocate one with "
-                f"`invoke db.allocate --project {project}` (with --ttl SECONDS when the next "
+                f"`invoke db.allocate --project {project}` (with --ttl 1h when the next "
                 "command runs in another shell, as CI steps do)",
                 project=project,
             )

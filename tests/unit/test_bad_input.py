@@ -385,6 +385,16 @@ CLI_CASES = [
     (("ports.allocate", "--project", "a b", "--names", "backend"), "invalid project name"),
     (("ports.allocate", "--project", "ok", "--names", "back;end"), "invalid port name"),
     (("e2e.run", "--project", "nope\x1b[2J"), "invalid project name"),
+    # Numbers and durations: invoke's own int()/float() would end in a traceback.
+    (("e2e.run", "--project", "demo", "--retries", "x"), "--retries must be a whole number"),
+    (("e2e.all", "--retries", "-1"), "--retries must be 0 or more"),
+    (("e2e.list", "--runs", "ten"), "--runs must be a whole number"),
+    (("e2e.flaky", "--runs", "0"), "--runs must be 1 or more"),
+    (("e2e.matrix", "--shards", "2.5"), "--shards must be a whole number"),
+    (("e2e.up", "demo", "--hours", "nan"), "--hours must be a duration > 0"),
+    (("db.allocate", "--project", "demo", "--ttl", "10 minutes"), "--ttl must be a duration > 0"),
+    (("db.allocate", "--project", "demo", "--ttl", "-5m"), "such as 90s, 10m or 2h"),
+    (("ports.allocate", "--project", "ok", "--owner-pid", "me"), "--owner-pid must be a whole"),
 ]
 
 
@@ -417,6 +427,7 @@ NO_CLUSTER_CASES = [
     (("db.seed", "--project", "demo", "--seed", "no_such_profile"), "does not exist"),
     (("db.allocate", "--project", "demo", "--seed", "no_such_profile"), "does not exist"),
     (("db.template", "--seed", "Bad Seed"), "invalid seed profile name"),
+    (("db.allocate", "--project", "demo", "--ttl", "1 hour"), "--ttl must be a duration > 0"),
 ]
 
 
@@ -445,3 +456,37 @@ def test_bad_input_to_db_tasks_is_rejected_before_any_cluster_starts(
     cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
     assert not cluster.cluster_dir.exists() and not (config.state_dir / "pg").exists()
     assert not (cluster.data_dir / "postmaster.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "seconds"),
+    [
+        ("600", "s", 600.0),
+        ("90s", "s", 90.0),
+        ("10m", "s", 600.0),
+        ("2h", "s", 7200.0),
+        ("1d", "s", 86400.0),
+        (" 1.5H ", "s", 5400.0),
+        ("12", "h", 43200.0),
+        ("30m", "h", 1800.0),
+    ],
+)
+def test_a_duration_option_reads_a_bare_number_in_its_unit_or_its_own(
+    value: str, unit: str, seconds: float
+) -> None:
+    from e2e_infra.cli._output import seconds_arg
+
+    assert seconds_arg("ttl", value, unit=unit) == seconds
+
+
+@given(st.text(max_size=12))
+def test_a_number_option_is_a_number_or_a_usage_error(text: str) -> None:
+    from e2e_infra.cli._output import int_arg, seconds_arg
+
+    for parse in (lambda v: int_arg("runs", v, minimum=1), lambda v: seconds_arg("ttl", v)):
+        try:
+            value = parse(text)
+        except e2e_infra.UsageError as exc:
+            assert "\n" not in str(exc) and str(exc).startswith("--")
+        else:
+            assert math.isfinite(value) and value > 0
