@@ -1,7 +1,7 @@
 """The committed lock (requirements-dev.txt) agrees with the ranges pyproject.toml declares.
 
-The lock is what the README's commands and .ci/run install; `nox -s lock` writes it. A range
-changed in pyproject.toml without `nox -s lock` fails here, before any install does.
+The lock is what the README's commands and .ci/run install; `nox -f dev/noxfile.py -s lock` writes
+it. A range changed in pyproject.toml without that session fails here, before any install does.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_every_declared_dependency_is_pinned_in_the_lock_within_its_range() -> N
             wrong.append(f"{req} is not in the lock")
         elif not req.specifier.contains(pinned, prereleases=True):
             wrong.append(f"{req}: the lock pins {pinned}")
-    assert wrong == [], "run `nox -s lock`: " + "; ".join(wrong)
+    assert wrong == [], "run `nox -f dev/noxfile.py -s lock`: " + "; ".join(wrong)
 
 
 def test_the_lock_pins_the_extras_of_its_dependencies_too() -> None:
