@@ -15,6 +15,7 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).resolve().parent.parent
+nox.options.envdir = str(ROOT / ".nox")  # where ruff, mypy and deptry already look away
 
 LOCK = ("pyproject.toml", "--all-extras", "--universal", "--python-version", "3.11")
 CHECKS = "ruff check . && ruff format --check . && mypy && deptry ."
