@@ -338,6 +338,21 @@ def _check_keys(table: Mapping[str, Any], allowed: set[str], prefix: str, path: 
             )
 
 
+def _entry(kind: str, name: str, table: Any, allowed: set[str], path: str) -> _Reader:
+    """The reader of one ``[tool.e2e_infra.<kind>.<name>]`` table (a server, a project), its keys
+    checked and its ``command`` required."""
+    prefix = f"{kind}.{name}."
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"[tool.e2e_infra.{kind}.{name}] in {path} must be a table", key=prefix, path=path
+        )
+    _check_keys(table, allowed, prefix, path)
+    r = _Reader(table, prefix, path, {}, {}, {})
+    if not r.get("command", "", _as_str):
+        raise r.error("command", "is required")
+    return r
+
+
 def _resolve(root: Path, text: str) -> Path:
     path = Path(text).expanduser()
     return path if path.is_absolute() else root / path
@@ -549,15 +564,8 @@ def _read_servers(
         prefix = f"servers.{name}."
         if NAME_PATTERN.fullmatch(name) is None:
             raise ConfigError(f"invalid server name {name!r} in {path}", key=prefix, path=path)
-        if not isinstance(table, dict):
-            raise ConfigError(
-                f"[tool.e2e_infra.servers.{name}] in {path} must be a table", key=prefix, path=path
-            )
-        _check_keys(table, _SERVER_KEYS, prefix, path)
-        r = _Reader(table, prefix, path, {}, {}, {})
+        r = _entry("servers", name, table, _SERVER_KEYS, path)
         command = r.get("command", "", _as_str)
-        if not command:
-            raise r.error("command", "is required")
         port = r.get("port", None, _as_opt_str)
         if port is not None and port not in port_names:
             raise r.error("port", f"{port!r} is not one of port_names {list(port_names)}")
@@ -657,15 +665,8 @@ def _read_projects(
                 key=f"projects.{name}",
                 path=path,
             )
-        if not isinstance(table, dict):
-            raise ConfigError(
-                f"[tool.e2e_infra.projects.{name}] in {path} must be a table", key=prefix, path=path
-            )
-        _check_keys(table, _PROJECT_KEYS, prefix, path)
-        r = _Reader(table, prefix, path, {}, {}, {})
+        r = _entry("projects", name, table, _PROJECT_KEYS, path)
         command = r.get("command", "", _as_str)
-        if not command:
-            raise r.error("command", "is required")
         server_names = r.get("servers", tuple(servers), _as_names("server"))
         for server in server_names:
             if server not in servers:

@@ -54,6 +54,7 @@ __all__ = [
 POLL_CAP = 0.05  # seconds between probes at most (HTTP, TCP)
 COMMAND_POLL_CAP = 0.25  # a cmd: probe spawns a process: probe less often
 ALIVE_EVERY = 0.05  # while one request waits in a listening socket's backlog: is the server alive?
+_HEADERS = {"User-Agent": "e2e-infra-health", "Connection": "close"}  # one request a connection
 
 _SPEC_HELP = (
     "use http://HOST:PORT/PATH, https://..., tcp://HOST:PORT, cmd:COMMAND, "
@@ -120,14 +121,10 @@ class HttpCheck:
     def probe(self) -> bool:
         conn = self._connection()
         try:
-            conn.request(
-                "GET",
-                self.target,
-                headers={"User-Agent": "e2e-infra-health", "Connection": "close"},
-            )
+            conn.request("GET", self.target, headers=_HEADERS)
             status = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
-            self.last_error = type(exc).__name__ if not str(exc) else str(exc)
+            self.last_error = str(exc) or type(exc).__name__
             return False
         finally:
             conn.close()
@@ -149,11 +146,7 @@ class HttpCheck:
         deadline = clock.monotonic() + timeout
         conn = http.client.HTTPConnection(self.host, self.port, timeout=max(timeout, 0.001))
         try:
-            conn.request(
-                "GET",
-                self.target,
-                headers={"User-Agent": "e2e-infra-health", "Connection": "close"},
-            )
+            conn.request("GET", self.target, headers=_HEADERS)
             sock = conn.sock
             while sock is not None:
                 remaining = deadline - clock.monotonic()
@@ -167,7 +160,7 @@ class HttpCheck:
                     return False
             status = conn.getresponse().status
         except (OSError, http.client.HTTPException) as exc:
-            self.last_error = type(exc).__name__ if not str(exc) else str(exc)
+            self.last_error = str(exc) or type(exc).__name__
             return False
         finally:
             conn.close()
