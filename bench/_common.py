@@ -17,10 +17,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from e2e_infra.config import Config
+    from e2e_infra.conninfo import ConnInfo
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_PORT_RANGE = "23000-24999"
@@ -86,6 +90,35 @@ def stop_cluster(config_path: Path) -> str:
 def load_average() -> float:
     """The 1-minute load average (the machine is shared: every figure is shown next to it)."""
     return os.getloadavg()[0]
+
+
+def load_averages() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg shows them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@contextlib.contextmanager
+def database_server(config: Config) -> Iterator[tuple[ConnInfo, ConnInfo, str]]:
+    """(admin, client, description): the configured admin URL, or a fresh embedded cluster,
+    purged and removed afterwards."""
+    from e2e_infra.postgres import LocalCluster
+    from e2e_infra.resources.leases import Registry
+    from e2e_infra.resources.ports import PortAllocator
+
+    if config.database.admin_url is not None:
+        url = config.database.admin_url
+        yield url, url, f"server {url.masked}"
+        return
+    registry = Registry(config.state_dir, host=config.host_id)
+    cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
+    try:
+        admin = cluster.ensure_running()
+        yield admin, cluster.tcp_conninfo(), f"embedded cluster {cluster.data_dir}"
+    finally:
+        try:
+            cluster.purge()  # its folder, a socket folder in /tmp, its password
+        finally:
+            shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
 
 
 @dataclass

@@ -16,17 +16,15 @@ spare's p50 under 50 ms.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -35,13 +33,13 @@ from psycopg import sql
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import database_server, load_averages  # noqa: E402
+
 from e2e_infra.config import Config, load_config  # noqa: E402
 from e2e_infra.conninfo import ConnInfo  # noqa: E402
 from e2e_infra.databases import DatabaseAllocator  # noqa: E402
 from e2e_infra.databases.migrations import migration_runner, seed_runner  # noqa: E402
-from e2e_infra.postgres import LocalCluster  # noqa: E402
 from e2e_infra.resources.leases import Owner, Registry  # noqa: E402
-from e2e_infra.resources.ports import PortAllocator  # noqa: E402
 
 SEED = "default"
 
@@ -54,25 +52,6 @@ def p99_ms(samples: list[float]) -> float:
     """Nearest-rank 99th percentile (the maximum below 100 samples)."""
     ordered = sorted(samples)
     return ordered[max(math.ceil(0.99 * len(ordered)) - 1, 0)] * 1000
-
-
-@contextlib.contextmanager
-def server(config: Config) -> Iterator[tuple[ConnInfo, ConnInfo, str]]:
-    """(admin, client, description): the configured admin URL, or a fresh embedded cluster."""
-    if config.database.admin_url is not None:
-        url = config.database.admin_url
-        yield url, url, f"server {url.masked}"
-        return
-    registry = Registry(config.state_dir, host=config.host_id)
-    cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
-    try:
-        admin = cluster.ensure_running()
-        yield admin, cluster.tcp_conninfo(), f"embedded cluster {cluster.data_dir}"
-    finally:
-        try:
-            cluster.purge()  # its folder, a socket folder in /tmp, its password
-        finally:
-            shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -97,7 +76,7 @@ def main() -> int:
                 base_config.database, name_base="bench", keep_templates=1, spares=0
             ),
         )
-        with server(config) as (admin, client, where):
+        with database_server(config) as (admin, client, where):
             return run(config, admin, client, where, args.rounds, args.concurrent)
 
 
@@ -221,7 +200,7 @@ def run(
     conn.close()
 
     raw_ms, alloc_ms, rel_ms, fresh_ms = map(median_ms, (raw, alloc, release, fresh))
-    print(f"e2e-infra database handout -- {where} (admin via {admin.host}); load {_load()}")
+    print(f"e2e-infra database handout -- {where} (admin via {admin.host}); load {load_averages()}")
     print(
         f"PostgreSQL {major}, fsync={fsync}, clone strategy {strategy}; template {template} "
         f"({size_mb:.1f} MB, built once in {build * 1000:.0f} ms); medians of {rounds} rounds\n"
@@ -329,10 +308,6 @@ def reset_rounds(
         allocator.release(name=held.name)
         allocator.close()
     return warm, cold, swap_warm, swap_cold
-
-
-def _load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _count_spares(conn: psycopg.Connection[object]) -> int:

@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -52,33 +51,14 @@ from psycopg import sql
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import database_server, load_averages  # noqa: E402
+
 from e2e_infra.config import Config, load_config  # noqa: E402
 from e2e_infra.conninfo import ConnInfo  # noqa: E402
 from e2e_infra.databases import DatabaseAllocator  # noqa: E402
-from e2e_infra.postgres import LocalCluster  # noqa: E402
 from e2e_infra.resources.leases import Owner, Registry  # noqa: E402
-from e2e_infra.resources.ports import PortAllocator  # noqa: E402
 
 SEED = "default"
-
-
-@contextlib.contextmanager
-def server(config: Config) -> Iterator[tuple[ConnInfo, ConnInfo, str]]:
-    """(admin, client, description): the configured admin URL, or a fresh embedded cluster."""
-    if config.database.admin_url is not None:
-        url = config.database.admin_url
-        yield url, url, f"server {url.masked}"
-        return
-    registry = Registry(config.state_dir, host=config.host_id)
-    cluster = LocalCluster(config, registry, PortAllocator.from_config(config, registry))
-    try:
-        admin = cluster.ensure_running()
-        yield admin, cluster.tcp_conninfo(), f"embedded cluster {cluster.data_dir}"
-    finally:
-        try:
-            cluster.purge()
-        finally:
-            shutil.rmtree(cluster.cluster_dir, ignore_errors=True)
 
 
 class Janitor:
@@ -280,7 +260,7 @@ def run(config: Config, admin: ConnInfo, client: ConnInfo, where: str, rounds: i
     base.close()
     conn.close()
 
-    print(f"hand-out vs pytest-postgresql's janitor -- {where}; load {_load()}")
+    print(f"hand-out vs pytest-postgresql's janitor -- {where}; load {load_averages()}")
     print(f"PostgreSQL {major}, fsync={fsync}; template {template}; {rounds} rounds each\n")
     header = (
         f"{'side':<10} {'variant':<40} {'strategy':<26} {'conn/hand-out':>13} "
@@ -294,10 +274,6 @@ def run(config: Config, admin: ConnInfo, client: ConnInfo, where: str, rounds: i
             f"{ms(row.release, 0.5):>8.1f}  {row.connections}; {row.spare}"
         )
     return 0
-
-
-def _load() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> int:
@@ -314,7 +290,7 @@ def main() -> int:
                 base_config.database, name_base="peer", keep_templates=1, spares=0
             ),
         )
-        with server(config) as (admin, client, where):
+        with database_server(config) as (admin, client, where):
             return run(config, admin, client, where, args.rounds)
 
 
