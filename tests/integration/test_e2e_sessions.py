@@ -227,19 +227,11 @@ def test_sigint_to_a_parallel_nox_run_releases_everything_within_10s(
     proc = cli.start(argv, env=config_environ(workspace))
     leftovers = Leftovers(config)
     try:
-        e2e_infra.wait_until(
-            lambda: (
-                any(
-                    lease.kind == "server" and lease.project == "slow"
-                    for lease in leftovers.leases()
-                )
-                and any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes())
-            ),
-            timeout=120,
-            what="the slow project's suite to start",
+        suite = _await_the_slow_suite(leftovers)
+        assert any(
+            lease.kind == "server" and lease.project == "slow" for lease in leftovers.leases()
         )
         # The session runs in nox's own worker: suite -> session (a nox worker) -> main nox.
-        suite = next(p for p in leftovers.processes() if "time.sleep(120)" in " ".join(p.cmdline()))
         session = suite.parent()
         assert session is not None and session.ppid() == proc.pid
         proc.send_signal(signal.SIGINT)
@@ -272,6 +264,23 @@ def test_parallel_sessions_run_each_in_noxs_own_worker(
     # One summary, printed by the main nox process only (not once more per worker).
     assert proc.stderr.count("e2e run summary") == 1, proc.stderr
     Leftovers(config).assert_none()
+
+
+SLOW_SUITE = "time.sleep(120)"  # the slow project's suite, by its command line
+
+
+def _await_the_slow_suite(leftovers: Leftovers) -> psutil.Process:
+    """The slow project's suite process, once it runs (2 minutes at most)."""
+
+    def suite() -> psutil.Process | None:
+        return next((p for p in leftovers.processes() if SLOW_SUITE in " ".join(p.cmdline())), None)
+
+    e2e_infra.wait_until(
+        lambda: suite() is not None, timeout=120, what="the slow project's suite to start"
+    )
+    found = suite()
+    assert found is not None
+    return found
 
 
 def invoke_all(workspace: Path, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -307,11 +316,7 @@ def test_sigint_to_invoke_e2e_all_releases_everything_within_10s(
     proc = invoke_all(workspace, "--projects", "slow,static_pages,failing", "--jobs", jobs)
     leftovers = Leftovers(config)
     try:
-        e2e_infra.wait_until(
-            lambda: any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes()),
-            timeout=120,
-            what="the slow project's suite to start",
-        )
+        _await_the_slow_suite(leftovers)
         proc.send_signal(signal.SIGINT)
         interrupted = time.monotonic()
         out, _ = proc.communicate(timeout=60)
@@ -421,11 +426,22 @@ def test_a_ctrl_c_while_the_pool_starts_is_never_lost(
             proc.communicate()
 
 
-def _worker_of(leftovers: Leftovers, what: str) -> psutil.Process:
-    suite = next(p for p in leftovers.processes() if what in " ".join(p.cmdline()))
-    worker = suite.parent()
-    assert worker is not None
-    return worker
+def _kill_the_slow_suites_worker(
+    proc: subprocess.Popen[str], leftovers: Leftovers
+) -> tuple[psutil.Process, str]:
+    """SIGKILL the process that runs the slow project's session (its suite's parent: a pool
+    worker or a nox worker) once the suite runs; the worker and the run's output."""
+    try:
+        suite = _await_the_slow_suite(leftovers)
+        worker = suite.parent()
+        assert worker is not None
+        worker.kill()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return worker, out
 
 
 def test_a_killed_pool_worker_is_named_as_an_error_and_the_rest_still_run(
@@ -435,19 +451,7 @@ def test_a_killed_pool_worker_is_named_as_an_error_and_the_rest_still_run(
         workspace, "--projects", "slow,static_pages,ancestry", "--jobs", "2", E2E_RUN_ID="kill-1"
     )
     leftovers = Leftovers(config)
-    try:
-        e2e_infra.wait_until(
-            lambda: any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes()),
-            timeout=120,
-            what="the slow project's suite to start",
-        )
-        worker = _worker_of(leftovers, "time.sleep(120)")
-        worker.kill()
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    worker, out = _kill_the_slow_suites_worker(proc, leftovers)
     assert proc.returncode == 1, out
     assert "1 of 3 projects did not pass: slow" in out, out
     slow = json.loads((config.results_dir / "kill-1" / "slow" / "run.json").read_text())
@@ -472,19 +476,7 @@ def test_a_killed_nox_worker_is_named_in_the_summary(
     argv = cli.nox_argv("-j", "2", "-s", "e2e-slow", "e2e-static_pages")
     proc = cli.start(argv, env=config_environ(workspace, E2E_RUN_ID="kill-nox"))
     leftovers = Leftovers(config)
-    try:
-        e2e_infra.wait_until(
-            lambda: any("time.sleep(120)" in " ".join(p.cmdline()) for p in leftovers.processes()),
-            timeout=120,
-            what="the slow project's suite to start",
-        )
-        worker = _worker_of(leftovers, "time.sleep(120)")
-        worker.kill()
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    worker, out = _kill_the_slow_suites_worker(proc, leftovers)
     assert proc.returncode != 0
     slow = json.loads((config.results_dir / "kill-nox" / "slow" / "run.json").read_text())
     assert slow["result"] == "error" and f"pid {worker.pid}" in slow["error"], slow

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
-from support.cli import clean_environ
 from support.configs import make_config
+from support.runs import orphaned_guardian
 
 from e2e_infra.clock import wait_until
 from e2e_infra.resources.leases import process_start_time
@@ -58,25 +57,9 @@ def test_an_owner_that_dies_turns_the_shell_into_the_full_guardian_with_a_privat
     tmp_path: Path,
 ) -> None:
     config = make_config(tmp_path)
-    owner = subprocess.Popen(["sleep", "60"])
     log = config.state_dir / "guardian.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    guardian = start_guardian(
-        owner_pid=owner.pid,
-        owner_start_time=process_start_time(owner.pid) or 0.0,
-        run_id="dead-run",
-        project="p",
-        timeout=60,
-        log_path=log,
-        cwd=tmp_path,
-        env={**clean_environ(), "E2E_CONFIG": str(config.source)},
-    )
-    # The owner holds the write end; here that is this test, so close it as a dying owner would
-    # (without the stop line), after the owner is gone.
-    owner.kill()
-    owner.wait(timeout=10)
-    os.close(guardian.fd)
-    assert guardian.proc is not None
+    guardian = orphaned_guardian(config, "dead-run", cwd=tmp_path)
     # The full guardian: it finds the owner gone, reclaims the run (nothing held) and exits 0.
-    assert guardian.proc.wait(timeout=60) == 0
+    assert guardian.wait(timeout=60) == 0
     assert log.stat().st_mode & 0o777 == 0o600

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.cli import CLI, clean_environ, config_environ
+from support.cli import CLI, config_environ
 from support.configs import make_config, write_pyproject
+from support.runs import orphaned_guardian
 
 from e2e_infra.resources.leases import process_start_time
-from e2e_infra.run.guardian import start_guardian
 
 pytestmark = pytest.mark.integration
 
@@ -78,21 +78,8 @@ def test_a_guardian_log_planted_as_a_link_is_never_appended_to(tmp_path: Path) -
     log = config.state_dir / "guardian.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.symlink_to(victim)
-    owner = subprocess.Popen(["sleep", "60"])
-    guardian = start_guardian(
-        owner_pid=owner.pid,
-        owner_start_time=process_start_time(owner.pid) or 0.0,
-        run_id="linked-log",
-        project="p",
-        timeout=60,
-        log_path=log,
-        cwd=tmp_path,
-        env={**clean_environ(), "E2E_CONFIG": str(config.source)},
-    )
-    owner.kill()
-    owner.wait(timeout=10)
-    os.close(guardian.fd)  # the owner died holding the pipe: the full guardian runs
-    assert guardian.proc.wait(timeout=60) == 0  # it still reclaimed (nothing held)
+    guardian = orphaned_guardian(config, "linked-log", cwd=tmp_path)
+    assert guardian.wait(timeout=60) == 0  # it still reclaimed (nothing held)
     assert victim.read_text() == "the user's own file\n"
     assert log.is_symlink()
 

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import psutil
 
-from support.cli import CLI, config_environ
+import e2e_infra
+from e2e_infra.resources.leases import process_start_time
+from e2e_infra.run.guardian import start_guardian
+from support.cli import CLI, clean_environ, config_environ
 
 
 def run_processes(results_dir: Path) -> list[psutil.Process]:
@@ -80,3 +83,26 @@ def guardian_of(owner_pid: int) -> psutil.Process:
         if "e2e_infra.run.guardian" in child.cmdline() and os.getsid(child.pid) == child.pid:
             return child
     raise AssertionError(f"no guardian started by {owner_pid}")
+
+
+def orphaned_guardian(config: e2e_infra.Config, run_id: str, cwd: Path) -> subprocess.Popen[bytes]:
+    """A guardian whose owner (a ``sleep``) was SIGKILLed holding its pipe, with the config's
+    ``guardian.log``: the full guardian is now running; its process is returned to wait on."""
+    owner = subprocess.Popen(["sleep", "60"])
+    guardian = start_guardian(
+        owner_pid=owner.pid,
+        owner_start_time=process_start_time(owner.pid) or 0.0,
+        run_id=run_id,
+        project="p",
+        timeout=60,
+        log_path=config.state_dir / "guardian.log",
+        cwd=cwd,
+        env={**clean_environ(), "E2E_CONFIG": str(config.source)},
+    )
+    # The owner holds the write end; here that is this test, so close it as a dying owner would
+    # (without the stop line), after the owner is gone.
+    owner.kill()
+    owner.wait(timeout=10)
+    os.close(guardian.fd)
+    assert guardian.proc is not None
+    return guardian.proc
