@@ -416,6 +416,31 @@ def test_the_cli_rejects_bad_input_with_one_line_and_no_traceback(
     assert "cannot connect" not in proc.stderr and "CliSecret99" not in proc.stderr
 
 
+def test_every_task_option_is_text_or_a_flag() -> None:
+    """invoke converts an int or float option itself while it parses, before any task code runs,
+    so a bad value would end in its ValueError traceback: tasks read numbers from text instead
+    (``int_arg``, ``seconds_arg``), and a new numeric option fails here."""
+    from invoke.collection import Collection
+
+    from e2e_infra.cli import namespace
+
+    def tasks(collection: Collection, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for name, task in collection.tasks.items():
+            yield prefix + name, task
+        for name, child in collection.collections.items():
+            yield from tasks(child, f"{prefix}{name}.")
+
+    found = list(tasks(namespace))
+    assert len(found) > 20
+    offenders = [
+        f"{name} --{argument.name}: {argument.kind.__name__}"
+        for name, task in found
+        for argument in task.get_arguments()
+        if argument.kind not in (str, bool)
+    ]
+    assert offenders == []
+
+
 # Without an admin URL the db tasks would start the embedded cluster: bad input must be rejected
 # before that (no cluster folder, no postmaster).
 NO_CLUSTER_CASES = [
