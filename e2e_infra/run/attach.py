@@ -17,10 +17,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
-from ..errors import E2EInfraError, Interrupted
 from ..results.record import Result, RunRecord
 from .servers import Placeholders
-from .session import ProjectEnv, ProjectSession
+from .session import ProjectEnv, ProjectSession, run_session
 from .up import UpState, live_up, read_up, reset_up
 
 if TYPE_CHECKING:
@@ -115,14 +114,4 @@ def run_attached(
     from .retries import mark_flaky
 
     up = live_up(config, project)
-    session = _AttachedSession(config, project, up, reset=reset)
-    try:
-        with session:
-            session.run_suite(posargs)
-    except Interrupted:
-        raise
-    except E2EInfraError:
-        pass  # recorded by the session
-    if session.record_error is not None:
-        raise session.record_error
-    return mark_flaky(session.record, [])
+    return mark_flaky(run_session(_AttachedSession(config, project, up, reset=reset), posargs), [])

@@ -55,6 +55,7 @@ __all__ = [
     "ProjectSession",
     "RunResult",
     "run_project",
+    "run_session",
 ]
 
 log = logging.getLogger("e2e_infra")
@@ -616,6 +617,13 @@ def _run_once(
         keep_on_failure=keep_on_failure,
         record_duration=record_duration,
     )
+    return run_session(session, posargs)
+
+
+def run_session(session: ProjectSession, posargs: Sequence[str] = ()) -> RunRecord:
+    """Acquire, run the suite, release: the run's record. A failure or an error is in the
+    record, not raised; an interrupt propagates; a record that could not be written raises
+    (say where and why, never "passed")."""
     try:
         with session:
             session.run_suite(posargs)
@@ -624,5 +632,5 @@ def _run_once(
     except E2EInfraError:
         pass  # recorded by the session (result failed or error, masked message)
     if session.record_error is not None:
-        raise session.record_error  # the record is lost: say where and why, not "passed"
+        raise session.record_error
     return session.record
